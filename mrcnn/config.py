@@ -1,0 +1,365 @@
+"""Mask R-CNN configuration, attribute-compatible with Matterport's ``mrcnn.config.Config``.
+
+Users subclass :class:`Config` and override class attributes, exactly as with Matterport.
+On top of that this module adds what a command-line tool needs:
+
+* :meth:`Config.validate` refuses out-of-range or inconsistent values before any work starts
+  (raises :class:`ConfigError` with a one-line message naming the key);
+* :meth:`Config.apply_overrides` / :meth:`Config.from_toml` set values from ``KEY=VALUE``
+  strings or TOML presets, refusing unknown keys and values of the wrong type;
+* :meth:`Config.to_dict` gives a JSON/TOML-friendly snapshot (written into every log folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range (one-line message)."""
+
+
+#: Attributes that are computed in ``__init__`` and cannot be set directly.
+DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
+
+#: Attributes that may be a callable (so their type is not checked strictly).
+CALLABLE_KEYS = ("BACKBONE", "COMPUTE_BACKBONE_SHAPE")
+
+LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
+
+
+class Config:
+    """Base configuration. Subclass and override the class attributes below."""
+
+    # Experiment ----------------------------------------------------------------------------
+    NAME: str | None = None
+    GPU_COUNT = 1
+    IMAGES_PER_GPU = 2
+    STEPS_PER_EPOCH = 1000
+    VALIDATION_STEPS = 50
+
+    # Backbone and FPN ----------------------------------------------------------------------
+    BACKBONE: Any = "resnet101"
+    COMPUTE_BACKBONE_SHAPE = None
+    BACKBONE_STRIDES = [4, 8, 16, 32, 64]
+    FPN_CLASSIF_FC_LAYERS_SIZE = 1024
+    TOP_DOWN_PYRAMID_SIZE = 256
+    NUM_CLASSES = 1  # including background
+
+    # RPN -----------------------------------------------------------------------------------
+    RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
+    RPN_ANCHOR_RATIOS = [0.5, 1, 2]
+    RPN_ANCHOR_STRIDE = 1
+    RPN_NMS_THRESHOLD = 0.7
+    RPN_TRAIN_ANCHORS_PER_IMAGE = 256
+    PRE_NMS_LIMIT = 6000
+    POST_NMS_ROIS_TRAINING = 2000
+    POST_NMS_ROIS_INFERENCE = 1000
+
+    # Masks and images ----------------------------------------------------------------------
+    USE_MINI_MASK = True
+    MINI_MASK_SHAPE = (56, 56)
+    IMAGE_RESIZE_MODE = "square"
+    IMAGE_MIN_DIM = 800
+    IMAGE_MAX_DIM = 1024
+    IMAGE_MIN_SCALE = 0
+    IMAGE_CHANNEL_COUNT = 3
+    MEAN_PIXEL = np.array([123.7, 116.8, 103.9])
+
+    # Heads ---------------------------------------------------------------------------------
+    TRAIN_ROIS_PER_IMAGE = 200
+    ROI_POSITIVE_RATIO = 0.33
+    POOL_SIZE = 7
+    MASK_POOL_SIZE = 14
+    MASK_SHAPE = [28, 28]
+    MAX_GT_INSTANCES = 100
+    RPN_BBOX_STD_DEV = np.array([0.1, 0.1, 0.2, 0.2])
+    BBOX_STD_DEV = np.array([0.1, 0.1, 0.2, 0.2])
+
+    # Detection -----------------------------------------------------------------------------
+    DETECTION_MAX_INSTANCES = 100
+    DETECTION_MIN_CONFIDENCE = 0.7
+    DETECTION_NMS_THRESHOLD = 0.3
+
+    # Optimisation --------------------------------------------------------------------------
+    LEARNING_RATE = 0.001
+    LEARNING_MOMENTUM = 0.9
+    WEIGHT_DECAY = 0.0001
+    LOSS_WEIGHTS = {name: 1.0 for name in LOSS_NAMES}
+    USE_RPN_ROIS = True
+    TRAIN_BN = False
+    GRADIENT_CLIP_NORM = 5.0
+
+    # Beyond Matterport ---------------------------------------------------------------------
+    #: Keras ``mixed_float16`` policy (GPU); losses and final outputs stay float32.
+    MIXED_PRECISION = False
+    #: Seed for shuffling and augmentation; None = not deterministic.
+    SEED: int | None = None
+    #: Run the mask head in training only on the positive-ROI slot
+    #: (``int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO)`` ROIs): same loss, far less work.
+    TRAIN_MASKS_ON_POSITIVES_ONLY = True
+
+    def __init__(self) -> None:
+        self.BATCH_SIZE = self.IMAGES_PER_GPU * self.GPU_COUNT
+        if self.IMAGE_RESIZE_MODE == "crop":
+            self.IMAGE_SHAPE = np.array([self.IMAGE_MIN_DIM, self.IMAGE_MIN_DIM, self.IMAGE_CHANNEL_COUNT])
+        else:
+            self.IMAGE_SHAPE = np.array([self.IMAGE_MAX_DIM, self.IMAGE_MAX_DIM, self.IMAGE_CHANNEL_COUNT])
+        # image_id(1) + original shape(3) + molded shape(3) + window(4) + scale(1) + active classes
+        self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
+
+    # ---------------------------------------------------------------------------------------
+    # Matterport API
+    def display(self) -> None:
+        """Print every public, non-callable attribute, sorted, name padded to 30 characters."""
+        print("\nConfigurations:")
+        for key in sorted(self.keys()):
+            print(f"{key:30} {getattr(self, key)}")
+        print("\n")
+
+    # ---------------------------------------------------------------------------------------
+    # Introspection and serialisation
+    def keys(self) -> list[str]:
+        """Names of all configuration attributes (upper-case, public, not methods)."""
+        names = []
+        for k in dir(self):
+            if k.startswith("_") or not k.isupper():
+                continue
+            if k in CALLABLE_KEYS or not callable(getattr(self, k)):
+                names.append(k)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of every attribute (numpy arrays become lists)."""
+        return {k: _jsonable(getattr(self, k)) for k in sorted(set(self.keys()))}
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON to ``path`` (atomically: temp file + rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        tmp.replace(path)
+
+    # ---------------------------------------------------------------------------------------
+    # Overrides (TOML presets, KEY=VALUE)
+    def set(self, key: str, value: Any, source: str = "") -> None:
+        """Set one attribute after checking it exists and the value's type matches the default.
+
+        Derived values are recomputed. Raises :class:`ConfigError` naming ``key`` and ``source``.
+        """
+        where = f" (in {source})" if source else ""
+        if key in DERIVED_KEYS:
+            raise ConfigError(f"config key {key}{where} is derived and cannot be set; set its inputs instead")
+        if not key.isupper() or key not in self.keys():
+            close = [k for k in self.keys() if k.replace("_", "").startswith(key.upper().replace("_", "")[:5])]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{where}{hint}")
+        current = getattr(self, key)
+        setattr(self, key, _coerce(key, value, current, where))
+        Config.__init__(self)  # recompute derived values
+
+    def apply_overrides(self, overrides: Mapping[str, Any] | list[str], source: str = "") -> "Config":
+        """Apply a mapping or a list of ``"KEY=VALUE"`` strings (values parsed as TOML, else str)."""
+        if isinstance(overrides, Mapping):
+            items = list(overrides.items())
+        else:
+            items = []
+            for text in overrides:
+                if "=" not in text:
+                    raise ConfigError(f"override {text!r}{' in ' + source if source else ''} must look like KEY=VALUE")
+                key, raw = text.split("=", 1)
+                items.append((key.strip(), parse_value(raw.strip())))
+        for key, value in items:
+            self.set(key, value, source)
+        return self
+
+    def load_toml(self, path: str | Path) -> "Config":
+        """Apply a TOML preset: top-level ``KEY = value`` pairs (tables are flattened)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict) and key not in ("LOSS_WEIGHTS",):
+                flat.update(value)  # [section] tables only group keys
+            else:
+                flat[key] = value
+        return self.apply_overrides(flat, source=str(path))
+
+    # ---------------------------------------------------------------------------------------
+    # Validation
+    def validate(self) -> "Config":
+        """Refuse out-of-range or inconsistent settings. Raises :class:`ConfigError` (one line)."""
+        err = _Checker()
+        err.check(self.NAME is not None and str(self.NAME) != "", "NAME must be set to a non-empty string")
+        for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES", "IMAGE_MAX_DIM",
+                    "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
+                    "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",
+                    "MASK_POOL_SIZE", "RPN_TRAIN_ANCHORS_PER_IMAGE", "RPN_ANCHOR_STRIDE", "TOP_DOWN_PYRAMID_SIZE",
+                    "FPN_CLASSIF_FC_LAYERS_SIZE"):
+            value = getattr(self, key)
+            err.check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
+                      f"{key} must be a positive integer, got {value!r}")
+        err.check(self.NUM_CLASSES >= 2 or type(self) is Config,
+                  f"NUM_CLASSES counts the background too and must be >= 2, got {self.NUM_CLASSES}")
+        err.check(self.VALIDATION_STEPS >= 0, f"VALIDATION_STEPS must be >= 0, got {self.VALIDATION_STEPS}")
+        if not callable(self.BACKBONE):
+            err.check(self.BACKBONE in ("resnet50", "resnet101"),
+                      f"BACKBONE must be 'resnet50', 'resnet101' or a callable, got {self.BACKBONE!r}")
+        else:
+            err.check(callable(self.COMPUTE_BACKBONE_SHAPE),
+                      "COMPUTE_BACKBONE_SHAPE must be a callable when BACKBONE is a callable")
+        err.check(self.IMAGE_RESIZE_MODE in ("none", "square", "pad64", "crop"),
+                  f"IMAGE_RESIZE_MODE must be one of none, square, pad64, crop; got {self.IMAGE_RESIZE_MODE!r}")
+        h, w = int(self.IMAGE_SHAPE[0]), int(self.IMAGE_SHAPE[1])
+        if self.IMAGE_RESIZE_MODE in ("square", "crop"):
+            err.check(h % 64 == 0 and w % 64 == 0,
+                      f"image size must be a multiple of 64 (IMAGE_SHAPE {h}x{w} from IMAGE_MAX_DIM/IMAGE_MIN_DIM);"
+                      f" try {max(64, round(h / 64) * 64)}")
+        if self.IMAGE_RESIZE_MODE == "pad64":
+            err.check(self.IMAGE_MIN_DIM % 64 == 0, f"IMAGE_MIN_DIM must be a multiple of 64 in pad64 mode")
+        err.check(self.IMAGE_MIN_DIM >= 1 and self.IMAGE_MIN_DIM <= self.IMAGE_MAX_DIM
+                  or self.IMAGE_RESIZE_MODE in ("crop", "none"),
+                  f"IMAGE_MIN_DIM ({self.IMAGE_MIN_DIM}) must be between 1 and IMAGE_MAX_DIM ({self.IMAGE_MAX_DIM})")
+        err.check(self.IMAGE_MIN_SCALE >= 0, f"IMAGE_MIN_SCALE must be >= 0, got {self.IMAGE_MIN_SCALE}")
+        err.check(len(self.BACKBONE_STRIDES) == 5, "BACKBONE_STRIDES must list 5 strides (P2..P6)")
+        err.check(len(self.RPN_ANCHOR_SCALES) == len(self.BACKBONE_STRIDES),
+                  f"RPN_ANCHOR_SCALES needs one scale per pyramid level ({len(self.BACKBONE_STRIDES)}),"
+                  f" got {len(self.RPN_ANCHOR_SCALES)}")
+        err.check(all(s > 0 for s in self.RPN_ANCHOR_SCALES), "RPN_ANCHOR_SCALES must be positive")
+        err.check(len(self.RPN_ANCHOR_RATIOS) >= 1 and all(r > 0 for r in self.RPN_ANCHOR_RATIOS),
+                  "RPN_ANCHOR_RATIOS must be a non-empty list of positive ratios")
+        for key in ("RPN_NMS_THRESHOLD", "DETECTION_NMS_THRESHOLD", "DETECTION_MIN_CONFIDENCE"):
+            value = getattr(self, key)
+            err.check(0.0 <= value <= 1.0, f"{key} must be in [0, 1], got {value}")
+        err.check(0.0 < self.ROI_POSITIVE_RATIO <= 1.0,
+                  f"ROI_POSITIVE_RATIO must be in (0, 1], got {self.ROI_POSITIVE_RATIO}")
+        err.check(int(self.TRAIN_ROIS_PER_IMAGE * self.ROI_POSITIVE_RATIO) >= 1,
+                  "TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO must allow at least one positive ROI")
+        err.check(self.TRAIN_ROIS_PER_IMAGE <= self.POST_NMS_ROIS_TRAINING,
+                  f"TRAIN_ROIS_PER_IMAGE ({self.TRAIN_ROIS_PER_IMAGE}) cannot exceed the proposals the RPN"
+                  f" produces (POST_NMS_ROIS_TRAINING = {self.POST_NMS_ROIS_TRAINING})")
+        err.check(self.DETECTION_MAX_INSTANCES <= self.POST_NMS_ROIS_INFERENCE,
+                  f"DETECTION_MAX_INSTANCES ({self.DETECTION_MAX_INSTANCES}) cannot exceed"
+                  f" POST_NMS_ROIS_INFERENCE ({self.POST_NMS_ROIS_INFERENCE})")
+        ms = list(self.MASK_SHAPE)
+        err.check(len(ms) == 2 and ms[0] == ms[1] and ms[0] == 2 * self.MASK_POOL_SIZE,
+                  f"MASK_SHAPE must be [2*MASK_POOL_SIZE]*2 (the head upsamples once); got {ms} with"
+                  f" MASK_POOL_SIZE {self.MASK_POOL_SIZE}")
+        err.check(len(self.MINI_MASK_SHAPE) == 2 and min(self.MINI_MASK_SHAPE) >= 1,
+                  f"MINI_MASK_SHAPE must be (h, w), got {self.MINI_MASK_SHAPE}")
+        err.check(len(np.asarray(self.MEAN_PIXEL).reshape(-1)) == self.IMAGE_CHANNEL_COUNT,
+                  f"MEAN_PIXEL has {len(np.asarray(self.MEAN_PIXEL).reshape(-1))} values but IMAGE_CHANNEL_COUNT"
+                  f" is {self.IMAGE_CHANNEL_COUNT}")
+        for key in ("RPN_BBOX_STD_DEV", "BBOX_STD_DEV"):
+            arr = np.asarray(getattr(self, key), dtype=float).reshape(-1)
+            err.check(arr.shape == (4,) and bool(np.all(arr > 0)), f"{key} must be 4 positive numbers")
+        err.check(self.LEARNING_RATE > 0 and math.isfinite(self.LEARNING_RATE),
+                  f"LEARNING_RATE must be > 0, got {self.LEARNING_RATE}")
+        err.check(0 <= self.LEARNING_MOMENTUM < 1, f"LEARNING_MOMENTUM must be in [0, 1), got {self.LEARNING_MOMENTUM}")
+        err.check(self.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, got {self.WEIGHT_DECAY}")
+        err.check(self.GRADIENT_CLIP_NORM is None or self.GRADIENT_CLIP_NORM > 0,
+                  f"GRADIENT_CLIP_NORM must be > 0 or None, got {self.GRADIENT_CLIP_NORM}")
+        err.check(set(self.LOSS_WEIGHTS) == set(LOSS_NAMES),
+                  f"LOSS_WEIGHTS must have exactly the keys {', '.join(LOSS_NAMES)}")
+        err.check(all(v >= 0 for v in self.LOSS_WEIGHTS.values()), "LOSS_WEIGHTS must be >= 0")
+        err.check(self.TRAIN_BN in (True, False, None), f"TRAIN_BN must be true, false or None, got {self.TRAIN_BN!r}")
+        err.raise_first()
+        return self
+
+
+# -------------------------------------------------------------------------------------------
+# helpers
+
+class _Checker:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.errors.append(message)
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise ConfigError(self.errors[0])
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value (``3``, ``0.5``, ``true``, ``[1, 2]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.lower() in ("none", "null"):
+            return None
+        return text
+
+
+def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
+    """Convert ``value`` to the type of ``current`` or raise ConfigError."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key {key}{where} expects {expected}, got {value!r}")
+
+    if key in CALLABLE_KEYS or current is None:
+        return value
+    if value is None:
+        if key in ("GRADIENT_CLIP_NORM", "TRAIN_BN", "SEED"):
+            return None
+        raise bad(type(current).__name__)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(current, (int, np.integer)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise bad("an integer")
+        return int(value)
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise bad("a table")
+        merged = dict(current)
+        for k, v in value.items():
+            if k not in current:
+                raise ConfigError(f"config key {key}{where} has no entry {k!r}; known: {', '.join(current)}")
+            merged[k] = _coerce(f"{key}.{k}", v, current[k], where)
+        return merged
+    if isinstance(current, (list, tuple, np.ndarray)):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("a list of numbers")
+        if isinstance(current, np.ndarray):
+            return np.array(value, dtype=current.dtype)
+        return type(current)(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    return value
