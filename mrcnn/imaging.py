@@ -1,0 +1,332 @@
+"""Image and mask resampling, molding, image_meta, and robust file reading.
+
+Boxes and windows are (y1, x1, y2, x2) in pixels with exclusive y2/x2. Images are [H, W, C];
+instance masks are bool [H, W, N].
+
+Bilinear resampling follows scikit-image's ``resize`` (order 1, pixel-centre grid, no
+anti-aliasing, "constant" mode = zero outside the image) by calling ``scipy.ndimage.zoom`` with
+``grid_mode=True``, which is the routine scikit-image itself uses, so results match Matterport's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+#: Never let Pillow silently return a partially decoded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_NDIMAGE_MODES = {"constant": "grid-constant", "edge": "nearest", "symmetric": "reflect",
+                  "reflect": "mirror", "wrap": "grid-wrap"}
+
+
+class ImageReadError(ValueError):
+    """An image or mask file is missing, empty, truncated or not an image."""
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling
+
+
+def _as_float(image: np.ndarray, preserve_range: bool) -> np.ndarray:
+    """Float64 copy; integers are scaled to [0, 1] (or [-1, 1]) unless preserve_range."""
+    if image.dtype == bool:
+        return image.astype(np.float64)
+    if image.dtype.kind in "ui" and not preserve_range:
+        return image.astype(np.float64) / np.iinfo(image.dtype).max
+    if image.dtype.kind == "f":
+        return image.astype(np.float64, copy=False) if image.dtype != np.float16 else image.astype(np.float64)
+    return image.astype(np.float64)
+
+
+def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode: str = "constant",
+           cval: float = 0, clip: bool = True, preserve_range: bool = False, anti_aliasing: bool = False,
+           anti_aliasing_sigma: Any = None) -> np.ndarray:
+    """Resample image [H, W(, C)] to output_shape (h, w[, C]) -> float64, scikit-image semantics.
+
+    Samples on the pixel-centre grid; "constant" mode treats outside pixels as cval. Bool input is
+    treated as 0/1 floats. Without preserve_range integer images are scaled to [0, 1] first.
+    """
+    image = np.asarray(image)
+    x = _as_float(image, preserve_range)
+    out_shape = tuple(int(s) for s in output_shape)
+    if len(out_shape) == x.ndim - 1:
+        out_shape = out_shape + x.shape[len(out_shape):]
+    assert len(out_shape) == x.ndim, f"output_shape {output_shape} does not fit image of shape {image.shape}"
+    factors = np.array(x.shape, dtype=np.float64) / np.array(out_shape, dtype=np.float64)
+    if anti_aliasing:
+        sigma = anti_aliasing_sigma
+        if sigma is None:
+            sigma = np.maximum(0, (factors - 1) / 2)
+        x = scipy.ndimage.gaussian_filter(x, sigma, cval=cval, mode="mirror")
+    if out_shape == x.shape:
+        out = x.copy()
+    else:
+        zoom = 1.0 / factors
+        out = scipy.ndimage.zoom(x, zoom, order=order, mode=_NDIMAGE_MODES.get(mode, mode), cval=cval,
+                                 grid_mode=True)
+        assert out.shape == out_shape, (out.shape, out_shape)
+    if clip and order > 0:
+        lo, hi = x.min(initial=np.inf), x.max(initial=-np.inf)
+        if mode == "constant":
+            lo, hi = min(lo, cval), max(hi, cval)
+        if np.isfinite(lo) and np.isfinite(hi):
+            np.clip(out, lo, hi, out=out)
+    return out
+
+
+def resize_image(image: np.ndarray, min_dim: int | None = None, max_dim: int | None = None,
+                 min_scale: float | None = None, mode: str = "square"
+                 ) -> tuple[np.ndarray, tuple[int, int, int, int], float, list[tuple[int, int]], Any]:
+    """Resize and pad image [H, W, C] -> (image, window, scale, padding, crop), Matterport semantics.
+
+    window = (y1, x1, y2, x2) of the image inside the result; padding = [(top, bottom),
+    (left, right), (0, 0)]; crop = (y, x, h, w) in "crop" mode else None. Modes: "none",
+    "square" (pad to max_dim x max_dim), "pad64" (pad each side to a multiple of 64), "crop"
+    (random min_dim x min_dim crop). Only "square" shrinks (to fit max_dim). The result keeps the
+    input dtype (float -> integer truncates).
+    """
+    dtype = image.dtype
+    h, w = image.shape[:2]
+    window = (0, 0, h, w)
+    padding = [(0, 0), (0, 0), (0, 0)]
+    if mode == "none":
+        return image, window, 1, padding, None
+    scale = _resize_scale(h, w, min_dim, max_dim, min_scale, mode)
+    if scale != 1:
+        image = resize(image, (round(h * scale), round(w * scale)), preserve_range=True)
+    h, w = image.shape[:2]
+    crop = None
+    if mode == "square":
+        padding = [_split(max_dim - h), _split(max_dim - w), (0, 0)]
+    elif mode == "pad64":
+        assert min_dim % 64 == 0, "Minimum dimension must be a multiple of 64"
+        padding = [_split(-h % 64), _split(-w % 64), (0, 0)]
+    elif mode == "crop":
+        y = random.randint(0, h - min_dim)
+        x = random.randint(0, w - min_dim)
+        crop = (y, x, min_dim, min_dim)
+        image = image[y:y + min_dim, x:x + min_dim]
+        return image.astype(dtype), (0, 0, min_dim, min_dim), scale, padding, crop
+    else:
+        raise Exception(f"Mode {mode} not supported")
+    image = np.pad(image, padding[:image.ndim], mode="constant", constant_values=0)
+    window = (padding[0][0], padding[1][0], h + padding[0][0], w + padding[1][0])
+    return image.astype(dtype), window, scale, padding, crop
+
+
+def _resize_scale(h: int, w: int, min_dim: int | None, max_dim: int | None, min_scale: float | None,
+                  mode: str) -> float:
+    """Scale factor of resize_image: up to min_dim (never shrinks), >= min_scale, square fits max_dim."""
+    scale = 1
+    if min_dim:
+        scale = max(1, min_dim / min(h, w))
+    if min_scale and scale < min_scale:
+        scale = min_scale
+    if max_dim and mode == "square":
+        if round(max(h, w) * scale) > max_dim:
+            scale = max_dim / max(h, w)
+    return scale
+
+
+def _split(total: int) -> tuple[int, int]:
+    """Split padding total into (first, second) with the extra pixel second."""
+    return total // 2, total - total // 2
+
+
+def resize_mask(mask: np.ndarray, scale: float, padding: Sequence[Sequence[int]], crop: Any = None) -> np.ndarray:
+    """Resize masks [H, W, N] by scale (nearest, scipy zoom grid) then crop or zero-pad like the image."""
+    mask = scipy.ndimage.zoom(mask, zoom=[scale, scale, 1], order=0)
+    if crop is not None:
+        y, x, h, w = crop
+        return mask[y:y + h, x:x + w]
+    return np.pad(mask, padding, mode="constant", constant_values=0)
+
+
+def minimize_mask(bbox: np.ndarray, mask: np.ndarray, mini_shape: Sequence[int]) -> np.ndarray:
+    """Crop each mask [H, W, N] to its box [N, 4] and resize to mini_shape -> bool [mh, mw, N]."""
+    mini = np.zeros(tuple(mini_shape) + (mask.shape[-1],), dtype=bool)
+    for i in range(mask.shape[-1]):
+        y1, x1, y2, x2 = bbox[i][:4]
+        m = mask[y1:y2, x1:x2, i].astype(bool)
+        if m.size == 0:
+            raise Exception("Invalid bounding box with area of zero")
+        mini[:, :, i] = np.around(resize(m, mini_shape)).astype(bool)
+    return mini
+
+
+def expand_mask(bbox: np.ndarray, mini_mask: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Paste mini masks [mh, mw, N] back into full-size bool masks [H, W, N] at boxes [N, 4]."""
+    mask = np.zeros(tuple(image_shape[:2]) + (mini_mask.shape[-1],), dtype=bool)
+    for i in range(mask.shape[-1]):
+        y1, x1, y2, x2 = bbox[i][:4]
+        m = resize(mini_mask[:, :, i], (y2 - y1, x2 - x1))
+        mask[y1:y2, x1:x2, i] = np.around(m).astype(bool)
+    return mask
+
+
+def unmold_mask(mask: np.ndarray, bbox: Sequence[int], image_shape: Sequence[int]) -> np.ndarray:
+    """Float mask [mh, mw] (e.g. 28x28) -> bool [H, W]: resized into bbox (y1, x1, y2, x2), >= 0.5."""
+    y1, x1, y2, x2 = (int(v) for v in bbox)
+    m = resize(mask, (y2 - y1, x2 - x1)) >= 0.5
+    full = np.zeros(tuple(image_shape[:2]), dtype=bool)
+    full[y1:y2, x1:x2] = m
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# Molding and image_meta
+
+
+def mold_image(images: np.ndarray, config: Any) -> np.ndarray:
+    """Subtract config.MEAN_PIXEL from RGB images [..., 3] (float64 result; no std division)."""
+    return images.astype(np.float32) - config.MEAN_PIXEL
+
+
+def unmold_image(normalized_images: np.ndarray, config: Any) -> np.ndarray:
+    """Inverse of mold_image -> uint8."""
+    return (normalized_images + config.MEAN_PIXEL).astype(np.uint8)
+
+
+def compose_image_meta(image_id: int, original_image_shape: Sequence[int], image_shape: Sequence[int],
+                       window: Sequence[int], scale: float, active_class_ids: Sequence[int]) -> np.ndarray:
+    """image_meta [12 + NUM_CLASSES]: id, original (h, w, c), molded (h, w, c), window, scale, active ids."""
+    return np.array([image_id] + list(original_image_shape) + list(image_shape) + list(window)
+                    + [scale] + list(active_class_ids))
+
+
+def _meta_fields(meta: Any) -> dict[str, Any]:
+    return {
+        "image_id": meta[..., 0],
+        "original_image_shape": meta[..., 1:4],
+        "image_shape": meta[..., 4:7],
+        "window": meta[..., 7:11],
+        "scale": meta[..., 11],
+        "active_class_ids": meta[..., 12:],
+    }
+
+
+def parse_image_meta(meta: np.ndarray) -> dict[str, np.ndarray]:
+    """Split image_meta [B, META] (or [META]) into a dict; int32 fields except scale (float32)."""
+    fields = _meta_fields(np.asarray(meta))
+    return {k: v.astype(np.float32 if k == "scale" else np.int32) for k, v in fields.items()}
+
+
+def parse_image_meta_graph(meta: Any) -> dict[str, Any]:
+    """Split an image_meta tensor [B, META] into a dict of tensors (dtype unchanged)."""
+    return _meta_fields(meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """In-memory image (gray [H, W] / [H, W, 1], RGB, RGBA, uint16, float) -> uint8 [H, W, 3].
+
+    uint16 and other wide integers are scaled by their max; floats in [0, 1] are scaled by 255,
+    other floats are clipped to [0, 255]. Alpha is dropped.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"cannot convert an array of shape {image.shape} to RGB")
+    image = image[..., :3]
+    return _to_uint8(image)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 as is; bool -> 0/255; uint16/int16 scaled by 255/65535; wider integers read as 8-bit
+    values when <= 255, 16-bit when <= 65535, else scaled by their max; floats in [0, 1] scaled by
+    255, other floats clipped to [0, 255]."""
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype == bool:
+        return image.astype(np.uint8) * 255
+    x = image.astype(np.float64)
+    if image.dtype.kind in "ui":
+        top = float(np.max(x, initial=0))
+        if image.dtype.itemsize == 2 or 255 < top <= 65535:
+            x = x * (255.0 / 65535.0)
+        elif top > 65535:
+            x = x * (255.0 / top)
+    elif np.nanmax(x, initial=0) <= 1.0:
+        x = x * 255.0
+    return np.clip(np.round(np.nan_to_num(x)), 0, 255).astype(np.uint8)
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, raising ImageReadError with a one-line reason."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: file not found")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: is a directory, not an image")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"{p}: file is empty (0 bytes)")
+    try:
+        img = Image.open(p)
+        img.load()
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{p}: not a recognised image file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{p}: cannot decode image (truncated or corrupt: {e})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # broken EXIF must not hide a readable image
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", p, e)
+    return img
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Pillow image in any mode -> uint8 [H, W, 3]."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return to_rgb(_wide_array(img))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    return to_rgb(np.asarray(img.convert("RGB")))
+
+
+def _wide_array(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float grey image -> numpy array of its values (16-bit stays uint16)."""
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return arr.astype(np.uint16)
+    if img.mode == "I" and 0 <= arr.min(initial=0) and arr.max(initial=0) <= 65535:
+        return arr.astype(np.uint16)
+    return arr
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file -> uint8 [H, W, 3] RGB (EXIF orientation applied; gray/RGBA/P/CMYK/16-bit ok).
+
+    Raises ImageReadError for missing, empty, truncated or non-image files.
+    """
+    img = _open_image(path)
+    try:
+        return _pil_to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise ImageReadError(f"{path}: cannot convert image mode {img.mode} to RGB ({e})") from None
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask file -> bool [H, W]: lesion where the (grey or RGB->grey) value > 127."""
+    img = _open_image(path)
+    if img.mode in ("1", "L"):
+        values = np.asarray(img.convert("L"))
+    else:
+        rgb = _pil_to_rgb(img)
+        values = np.asarray(Image.fromarray(rgb).convert("L"))
+    return values > 127
