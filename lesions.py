@@ -1,0 +1,850 @@
+#!/usr/bin/env python
+"""lesions: Mask R-CNN for dermoscopic skin-lesion segmentation (ISIC 2018 Task 1, HAM10000).
+
+Train on the ISIC 2018 folder layout (or the built-in synthetic demo data), predict lesion masks
+for new images, and evaluate them with the ISIC metrics::
+
+    python lesions.py --mode train    --dataset demo --config demo
+    python lesions.py --mode predict  --image demo_data/ISIC2018_Task1-2_Training_Input
+    python lesions.py --mode evaluate --dataset demo --config demo
+
+Researchers edit :class:`LesionConfig` (the tutorial's defaults) or pick a preset from
+``configs/`` with ``--config`` and change single values with ``--set KEY=VALUE``.
+TensorFlow is imported only when a model is needed, so mistakes in the arguments are answered
+at once. Every user mistake ends with one line ``lesions: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from mrcnn import lesion_data  # noqa: E402  (light: no TensorFlow)
+from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
+from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
+
+REPO_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = REPO_DIR / "configs"
+#: Defaults below are relative to the folder you run from (the repository root in the README).
+DEFAULT_DATASET = Path("isic2018")
+DEFAULT_LOGS = Path("logs")
+DEMO_DIR = Path("demo_data")
+COCO_WEIGHTS = Path("weights") / "mask_rcnn_coco.h5"
+IMAGENET_WEIGHTS = Path("weights") / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+COCO_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
+IMAGENET_URL = ("https://github.com/fchollet/deep-learning-models/releases/download/v0.2/"
+                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+#: Layers whose shape depends on NUM_CLASSES: not taken from COCO weights.
+COCO_EXCLUDE = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask"]
+CHECKPOINT_RE = re.compile(r"^mask_rcnn_.*_(\d{4,})\.h5$")
+#: Exception class names that are the user's mistake (one line, exit 2), wherever they come from.
+USER_ERRORS = {"CliError", "ConfigError", "ImageReadError", "WeightsError", "DatasetLayoutError",
+               "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"}
+
+
+class CliError(ValueError):
+    """A mistake in the command line or its inputs (printed as one line, exit status 2)."""
+
+
+# ===========================================================================================
+# Configuration
+# ===========================================================================================
+
+
+class LesionConfig(Config):
+    """Lesion segmentation: one class (lesion) plus background; the tutorial's schedule."""
+
+    NAME = "lesion"
+    NUM_CLASSES = 1 + 1  # background + lesion
+    BACKBONE = "resnet101"
+    IMAGES_PER_GPU = 1
+    #: 0 = computed: training images / BATCH_SIZE (one pass over the split per epoch).
+    STEPS_PER_EPOCH = 0
+    #: 0 = computed: validation images / BATCH_SIZE.
+    VALIDATION_STEPS = 0
+    DETECTION_MIN_CONFIDENCE = 0.9
+    LEARNING_RATE = 0.001
+
+    # Beyond Matterport: the two-stage schedule and the data split --------------------------
+    #: Stage 1 trains the heads up to this (absolute) epoch at LEARNING_RATE.
+    HEADS_EPOCHS = 20
+    #: Stage 2 trains all layers up to this epoch at LEARNING_RATE / 10.
+    ALL_EPOCHS = 40
+    #: Share of the images held out for validation (unless metadata.csv has a split column).
+    VALIDATION_FRACTION = 0.2
+    #: Seed of the split, shuffling and augmentation.
+    SEED = 42
+    #: ``--dataset demo``: how many synthetic images, and their (height, width).
+    DEMO_IMAGES = 100
+    DEMO_IMAGE_SIZE = [192, 256]
+
+    def validate(self) -> "LesionConfig":
+        """Matterport checks plus the schedule and split settings (0 steps = computed later)."""
+        if not (isinstance(self.HEADS_EPOCHS, int) and self.HEADS_EPOCHS >= 0):
+            raise ConfigError(f"HEADS_EPOCHS must be an integer >= 0, got {self.HEADS_EPOCHS!r}")
+        if not (isinstance(self.ALL_EPOCHS, int) and self.ALL_EPOCHS >= self.HEADS_EPOCHS):
+            raise ConfigError(f"ALL_EPOCHS ({self.ALL_EPOCHS}) must be >= HEADS_EPOCHS ({self.HEADS_EPOCHS})")
+        if self.ALL_EPOCHS < 1:
+            raise ConfigError("ALL_EPOCHS must be >= 1 (nothing to train)")
+        if not 0.0 <= self.VALIDATION_FRACTION < 1.0:
+            raise ConfigError(f"VALIDATION_FRACTION must be in [0, 1), got {self.VALIDATION_FRACTION}")
+        if self.DEMO_IMAGES < 2:
+            raise ConfigError(f"DEMO_IMAGES must be >= 2, got {self.DEMO_IMAGES}")
+        if len(self.DEMO_IMAGE_SIZE) != 2 or min(self.DEMO_IMAGE_SIZE) < 32:
+            raise ConfigError(f"DEMO_IMAGE_SIZE must be [height, width], each >= 32, got {self.DEMO_IMAGE_SIZE}")
+        if self.STEPS_PER_EPOCH < 0:
+            raise ConfigError(f"STEPS_PER_EPOCH must be >= 0 (0 = computed), got {self.STEPS_PER_EPOCH}")
+        steps = self.STEPS_PER_EPOCH
+        self.STEPS_PER_EPOCH = steps or 1  # the base check wants >= 1; 0 is resolved from the split
+        try:
+            super().validate()
+        finally:
+            self.STEPS_PER_EPOCH = steps
+        return self
+
+
+def resolve_config_path(name: str) -> Path:
+    """``demo`` -> ``configs/demo.toml``; an existing path is used as is."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{name}.toml"
+    if preset.is_file():
+        return preset
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise CliError(f"config {name!r} not found: give a TOML file or a preset name ({known})")
+
+
+def apply_saved_config(config: LesionConfig, saved: dict[str, Any]) -> None:
+    """Set the values of a training run's ``config.json`` (skipping derived and unknown keys)."""
+    keys = set(config.keys())
+    for key, value in saved.items():
+        if key in DERIVED_KEYS or key not in keys or key in ("GPU_COUNT", "IMAGES_PER_GPU"):
+            continue
+        try:
+            config.set(key, value, source="the checkpoint's config.json")
+        except ConfigError:
+            continue  # a key from an older version: the default stays
+
+
+def build_config(args: argparse.Namespace, saved: dict[str, Any] | None = None,
+                 inference: bool = False) -> LesionConfig:
+    """LesionConfig <- saved run config <- --config preset <- --set overrides; validated."""
+    config = LesionConfig()
+    if saved:
+        apply_saved_config(config, saved)
+    if args.config:
+        config.load_toml(resolve_config_path(args.config))
+    config.apply_overrides(args.set or [], source="--set")
+    if inference:
+        config.set("GPU_COUNT", 1)
+        config.set("IMAGES_PER_GPU", 1)
+    return config.validate()
+
+
+def print_config(config: Config, origin: str) -> None:
+    """Print the effective configuration (every key), as Matterport's ``display()`` does."""
+    print(f"Configuration ({origin}):")
+    for key in sorted(config.keys()):
+        value = getattr(config, key)
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        print(f"  {key:30} {value}")
+    sys.stdout.flush()
+
+
+def config_origin(args: argparse.Namespace, saved_from: Path | None = None) -> str:
+    """A short description of where the configuration came from."""
+    parts = ["LesionConfig"]
+    if saved_from:
+        parts.append(f"{saved_from}")
+    if args.config:
+        parts.append(str(resolve_config_path(args.config)))
+    if args.set:
+        parts.append("--set " + " ".join(args.set))
+    return " + ".join(parts)
+
+
+# ===========================================================================================
+# Dataset
+# ===========================================================================================
+
+
+class LesionDataset(Dataset):
+    """ISIC-style lesion dataset: one class ``lesion``; each image's mask is one instance."""
+
+    SOURCE = "lesion"
+
+    def load_lesions(self, dataset_dir: str | Path, subset: str, config: LesionConfig) -> None:
+        """Add the ``subset`` ("train", "val" or "all") images of ``dataset_dir`` (tutorial style)."""
+        report = lesion_data.scan_dataset(dataset_dir)
+        ids = [p.image_id for p in report.pairs]
+        train, val = lesion_data.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
+        wanted = {"train": set(train), "val": set(val), "all": set(ids)}[subset]
+        self.add_pairs([p for p in report.pairs if p.image_id in wanted])
+
+    def add_pairs(self, pairs: list[lesion_data.Pair]) -> None:
+        """Register the class and one image per (image, mask) pair."""
+        self.add_class(self.SOURCE, 1, "lesion")
+        for pair in pairs:
+            self.add_image(self.SOURCE, image_id=pair.image_id, path=str(pair.image_path),
+                           mask_path=str(pair.mask_path))
+
+    def load_mask(self, image_id: int):
+        """Bool masks [H, W, 1] (empty mask -> [H, W, 0]) and class ids [1] (or [0])."""
+        import numpy as np
+
+        from mrcnn.imaging import read_mask
+
+        info = self.image_info[image_id]
+        if info["source"] != self.SOURCE:
+            return super().load_mask(image_id)
+        mask = read_mask(info["mask_path"])
+        if not mask.any():
+            return np.zeros(mask.shape + (0,), dtype=bool), np.zeros((0,), dtype=np.int32)
+        return mask[..., None], np.ones((1,), dtype=np.int32)
+
+    def image_reference(self, image_id: int) -> str:
+        """The image's file path."""
+        info = self.image_info[image_id]
+        if info["source"] == self.SOURCE:
+            return info["path"]
+        return super().image_reference(image_id)
+
+
+def prepare_demo_data(config: LesionConfig, root: Path = DEMO_DIR) -> Path:
+    """Generate (once) the synthetic ISIC-layout demo data; regenerated when settings change."""
+    stamp = {"n_images": int(config.DEMO_IMAGES), "seed": int(config.SEED or 0),
+             "size": [int(v) for v in config.DEMO_IMAGE_SIZE]}
+    stamp_file = root / "demo.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        print(f"Demo data: {root}/ ({stamp['n_images']} synthetic images, seed {stamp['seed']}, cached)")
+        return root
+    from mrcnn.synthetic import write_isic_dataset
+
+    print(f"Demo data: writing {stamp['n_images']} synthetic images ({stamp['size'][1]}x{stamp['size'][0]},"
+          f" seed {stamp['seed']}) into {root}/ ...", flush=True)
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_isic_dataset(tmp, stamp["n_images"], seed=stamp["seed"], size=tuple(stamp["size"]))
+        (tmp / "demo.json").write_text(json.dumps(stamp))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def dataset_root(args: argparse.Namespace, config: LesionConfig) -> Path:
+    """The dataset folder: ``--dataset DIR``, or the generated demo data for ``--dataset demo``."""
+    if str(args.dataset) == "demo":
+        return prepare_demo_data(config)
+    return Path(args.dataset)
+
+
+def scan_and_split(root: Path, config: LesionConfig) -> tuple[lesion_data.ScanReport, list[str], list[str]]:
+    """Scan the dataset, report problems, split it; refuse when a split would be empty."""
+    print(f"Scanning dataset {root} ...", flush=True)
+    report = lesion_data.scan_dataset(root)
+    ids = [p.image_id for p in report.pairs]
+    train, val = lesion_data.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
+    how = "split column of metadata.csv" if report.splits else (
+        f"VALIDATION_FRACTION {config.VALIDATION_FRACTION}, SEED {config.SEED}")
+    print(f"  layout {report.layout}: {len(ids)} usable image/mask pairs -> {len(train)} train,"
+          f" {len(val)} validation ({how})")
+    for line in report.problem_lines():
+        print(f"  warning: {line}")
+    if not train:
+        raise CliError(f"dataset {root} leaves no training image after the split")
+    return report, train, val
+
+
+def make_datasets(report: lesion_data.ScanReport, *id_lists: list[str]) -> list[LesionDataset]:
+    """One prepared LesionDataset per list of ids."""
+    by_id = {p.image_id: p for p in report.pairs}
+    datasets = []
+    for ids in id_lists:
+        dataset = LesionDataset()
+        dataset.add_pairs([by_id[i] for i in ids])
+        dataset.prepare()
+        datasets.append(dataset)
+    return datasets
+
+
+# ===========================================================================================
+# Weights and checkpoints
+# ===========================================================================================
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """Complete checkpoints ``mask_rcnn_<name>_NNNN.h5`` in ``folder``, oldest epoch first."""
+    found = [p for p in folder.glob("mask_rcnn_*.h5") if CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def find_last_checkpoint(logs: Path, name: str = "lesion") -> Path:
+    """Newest checkpoint of the newest run under ``logs`` (run folders start with ``name``)."""
+    if logs.is_dir():
+        runs = sorted((d for d in logs.iterdir() if d.is_dir() and d.name.startswith(name.lower())),
+                      key=lambda d: d.name, reverse=True)
+        for run in runs:
+            found = checkpoints_in(run)
+            if found:
+                return found[-1]
+    raise CliError(f"no trained checkpoint found under {logs}/ (train first, or pass --weights PATH)")
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch number in a checkpoint's file name, or None."""
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_train_weights(choice: str | None, logs: Path, config: LesionConfig) -> tuple[str, Path | None]:
+    """(kind, path) for ``--weights`` in train mode; notes or one-line errors for missing files."""
+    if choice is None:
+        if COCO_WEIGHTS.is_file():
+            return "coco", COCO_WEIGHTS
+        print(f"note: {COCO_WEIGHTS} not found, so training starts from random initialisation"
+              f" (fine for the demo; for real data download {COCO_URL} into weights/, see weights/README.md)")
+        return "none", None
+    if choice == "none":
+        return "none", None
+    if choice == "coco":
+        if not COCO_WEIGHTS.is_file():
+            raise CliError(f"--weights coco: {COCO_WEIGHTS} not found; download {COCO_URL} into weights/"
+                           " (or use --weights none)")
+        return "coco", COCO_WEIGHTS
+    if choice == "imagenet":
+        if not IMAGENET_WEIGHTS.is_file():
+            raise CliError(f"--weights imagenet: ImageNet weights are not available offline; download"
+                           f" {IMAGENET_URL} into weights/ (or use --weights coco|none)")
+        return "imagenet", IMAGENET_WEIGHTS
+    if choice == "last":
+        return "last", find_last_checkpoint(logs, config.NAME)
+    path = Path(choice)
+    if not path.is_file():
+        raise CliError(f"weights file {path} does not exist (expected coco, imagenet, last, none or a .h5 path)")
+    return "path", path
+
+
+def resolve_model_weights(choice: str | None, logs: Path) -> Path:
+    """Weights for predict/evaluate: a file, or (default, ``last``) the newest checkpoint."""
+    if choice in (None, "last"):
+        return find_last_checkpoint(logs)
+    if choice in ("coco", "imagenet", "none"):
+        raise CliError(f"--weights {choice} is not a lesion model; train first and use --weights last or PATH")
+    path = Path(choice)
+    if not path.is_file():
+        raise CliError(f"weights file {path} does not exist")
+    return path
+
+
+def saved_run_config(weights: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """The ``config.json`` written next to a checkpoint by training, if any."""
+    path = weights.parent / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), path
+        except (OSError, json.JSONDecodeError):
+            return None, None
+    return None, None
+
+
+def load_weights(model: Any, kind: str, path: Path | None) -> None:
+    """Load ``path`` into ``model`` the way ``kind`` needs (COCO without the class-specific heads)."""
+    if path is None:
+        return
+    print(f"Loading {kind} weights from {path}", flush=True)
+    if kind == "coco":
+        model.load_weights(str(path), by_name=True, exclude=COCO_EXCLUDE)
+    elif kind == "imagenet":
+        model.load_weights(str(path), by_name=True)
+    else:
+        model.load_weights(str(path), by_name=True)
+
+
+# ===========================================================================================
+# Train
+# ===========================================================================================
+
+
+def resolve_steps(config: LesionConfig, n_train: int, n_val: int) -> None:
+    """Fill STEPS_PER_EPOCH / VALIDATION_STEPS when they are 0 (one pass over each split)."""
+    if config.STEPS_PER_EPOCH == 0:
+        config.STEPS_PER_EPOCH = max(1, -(-n_train // config.BATCH_SIZE))
+    if config.VALIDATION_STEPS == 0 and n_val:
+        config.VALIDATION_STEPS = max(1, -(-n_val // config.BATCH_SIZE))
+
+
+def stages(config: LesionConfig, start_epoch: int) -> list[tuple[str, int, float]]:
+    """(layers, final epoch, learning rate) still to run after ``start_epoch``."""
+    todo = []
+    if start_epoch < config.HEADS_EPOCHS:
+        todo.append(("heads", config.HEADS_EPOCHS, config.LEARNING_RATE))
+    if start_epoch < config.ALL_EPOCHS and config.ALL_EPOCHS > config.HEADS_EPOCHS:
+        todo.append(("all", config.ALL_EPOCHS, config.LEARNING_RATE / 10))
+    return todo
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """--mode train: scan and split the data, then heads and all-layers stages."""
+    config = build_config(args)
+    print_config(config, config_origin(args))
+    logs = Path(args.logs)
+    weights_kind, weights_path = resolve_train_weights(args.weights, logs, config)
+    root = dataset_root(args, config)
+    report, train_ids, val_ids = scan_and_split(root, config)
+    if not val_ids:
+        raise CliError(f"dataset {root} leaves no validation image (raise VALIDATION_FRACTION or add images)")
+    resolve_steps(config, len(train_ids), len(val_ids))
+    train_set, val_set = make_datasets(report, train_ids, val_ids)
+
+    print("Building the model (TensorFlow) ...", flush=True)
+    from mrcnn import model as modellib
+
+    model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(logs))
+    load_weights(model, weights_kind, weights_path)
+    start = int(getattr(model, "epoch", 0) or 0)
+    log_dir = Path(model.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lesion_data.write_split(log_dir / "split.json", train_ids, val_ids,
+                            {"dataset": str(root), "scan": report.to_dict()})
+    todo = stages(config, start)
+    if not todo:
+        print(f"Nothing to do: the checkpoint is at epoch {start} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
+        return 0
+    augmentation = _augmentation(config)
+    started = time.time()
+    for layers, final_epoch, learning_rate in todo:
+        print(f"\nStage '{layers}': epochs {int(getattr(model, 'epoch', 0) or 0) + 1}..{final_epoch}"
+              f" at learning rate {learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
+        model.train(train_set, val_set, learning_rate=learning_rate, epochs=final_epoch, layers=layers,
+                    augmentation=augmentation)
+    report_training(log_dir, time.time() - started)
+    return 0
+
+
+def _augmentation(config: LesionConfig) -> Any:
+    """The library's default augmentation (flips, rotations, colour) seeded by SEED, if present."""
+    try:
+        from mrcnn.data import default_augmentation
+    except ImportError:
+        return None
+    return default_augmentation(config.SEED)
+
+
+def report_training(log_dir: Path, seconds: float) -> None:
+    """Plot the training curves and say where checkpoints, logs and plots are."""
+    csvs = sorted(log_dir.glob("*.csv"))
+    plot = log_dir / "training_curves.png"
+    if csvs:
+        try:
+            from mrcnn.visualize import plot_training_curves
+
+            plot_training_curves(str(csvs[0]), str(plot))
+        except (ImportError, ValueError, OSError) as exc:
+            print(f"note: could not plot the training curves ({exc})")
+    checkpoints = checkpoints_in(log_dir)
+    print(f"\nTraining done in {seconds / 60:.1f} min.")
+    print(f"  checkpoints: {log_dir}/ ({len(checkpoints)} files, newest {checkpoints[-1].name if checkpoints else '-'})")
+    print(f"  logs:        {', '.join(str(c) for c in csvs) or log_dir}")
+    if plot.is_file():
+        print(f"  plots:       {plot}")
+    print("  next:        python lesions.py --mode predict --image PATH   (uses the newest checkpoint)")
+
+
+# ===========================================================================================
+# Predict
+# ===========================================================================================
+
+
+def list_input_images(spec: str) -> tuple[list[Path], list[str], bool]:
+    """(image files, skipped non-image names, single_file) for a file, a folder or a glob."""
+    path = Path(spec)
+    if path.is_file():
+        if not lesion_data.is_image_name(path):
+            raise CliError(f"--image {spec} is not an image file (expected {', '.join(lesion_data.IMAGE_EXTENSIONS)})")
+        return [path], [], True
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif glob.has_magic(spec):
+        entries = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+    else:
+        raise CliError(f"--image {spec} does not exist")
+    images = [p for p in entries if lesion_data.is_image_name(p)]
+    skipped = [p.name for p in entries if not lesion_data.is_image_name(p)]
+    if not images:
+        raise CliError(f"--image {spec}: no image files found ({len(skipped)} other files)")
+    return images, skipped, False
+
+
+def new_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
+    """``--output`` or a new timestamped folder under ``parent``; (path, created by us)."""
+    if requested:
+        out = Path(requested)
+        if out.exists() and not out.is_dir():
+            raise CliError(f"--output {out} exists and is not a folder")
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(parent) / stamp
+        n = 1
+        while out.exists():
+            n += 1
+            out = Path(parent) / f"{stamp}-{n}"
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, created
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove a folder we created when nothing was written into it."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def load_inference_model(args: argparse.Namespace) -> tuple[Any, LesionConfig, Path, float]:
+    """Resolve the weights, build the inference config and model; (model, config, weights, min score)."""
+    logs = Path(args.logs)
+    weights = resolve_model_weights(args.weights, logs)
+    saved, saved_from = saved_run_config(weights)
+    config = build_config(args, saved, inference=True)
+    print_config(config, config_origin(args, saved_from))
+    min_confidence = float(config.DETECTION_MIN_CONFIDENCE)
+    config.set("DETECTION_MIN_CONFIDENCE", 0.0)  # keep everything; predict_io filters with fallback
+    print("Building the model (TensorFlow) ...", flush=True)
+    from mrcnn import model as modellib
+
+    model = modellib.MaskRCNN(mode="inference", config=config, model_dir=str(logs))
+    print(f"Loading weights {weights}", flush=True)
+    model.load_weights(str(weights), by_name=True)
+    return model, config, weights, min_confidence
+
+
+def detect_one(model: Any, image: Any, tta: bool) -> dict:
+    """Run the model on one image (with test-time augmentation when ``tta``)."""
+    if tta:
+        from mrcnn.tta import detect_tta
+
+        return detect_tta(model, image)
+    return model.detect([image], verbose=0)[0]
+
+
+def predict_images(model: Any, paths: list[Path], out_dir: Path, min_confidence: float,
+                   args: argparse.Namespace, show_progress: bool = True) -> tuple[list[dict], list[str]]:
+    """Predict every image into ``out_dir``; (JSON records, unreadable file names)."""
+    from tqdm import tqdm
+
+    from mrcnn.imaging import ImageReadError, read_image
+    from mrcnn.predict_io import write_prediction
+
+    records, unreadable = [], []
+    bar = tqdm(paths, desc="predict", unit="img", disable=not show_progress or len(paths) < 2, file=sys.stdout)
+    for path in bar:
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            unreadable.append(path.name)
+            tqdm.write(f"  skipped unreadable {path.name}: {str(exc).splitlines()[0]}")
+            continue
+        result = detect_one(model, image, args.tta)
+        record = write_prediction(out_dir, path.stem, image, result, min_confidence,
+                                  top1=args.top1, crop=args.crop)
+        record["image"] = str(path)
+        records.append(record)
+    return records, unreadable
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """--mode predict: lesion masks, overlays (and crops) for a file, folder or glob."""
+    if not args.image:
+        raise CliError("--mode predict needs --image PATH (a file, a folder or a glob)")
+    paths, skipped, single = list_input_images(args.image)
+    if single:
+        from mrcnn.imaging import read_image
+
+        read_image(paths[0])  # an unreadable single file is an error before any output exists
+    model, config, weights, min_confidence = load_inference_model(args)
+    out_dir, created = new_output_dir(args.output, "predictions")
+    try:
+        records, unreadable = predict_images(model, paths, out_dir, min_confidence, args)
+        meta = {"weights": str(weights), "min_confidence": min_confidence, "top1": args.top1,
+                "tta": args.tta, "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable}
+        from mrcnn.predict_io import write_summary
+
+        summary = write_summary(out_dir, records, meta)
+    finally:
+        if created:
+            remove_if_empty(out_dir)
+    found = sum(1 for r in records if r["instances"])
+    print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
+          f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s).")
+    print(f"  masks and overlays: {out_dir}/")
+    print(f"  summary:            {summary}")
+    return 0
+
+
+# ===========================================================================================
+# Evaluate
+# ===========================================================================================
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """--mode evaluate: ISIC metrics on the validation split, an --images/--masks pair, or --pred."""
+    if args.pred:
+        return evaluate_folders(args)
+    if bool(args.images) != bool(args.masks):
+        raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
+    if args.images:
+        report = lesion_data.pair_folders(args.images, args.masks, root=args.images)
+        pairs = report.pairs
+        if not pairs:
+            raise CliError(f"no image in {args.images} has a mask in {args.masks}: "
+                           + ("; ".join(report.problem_lines(3)) or "folders are empty"))
+        for line in report.problem_lines():
+            print(f"  warning: {line}")
+    else:
+        pairs = validation_pairs(args)
+    model, config, weights, min_confidence = load_inference_model(args)
+    out_dir, created = new_output_dir(args.output, "evaluations")
+    pred_dir = out_dir / "predictions"
+    pred_dir.mkdir(exist_ok=True)
+    try:
+        records, unreadable = predict_images(model, [p.image_path for p in pairs], pred_dir, min_confidence, args)
+        from mrcnn.predict_io import write_summary
+
+        write_summary(pred_dir, records, {"weights": str(weights), "min_confidence": min_confidence,
+                                          "tta": args.tta, "unreadable": unreadable})
+    finally:
+        if created:
+            remove_if_empty(pred_dir)
+            remove_if_empty(out_dir)
+    truth = {p.image_id: p.mask_path for p in pairs}
+    return score_and_report(pred_dir, truth, out_dir, args)
+
+
+def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
+    """The validation split of ``--dataset`` (the split the checkpoint's run wrote, if present)."""
+    config = build_config(args)
+    root = dataset_root(args, config)
+    report, train_ids, val_ids = scan_and_split(root, config)
+    logs = Path(args.logs)
+    try:
+        weights = resolve_model_weights(args.weights, logs)
+        split_file = weights.parent / "split.json"
+        if split_file.is_file():
+            saved = json.loads(split_file.read_text())
+            val_ids = [i for i in saved.get("val", []) if i in {p.image_id for p in report.pairs}]
+            print(f"  using the validation split of the training run ({split_file}): {len(val_ids)} images")
+    except CliError:
+        pass  # reported again (as the error) when the model is loaded
+    if not val_ids:
+        raise CliError(f"dataset {root} has no validation images to evaluate on")
+    wanted = set(val_ids)
+    return [p for p in report.pairs if p.image_id in wanted]
+
+
+def evaluate_folders(args: argparse.Namespace) -> int:
+    """--pred DIR --masks DIR: score existing ``<id>_segmentation.png`` files, no model."""
+    if not args.masks:
+        raise CliError("--pred needs --masks DIR (the ground-truth masks)")
+    for flag, folder in (("--pred", args.pred), ("--masks", args.masks)):
+        if not Path(folder).is_dir():
+            raise CliError(f"{flag} {folder} is not a folder")
+    out_dir, created = new_output_dir(args.output, "evaluations")
+    try:
+        return score_and_report(Path(args.pred), None, out_dir, args)
+    finally:
+        if created:
+            remove_if_empty(out_dir)
+
+
+def score_and_report(pred_dir: Path, truth: dict[str, Path] | None, out_dir: Path,
+                     args: argparse.Namespace) -> int:
+    """Score predictions against ground truth, write CSV + summary.json, print a short table."""
+    from mrcnn import metrics
+
+    masks_dir = Path(args.masks) if args.masks else None
+    if truth is None:
+        rows, summary, problems = metrics.score_folders(str(pred_dir), str(masks_dir))
+    else:
+        rows, summary, problems = score_pairs(pred_dir, truth)
+    if not rows:
+        raise CliError(f"nothing to score: {'; '.join(problems[:3]) or 'no matching predictions'}")
+    metrics.write_scores(rows, summary, str(out_dir))
+    for line in problems[:10]:
+        print(f"  warning: {line}")
+    print_summary_table(summary)
+    if args.grid:
+        save_grid(rows, out_dir)
+    print(f"  per-image scores and summary.json: {out_dir}/")
+    return 0
+
+
+def score_pairs(pred_dir: Path, truth: dict[str, Path]) -> tuple[list[dict], dict, list[str]]:
+    """Score ``pred_dir/<id>_segmentation.png`` against each ground-truth mask in ``truth``."""
+    from mrcnn import metrics
+    from mrcnn.imaging import ImageReadError, read_mask
+
+    rows, problems = [], []
+    for image_id, mask_path in sorted(truth.items()):
+        pred_path = pred_dir / f"{image_id}_segmentation.png"
+        if not pred_path.is_file():
+            problems.append(f"{image_id}: no prediction")
+            continue
+        try:
+            row = metrics.score_mask(read_mask(mask_path), read_mask(pred_path))
+        except ImageReadError as exc:
+            problems.append(str(exc).splitlines()[0])
+            continue
+        rows.append({"image_id": image_id, **row})
+    return rows, metrics.summarize(rows), problems
+
+
+def print_summary_table(summary: dict) -> None:
+    """A short table of the headline metrics."""
+    print("\n  metric              value")
+    for key in ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
+                "map50", "map"):
+        if key in summary and summary[key] is not None:
+            value = summary[key]
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"  {key:18}  {shown}")
+
+
+def save_grid(rows: list[dict], out_dir: Path) -> None:
+    """Image / truth / prediction grid, worst first (mrcnn.visualize.save_evaluation_grid)."""
+    from mrcnn.visualize import save_evaluation_grid
+
+    save_evaluation_grid(rows, str(out_dir / "evaluation_grid.png"))
+
+
+# ===========================================================================================
+# Command line
+# ===========================================================================================
+
+
+EXAMPLES = """examples:
+  python lesions.py --mode train --dataset demo --config demo
+  python lesions.py --mode train --dataset isic2018 --config isic2018 --weights coco
+  python lesions.py --mode train --weights last          # resume where it stopped
+  python lesions.py --mode predict --image photos/ --output out/ --crop
+  python lesions.py --mode evaluate --dataset demo --config demo
+  python lesions.py --mode evaluate --pred out/ --masks isic2018/ISIC2018_Task1_Training_GroundTruth
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options (see README.md for examples)."""
+    p = _Parser(prog="lesions", description="Mask R-CNN skin-lesion segmentation: train, predict, evaluate.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p.add_argument("--mode", required=True, choices=("train", "predict", "evaluate"), help="what to do")
+    p.add_argument("--config", metavar="NAME|PATH", help="preset in configs/ (demo, isic2018) or a TOML file")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config value (repeatable), e.g. --set LEARNING_RATE=0.0005")
+    p.add_argument("--dataset", default=str(DEFAULT_DATASET), metavar="DIR|demo",
+                   help="dataset folder (ISIC 2018 or images/+masks/ layout), or 'demo' (default: isic2018)")
+    p.add_argument("--weights", metavar="coco|imagenet|last|none|PATH",
+                   help="train: start weights (default coco if weights/mask_rcnn_coco.h5 exists, else none);"
+                        " predict/evaluate: model (default: newest checkpoint under --logs)")
+    p.add_argument("--logs", default=str(DEFAULT_LOGS), metavar="DIR", help="checkpoints and logs (default: logs)")
+    p.add_argument("--image", metavar="PATH|DIR|GLOB", help="predict: image file, folder or glob")
+    p.add_argument("--output", metavar="DIR", help="predict/evaluate: output folder (default: a new folder"
+                                                   " under predictions/ or evaluations/)")
+    p.add_argument("--top1", action="store_true", help="predict: mask of the best instance only (default: union)")
+    p.add_argument("--crop", action="store_true", help="predict: also write <id>_crop.png, background blacked out")
+    p.add_argument("--tta", action="store_true", help="predict/evaluate: test-time augmentation (flips)")
+    p.add_argument("--images", metavar="DIR", help="evaluate: image folder (with --masks) instead of the val split")
+    p.add_argument("--masks", metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")
+    p.add_argument("--pred", metavar="DIR", help="evaluate: score existing <id>_segmentation.png files (no model)")
+    p.add_argument("--grid", action="store_true", help="evaluate: also save evaluation_grid.png (worst first)")
+    return p
+
+
+def check_mode_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not belong to the chosen mode (one line)."""
+    allowed = {
+        "train": set(),
+        "predict": {"image", "output", "top1", "crop", "tta"},
+        "evaluate": {"images", "masks", "pred", "output", "tta", "grid"},
+    }[args.mode]
+    for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid"):
+        if getattr(args, option) and option not in allowed:
+            raise CliError(f"--{option} does not apply to --mode {args.mode}")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or a base class) is one of :data:`USER_ERRORS`."""
+    return any(cls.__name__ in USER_ERRORS for cls in type(exc).__mro__)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def resume_hint(argv: list[str]) -> str:
+    """The command that resumes an interrupted training run."""
+    words = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--weights":
+            skip = True
+            continue
+        if word.startswith("--weights="):
+            continue
+        words.append(word)
+    return "python lesions.py " + " ".join(words + ["--weights", "last"])
+
+
+MODES = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the mode; user mistakes -> one line and status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        check_mode_options(args)
+        return MODES[args.mode](args)
+    except KeyboardInterrupt:
+        hint = f" Resume with: {resume_hint(argv)}" if args.mode == "train" else ""
+        print(f"\nlesions: interrupted; complete checkpoints and files are kept.{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+        if type(exc).__name__ == "TrainingDivergedError":
+            print(f"lesions: error: {one_line(exc)}", file=sys.stderr)
+            return 1
+        if is_user_error(exc):
+            print(f"lesions: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

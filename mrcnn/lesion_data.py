@@ -1,0 +1,313 @@
+"""Finding lesion images and masks on disk, checking them, and splitting them.
+
+Two folder layouts are recognised (the first one found wins):
+
+* **ISIC 2018 Task 1**: ``ISIC2018_Task1-2_Training_Input/<id>.jpg`` and
+  ``ISIC2018_Task1_Training_GroundTruth/<id>_segmentation.png``;
+* **plain**: ``images/<id>.jpg`` and ``masks/<id>_segmentation.png``, optionally with a
+  ``metadata.csv`` whose ``image_id`` and ``split`` (``train``/``val``) columns fix the split
+  (as in HAM10000 exports).
+
+:func:`scan_dataset` pairs images with masks without decoding whole images (only headers and a
+1/8-scale JPEG decode), so it stays fast and light on thousands of files. Everything that cannot be
+used is counted in a :class:`ScanReport` with the first few names, for the user to see before
+training starts. :func:`split_ids` makes a deterministic train/validation split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: File extensions treated as images (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: Suffix of an ISIC ground-truth mask file: ``<id>_segmentation.png``.
+MASK_SUFFIX = "_segmentation.png"
+#: (layout name, image folder, mask folder), in the order they are looked for.
+LAYOUTS = (
+    ("isic2018", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"),
+    ("plain", "images", "masks"),
+)
+#: How many example names a report shows per problem.
+SHOW_FIRST = 5
+
+
+class DatasetLayoutError(ValueError):
+    """The dataset folder is missing, empty or not in a known layout (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One usable image with its ground-truth mask."""
+
+    image_id: str
+    image_path: Path
+    mask_path: Path
+
+
+@dataclass
+class ScanReport:
+    """What :func:`scan_dataset` found: usable pairs and every kind of problem, by name."""
+
+    root: Path
+    layout: str
+    image_dir: Path
+    mask_dir: Path
+    pairs: list[Pair] = field(default_factory=list)
+    images_without_mask: list[str] = field(default_factory=list)
+    masks_without_image: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    size_mismatch: list[str] = field(default_factory=list)
+    duplicate_ids: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+    splits: dict[str, str] | None = None
+
+    PROBLEMS = (
+        ("images_without_mask", "image(s) without a mask (skipped)"),
+        ("masks_without_image", "mask(s) without an image (ignored)"),
+        ("unreadable", "unreadable or truncated file(s) (skipped)"),
+        ("size_mismatch", "mask(s) of a different size than the image (skipped)"),
+        ("duplicate_ids", "duplicate id(s) (first file kept)"),
+        ("not_images", "non-image file(s) (ignored)"),
+    )
+
+    def problem_lines(self, show: int = SHOW_FIRST) -> list[str]:
+        """One human-readable line per kind of problem found, with the first ``show`` names."""
+        lines = []
+        for attr, text in self.PROBLEMS:
+            names = getattr(self, attr)
+            if names:
+                more = f", ... ({len(names) - show} more)" if len(names) > show else ""
+                lines.append(f"{len(names)} {text}: {', '.join(names[:show])}{more}")
+        return lines
+
+    def to_dict(self) -> dict:
+        """Counts and the full name lists, JSON-friendly (written next to the split)."""
+        out: dict = {"root": str(self.root), "layout": self.layout, "usable_pairs": len(self.pairs)}
+        for attr, _ in self.PROBLEMS:
+            out[attr] = list(getattr(self, attr))
+        return out
+
+
+# -------------------------------------------------------------------------------------------
+# Layout
+
+
+def find_layout(root: str | Path) -> tuple[str, Path, Path]:
+    """Return (layout name, image folder, mask folder) for ``root``.
+
+    Raises :class:`DatasetLayoutError` naming the folders expected when none is found.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetLayoutError(f"dataset folder {root} does not exist (use --dataset DIR, or --dataset demo)")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset path {root} is not a folder")
+    for name, images, masks in LAYOUTS:
+        if (root / images).is_dir():
+            if not (root / masks).is_dir():
+                raise DatasetLayoutError(f"dataset {root} has {images}/ but no {masks}/ folder for the masks")
+            return name, root / images, root / masks
+    if not any(root.iterdir()):
+        raise DatasetLayoutError(
+            f"dataset folder {root} is empty; expected {LAYOUTS[0][1]}/ and {LAYOUTS[0][2]}/ (see isic2018/README.md)")
+    expected = " or ".join(f"{i}/ + {m}/" for _, i, m in LAYOUTS)
+    raise DatasetLayoutError(f"dataset folder {root} has no known layout; expected {expected} inside it")
+
+
+def is_image_name(path: str | Path) -> bool:
+    """True when the file name has an image extension."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def mask_id(path: Path) -> str | None:
+    """``ISIC_0000000_segmentation.png`` -> ``ISIC_0000000``; None for other names."""
+    name = path.name
+    if name.lower().endswith(MASK_SUFFIX):
+        return name[: -len(MASK_SUFFIX)]
+    return None
+
+
+# -------------------------------------------------------------------------------------------
+# Cheap file checks (no full decode of large images)
+
+
+def image_size(path: Path, decode: bool = True) -> tuple[int, int] | None:
+    """(height, width) as displayed (EXIF rotation applied), or None when the file is unreadable.
+
+    With ``decode`` a JPEG is also decoded at 1/8 scale, which finds truncated files cheaply.
+    """
+    from PIL import Image  # local: keeps ``import lesions`` fast
+
+    try:
+        if path.stat().st_size == 0:
+            return None
+        with Image.open(path) as im:
+            width, height = im.size
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except Exception:  # noqa: BLE001 - a broken EXIF block is not fatal
+                orientation = 1
+            if decode:
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                im.load()
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for broken files
+        return None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return height, width
+
+
+# -------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _index_images(folder: Path, report: ScanReport) -> dict[str, Path]:
+    """Map id -> image path for every image file in ``folder``; count non-images and duplicates."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() or path.name.startswith("."):
+            continue
+        if not is_image_name(path):
+            report.not_images.append(path.name)
+            continue
+        if path.stem in found:
+            report.duplicate_ids.append(path.name)
+            continue
+        found[path.stem] = path
+    return found
+
+
+def _index_masks(folder: Path, report: ScanReport) -> dict[str, Path]:
+    """Map id -> mask path for every ``<id>_segmentation.png`` (or ``<id>.png``) in ``folder``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() or path.name.startswith("."):
+            continue
+        key = mask_id(path) or (path.stem if is_image_name(path) else None)
+        if key is None:
+            report.not_images.append(path.name)
+            continue
+        if key in found:
+            report.duplicate_ids.append(path.name)
+            continue
+        found[key] = path
+    return found
+
+
+def pair_folders(image_dir: str | Path, mask_dir: str | Path, check_files: bool = True,
+                 root: str | Path | None = None, layout: str = "folders") -> ScanReport:
+    """Pair ``image_dir/<id>.<ext>`` with ``mask_dir/<id>_segmentation.png``; report the rest.
+
+    With ``check_files`` every image and mask is opened (header, 1/8-scale JPEG decode) and
+    unreadable ones or size mismatches are skipped and counted.
+    """
+    image_dir, mask_dir = Path(image_dir), Path(mask_dir)
+    for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
+        if not folder.is_dir():
+            raise DatasetLayoutError(f"{what} folder {folder} does not exist")
+    report = ScanReport(root=Path(root or image_dir), layout=layout, image_dir=image_dir, mask_dir=mask_dir)
+    images = _index_images(image_dir, report)
+    masks = _index_masks(mask_dir, report)
+    report.masks_without_image = sorted(masks.keys() - images.keys())
+    for image_id, image_path in images.items():
+        mask_path = masks.get(image_id)
+        if mask_path is None:
+            report.images_without_mask.append(image_path.name)
+            continue
+        if check_files and not _pair_is_usable(image_id, image_path, mask_path, report):
+            continue
+        report.pairs.append(Pair(image_id, image_path, mask_path))
+    return report
+
+
+def _pair_is_usable(image_id: str, image_path: Path, mask_path: Path, report: ScanReport) -> bool:
+    """Check both files open and agree in size; record the problem otherwise."""
+    img = image_size(image_path, decode=True)
+    if img is None:
+        report.unreadable.append(image_path.name)
+        return False
+    msk = image_size(mask_path, decode=False)
+    if msk is None:
+        report.unreadable.append(mask_path.name)
+        return False
+    if img != msk:
+        report.size_mismatch.append(f"{image_id} ({img[1]}x{img[0]} vs {msk[1]}x{msk[0]})")
+        return False
+    return True
+
+
+def scan_dataset(root: str | Path, check_files: bool = True) -> ScanReport:
+    """Find the layout under ``root``, pair images with masks and read any ``metadata.csv`` split.
+
+    Raises :class:`DatasetLayoutError` for a missing/empty/unknown folder or when no usable pair
+    remains (the message says what was found instead).
+    """
+    layout, image_dir, mask_dir = find_layout(root)
+    report = pair_folders(image_dir, mask_dir, check_files=check_files, root=root, layout=layout)
+    report.splits = read_split_column(Path(root) / "metadata.csv")
+    if not report.pairs:
+        details = "; ".join(report.problem_lines(3)) or f"{image_dir.name}/ holds no images"
+        raise DatasetLayoutError(f"no usable image/mask pair in {root}: {details}")
+    return report
+
+
+def read_split_column(csv_path: Path) -> dict[str, str] | None:
+    """``image_id -> 'train'|'val'`` from a metadata.csv with a ``split`` column, else None."""
+    if not csv_path.is_file():
+        return None
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "split" not in reader.fieldnames or "image_id" not in reader.fieldnames:
+            return None
+        splits = {}
+        for row in reader:
+            value = (row.get("split") or "").strip().lower()
+            if value in ("train", "val", "validation"):
+                splits[row["image_id"].strip()] = "val" if value.startswith("val") else "train"
+    return splits or None
+
+
+# -------------------------------------------------------------------------------------------
+# Splitting
+
+
+def split_ids(ids: list[str], val_fraction: float, seed: int | None,
+              given: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Deterministic (train ids, val ids).
+
+    With ``given`` (from metadata.csv) ids listed there keep their split; ids not listed are
+    split like the rest. Otherwise the sorted ids are shuffled with ``random.Random(seed)`` and
+    the first ``round(val_fraction * n)`` (at least 1 when ``val_fraction > 0`` and n >= 2) go to
+    validation. Both lists come back sorted.
+    """
+    ids = sorted(set(ids))
+    given = given or {}
+    fixed_train = [i for i in ids if given.get(i) == "train"]
+    fixed_val = [i for i in ids if given.get(i) == "val"]
+    free = [i for i in ids if i not in given]
+    n_val = int(round(val_fraction * len(free)))
+    if not given and val_fraction > 0 and len(free) >= 2:
+        n_val = min(max(n_val, 1), len(free) - 1)  # keep at least one image on each side
+    order = list(free)
+    random.Random(0 if seed is None else seed).shuffle(order)
+    val = sorted(fixed_val + order[:n_val])
+    train = sorted(fixed_train + order[n_val:])
+    return train, val
+
+
+def write_split(path: str | Path, train: list[str], val: list[str], extra: dict | None = None) -> Path:
+    """Write ``{"train": [...], "val": [...], ...}`` as JSON atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"n_train": len(train), "n_val": len(val), "train": train, "val": val}
+    payload.update(extra or {})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+    return path

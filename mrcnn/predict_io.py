@@ -1,0 +1,185 @@
+"""Turning ``MaskRCNN.detect`` results into files: ISIC masks, overlays, crops and a JSON summary.
+
+For one image and its detection result (``rois`` [N, (y1, x1, y2, x2)] in original pixels,
+``scores`` [N], ``masks`` bool [H, W, N]) :func:`write_prediction` writes
+
+* ``<id>_segmentation.png``: single channel, 0/255, at the original size (ISIC 2018 format): the
+  union of the kept instances, or only the best one with ``top1``;
+* ``<id>_overlay.png``: outline, box and score drawn on the image;
+* ``<id>_crop.png`` (with ``crop``): the lesion's bounding box cut out, background blacked out;
+
+and returns the image's JSON record. Which instances are kept: those scoring at least
+``min_confidence``; when none does but the model found something, the single best-scoring
+detection is kept and the record says ``"fallback": true`` (a lesion image almost always has a
+lesion, so an empty mask is rarely the better answer). Every file is written to a temporary name
+and renamed into place, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY_NAME = "summary.json"
+
+
+# -------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically."""
+    return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an RGB (H, W, 3) or single-channel (H, W) uint8 array."""
+    import cv2
+
+    array = np.ascontiguousarray(image)
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def write_png_atomic(path: str | Path, image: np.ndarray) -> Path:
+    """Encode ``image`` as PNG and write it atomically."""
+    return write_bytes_atomic(path, encode_png(image))
+
+
+# -------------------------------------------------------------------------------------------
+# Choosing instances and building the lesion mask
+
+
+def choose_instances(scores: np.ndarray, min_confidence: float) -> tuple[list[int], bool]:
+    """Indices of detections scoring >= ``min_confidence``, best first, and whether we fell back.
+
+    When none passes but there are detections, returns the best one and ``True``.
+    """
+    scores = np.asarray(scores, dtype=float).reshape(-1)
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    kept = [i for i in order if scores[i] >= min_confidence]
+    if kept or not order:
+        return kept, False
+    return order[:1], True
+
+
+def lesion_mask(masks: np.ndarray, indices: list[int], shape: tuple[int, int], top1: bool = False) -> np.ndarray:
+    """Bool (H, W): union of ``masks[..., indices]`` (or only the first index with ``top1``)."""
+    if not indices:
+        return np.zeros(shape, dtype=bool)
+    chosen = indices[:1] if top1 else indices
+    return np.any(np.asarray(masks, dtype=bool)[..., chosen], axis=-1)
+
+
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """[y1, x1, y2, x2] (y2/x2 exclusive) around the True pixels, None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return [int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1]
+
+
+def crop_lesion(image: np.ndarray, mask: np.ndarray, box: list[int]) -> np.ndarray:
+    """The ``box`` region of ``image`` with pixels outside ``mask`` set to black."""
+    y1, x1, y2, x2 = box
+    crop = image[y1:y2, x1:x2].copy()
+    crop[~mask[y1:y2, x1:x2]] = 0
+    return crop
+
+
+def instance_records(result: dict, indices: list[int], shape: tuple[int, int]) -> list[dict]:
+    """Per kept instance: score, box [y1, x1, y2, x2], area in pixels and in % of the image."""
+    total = float(shape[0] * shape[1]) or 1.0
+    records = []
+    for i in indices:
+        area = int(np.count_nonzero(result["masks"][..., i]))
+        records.append({
+            "score": round(float(result["scores"][i]), 6),
+            "box": [int(v) for v in np.asarray(result["rois"][i]).tolist()],
+            "area_px": area,
+            "area_pct": round(100.0 * area / total, 4),
+        })
+    return records
+
+
+# -------------------------------------------------------------------------------------------
+# Overlay
+
+
+def make_overlay(image: np.ndarray, result: dict, indices: list[int]) -> np.ndarray:
+    """Image with outline, box and score of each kept instance (mrcnn.visualize.draw_overlay)."""
+    from mrcnn.visualize import draw_overlay
+
+    masks = np.asarray(result["masks"], dtype=bool)[..., indices]
+    boxes = np.asarray(result["rois"]).reshape(-1, 4)[indices]
+    scores = np.asarray(result["scores"]).reshape(-1)[indices]
+    return draw_overlay(image, masks, boxes, scores)
+
+
+# -------------------------------------------------------------------------------------------
+# One image, one run
+
+
+def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, result: dict,
+                     min_confidence: float, top1: bool = False, crop: bool = False,
+                     overlay: bool = True) -> dict:
+    """Write the files for one image (see module docstring) and return its JSON record."""
+    out_dir = Path(out_dir)
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    n = int(np.asarray(result["scores"]).reshape(-1).size)
+    masks = np.asarray(result["masks"], dtype=bool).reshape(shape + (n,))
+    result = dict(result, masks=masks)
+    indices, fell_back = choose_instances(result["scores"], min_confidence)
+    mask = lesion_mask(masks, indices, shape, top1)
+    files = {"segmentation": f"{image_id}_segmentation.png"}
+    write_png_atomic(out_dir / files["segmentation"], mask.astype(np.uint8) * 255)
+    if overlay:
+        files["overlay"] = f"{image_id}_overlay.png"
+        write_png_atomic(out_dir / files["overlay"], make_overlay(image, result, indices[:1] if top1 else indices))
+    record: dict[str, Any] = {
+        "id": image_id, "height": shape[0], "width": shape[1],
+        "instances": instance_records(result, indices[:1] if top1 else indices, shape),
+        "fallback": fell_back,
+        "lesion_area_px": int(mask.sum()),
+        "lesion_area_pct": round(100.0 * float(mask.sum()) / (shape[0] * shape[1]), 4),
+    }
+    if crop:
+        box = mask_box(mask)
+        record["crop_box"] = box
+        if box is not None:
+            files["crop"] = f"{image_id}_crop.png"
+            write_png_atomic(out_dir / files["crop"], crop_lesion(image, mask, box))
+    record["files"] = files
+    return record
+
+
+def write_summary(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
+    """Write ``summary.json``: the run's settings (``meta``) and one record per image."""
+    payload = dict(meta)
+    payload["n_images"] = len(records)
+    payload["n_with_lesion"] = sum(1 for r in records if r.get("instances"))
+    payload["images"] = records
+    return write_json_atomic(Path(out_dir) / SUMMARY_NAME, payload)
