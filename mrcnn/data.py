@@ -1,0 +1,307 @@
+"""Training input: load + resize + augment one image (``load_image_gt``), build its RPN targets,
+pad to fixed shapes, and feed batches through a parallel, deterministic ``tf.data`` pipeline.
+
+Augmentation uses **albumentations**: ``augmentation=`` takes an albumentations transform (a
+``Compose`` or a single transform) applied to the image and, identically, to every instance
+mask. imgaug (Matterport's choice) is unmaintained and not accepted. Shape-changing transforms
+are refused (the training graph needs IMAGE_SHAPE).
+
+Per-sample randomness (shuffling, augmentation, RPN subsampling) is drawn from
+``numpy.random.default_rng([seed, sample_index])`` so a run is reproducible for a given
+``config.SEED`` whatever the thread scheduling.
+
+One training sample (before batching) is a dict of numpy arrays:
+``input_image`` float32 [H, W, 3] (molded), ``input_image_meta`` float32 [META],
+``input_rpn_match`` int32 [A, 1], ``input_rpn_bbox`` float32 [RPN_TRAIN_ANCHORS_PER_IMAGE, 4],
+``input_gt_class_ids`` int32 [MAX_GT], ``input_gt_boxes`` float32 [MAX_GT, 4] (pixels, y1, x1,
+y2, x2), ``input_gt_masks`` bool [mh, mw, MAX_GT] (mini masks) or [H, W, MAX_GT]; rows beyond
+the image's instance count are zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from mrcnn.boxes import compute_backbone_shapes, extract_bboxes, generate_pyramid_anchors
+from mrcnn.imaging import compose_image_meta, minimize_mask, mold_image, resize_image, resize_mask
+from mrcnn.targets import build_rpn_targets
+
+logger = logging.getLogger(__name__)
+
+#: Order of the training model's inputs (Matterport §4.1).
+INPUT_NAMES = ("input_image", "input_image_meta", "input_rpn_match", "input_rpn_bbox",
+               "input_gt_class_ids", "input_gt_boxes", "input_gt_masks")
+#: A data error is logged and the image skipped; after this many errors the pipeline fails.
+MAX_DATA_ERRORS = 5
+
+
+# -------------------------------------------------------------------------------------------
+# Augmentation
+
+def default_augmentation(seed: int | None = None):
+    """Flips, 90-degree rotations, mild scale/shift and colour jitter (albumentations Compose).
+
+    Meant for square training images (IMAGE_RESIZE_MODE "square"); lesions have no canonical
+    orientation, so all eight flips/rotations are valid.
+    """
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=5, p=0.3),
+    ], seed=seed)
+
+
+def check_augmentation(augmentation: Any) -> None:
+    """Raise TypeError unless ``augmentation`` is None or an albumentations transform."""
+    if augmentation is None:
+        return
+    module = type(augmentation).__module__ or ""
+    if module.startswith("imgaug") or hasattr(augmentation, "to_deterministic"):
+        raise TypeError("augmentation= takes an albumentations transform (e.g. albumentations.Compose([...]) or "
+                        "mrcnn.data.default_augmentation(seed)); imgaug augmenters are not supported")
+    import albumentations as A
+
+    if not isinstance(augmentation, (A.BaseCompose, A.BasicTransform)):
+        raise TypeError(f"augmentation= takes an albumentations transform, got {type(augmentation).__name__}")
+
+
+_AUGMENT_LOCK = threading.Lock()
+
+
+def augment(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one albumentations transform to image [H, W, C] and bool masks [H, W, N] alike.
+
+    ``seed`` re-seeds the transform first (thread-safe), making the result reproducible.
+    Returns (image, masks bool [H, W, N]); raises ValueError if the transform changed the shape.
+    """
+    check_augmentation(augmentation)
+    kwargs: dict[str, Any] = {"image": image}
+    if masks.shape[-1]:
+        kwargs["masks"] = [masks[:, :, i].astype(np.uint8) for i in range(masks.shape[-1])]
+    with _AUGMENT_LOCK:
+        if seed is not None and hasattr(augmentation, "set_random_seed"):
+            augmentation.set_random_seed(int(seed))
+        out = augmentation(**kwargs)
+    new_image = out["image"]
+    if new_image.shape != image.shape:
+        raise ValueError(f"augmentation changed the image shape {image.shape} -> {new_image.shape};"
+                         " only shape-preserving transforms are allowed")
+    if masks.shape[-1]:
+        new_masks = np.stack([np.asarray(m) for m in out["masks"]], axis=-1).astype(bool)
+    else:
+        new_masks = masks
+    return new_image, new_masks
+
+
+# -------------------------------------------------------------------------------------------
+# One image
+
+def active_class_ids(dataset, config, image_id: int) -> np.ndarray:
+    """int32 [NUM_CLASSES]: 1 for every class of the image's source (background included)."""
+    active = np.zeros([config.NUM_CLASSES], dtype=np.int32)
+    source = dataset.image_info[image_id]["source"]
+    active[dataset.source_class_ids[source]] = 1
+    return active
+
+
+def load_image_gt(dataset, config, image_id: int, augmentation: Any = None, use_mini_mask: bool = False,
+                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Load, resize and (optionally) augment one image with its instances (Matterport §6.1).
+
+    Returns (image uint8 [H, W, 3], image_meta float64 [12 + NUM_CLASSES], class_ids int32 [N],
+    bbox int32 [N, 4] (y1, x1, y2, x2, y2/x2 exclusive), mask bool [H, W, N] or, with
+    ``use_mini_mask``, [mh, mw, N] cropped to each box). Instances left empty by resizing or
+    augmentation are dropped. ``seed`` makes the augmentation reproducible.
+    """
+    image = dataset.load_image(image_id)
+    mask, class_ids = dataset.load_mask(image_id)
+    original_shape = image.shape
+    image, window, scale, padding, crop = resize_image(
+        image, min_dim=config.IMAGE_MIN_DIM, min_scale=config.IMAGE_MIN_SCALE, max_dim=config.IMAGE_MAX_DIM,
+        mode=config.IMAGE_RESIZE_MODE)
+    mask = np.asarray(mask, dtype=bool).reshape(mask.shape[0], mask.shape[1], -1)
+    mask = resize_mask(mask, scale, padding, crop) if mask.shape[0] else np.zeros(image.shape[:2] + (0,), bool)
+    if augmentation is not None:
+        image, mask = augment(augmentation, image, mask, seed)
+    keep = mask.any(axis=(0, 1))
+    mask = mask[:, :, keep]
+    class_ids = np.asarray(class_ids, dtype=np.int32).reshape(-1)[keep]
+    bbox = extract_bboxes(mask).astype(np.int32).reshape(-1, 4)
+    if use_mini_mask:
+        mask = minimize_mask(bbox, mask, config.MINI_MASK_SHAPE)
+    meta = compose_image_meta(image_id, original_shape, image.shape, window, scale,
+                              active_class_ids(dataset, config, image_id))
+    return image, meta, class_ids, bbox, mask
+
+
+def get_training_anchors(config) -> np.ndarray:
+    """Pixel anchors [A, 4] (y1, x1, y2, x2) for config.IMAGE_SHAPE, P2 first (float64)."""
+    shapes = compute_backbone_shapes(config, config.IMAGE_SHAPE)
+    return generate_pyramid_anchors(config.RPN_ANCHOR_SCALES, config.RPN_ANCHOR_RATIOS, shapes,
+                                    config.BACKBONE_STRIDES, config.RPN_ANCHOR_STRIDE)
+
+
+def _pad_instances(class_ids, boxes, masks, limit: int, rng: np.random.Generator):
+    """Keep at most ``limit`` instances (random subset) and zero-pad to exactly ``limit``."""
+    if len(class_ids) > limit:
+        keep = np.sort(rng.choice(len(class_ids), limit, replace=False))
+        class_ids, boxes, masks = class_ids[keep], boxes[keep], masks[:, :, keep]
+    n = len(class_ids)
+    padded_ids = np.zeros([limit], np.int32)
+    padded_boxes = np.zeros([limit, 4], np.float32)
+    padded_masks = np.zeros(masks.shape[:2] + (limit,), bool)
+    padded_ids[:n], padded_boxes[:n], padded_masks[:, :, :n] = class_ids, boxes, masks
+    return padded_ids, padded_boxes, padded_masks
+
+
+def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, augmentation: Any = None,
+                          rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """One padded training sample (see the module docstring for keys, shapes and dtypes)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    seed = int(rng.integers(2**31 - 1))
+    image, meta, class_ids, boxes, masks = load_image_gt(dataset, config, image_id, augmentation,
+                                                         use_mini_mask=config.USE_MINI_MASK, seed=seed)
+    if tuple(image.shape) != tuple(int(v) for v in config.IMAGE_SHAPE):
+        raise ValueError(f"image {image_id} resized to {image.shape}, but training needs IMAGE_SHAPE"
+                         f" {tuple(config.IMAGE_SHAPE)} (use IMAGE_RESIZE_MODE 'square' or 'crop')")
+    gt_ids, gt_boxes, gt_masks = _pad_instances(class_ids, boxes, masks, config.MAX_GT_INSTANCES, rng)
+    n = min(len(class_ids), config.MAX_GT_INSTANCES)
+    rpn_match, rpn_bbox = build_rpn_targets(image.shape, anchors, gt_ids[:n], gt_boxes[:n], config, rng)
+    return {
+        "input_image": mold_image(image, config).astype(np.float32),
+        "input_image_meta": meta.astype(np.float32),
+        "input_rpn_match": rpn_match[:, None].astype(np.int32),
+        "input_rpn_bbox": rpn_bbox.astype(np.float32),
+        "input_gt_class_ids": gt_ids,
+        "input_gt_boxes": gt_boxes,
+        "input_gt_masks": gt_masks,
+    }
+
+
+def sample_specs(config) -> dict[str, tf.TensorSpec]:
+    """Fixed shapes and dtypes of one unbatched training sample."""
+    h, w, c = (int(v) for v in config.IMAGE_SHAPE)
+    m = config.MAX_GT_INSTANCES
+    mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
+    a = len(get_training_anchors(config))
+    return {
+        "input_image": tf.TensorSpec([h, w, c], tf.float32),
+        "input_image_meta": tf.TensorSpec([config.IMAGE_META_SIZE], tf.float32),
+        "input_rpn_match": tf.TensorSpec([a, 1], tf.int32),
+        "input_rpn_bbox": tf.TensorSpec([config.RPN_TRAIN_ANCHORS_PER_IMAGE, 4], tf.float32),
+        "input_gt_class_ids": tf.TensorSpec([m], tf.int32),
+        "input_gt_boxes": tf.TensorSpec([m, 4], tf.float32),
+        "input_gt_masks": tf.TensorSpec([*mask_hw, m], tf.bool),
+    }
+
+
+# -------------------------------------------------------------------------------------------
+# Streams of samples
+
+class SampleSource:
+    """Deterministic sample number -> training sample (shuffled passes over the dataset).
+
+    Sample ``i`` is image ``order(i // n)[i % n]`` where each pass has its own permutation drawn
+    from ``seed``; its randomness comes from ``default_rng([seed, i])``. Failing images are logged
+    and replaced by the next one; more than MAX_DATA_ERRORS failures raise.
+    """
+
+    def __init__(self, dataset, config, shuffle: bool = True, augmentation: Any = None,
+                 no_augmentation_sources: list[str] | None = None, seed: int | None = None) -> None:
+        check_augmentation(augmentation)
+        self.dataset, self.config, self.shuffle, self.augmentation = dataset, config, shuffle, augmentation
+        self.no_augmentation_sources = set(no_augmentation_sources or ())
+        self.seed = int(seed if seed is not None else np.random.SeedSequence().entropy % (2**31))
+        self.anchors = get_training_anchors(config)
+        self.image_ids = np.asarray(dataset.image_ids)
+        if len(self.image_ids) == 0:
+            raise ValueError("the dataset has no images (did you call prepare()?)")
+        self.errors = 0
+        self._orders: dict[int, np.ndarray] = {}
+
+    def image_for(self, index: int) -> int:
+        """Image id of sample number ``index``."""
+        n = len(self.image_ids)
+        epoch, pos = divmod(int(index), n)
+        if not self.shuffle:
+            return int(self.image_ids[pos])
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, 2**31 + epoch]).permutation(self.image_ids)}
+        return int(self._orders[epoch][pos])
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        for attempt in range(len(self.image_ids)):
+            image_id = self.image_for(index + attempt)
+            source = self.dataset.image_info[image_id]["source"]
+            augmentation = None if source in self.no_augmentation_sources else self.augmentation
+            try:
+                return build_training_sample(self.dataset, self.config, image_id, self.anchors, augmentation,
+                                             np.random.default_rng([self.seed, index]))
+            except Exception:
+                self.errors += 1
+                logger.exception("error processing image %s (%s); skipping it",
+                                 image_id, self.dataset.image_info[image_id].get("path"))
+                if self.errors > MAX_DATA_ERRORS:
+                    raise
+        raise RuntimeError("no image of the dataset could be loaded")
+
+
+def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None,
+                 no_augmentation_sources: list[str] | None = None, seed: int | None = None,
+                 batch_size: int | None = None, start: int = 0, parallel: int | None = None) -> tf.data.Dataset:
+    """Infinite tf.data pipeline of batched training inputs (dict keyed by INPUT_NAMES).
+
+    Images are loaded, augmented and given RPN targets in parallel worker threads (``parallel``
+    calls, default AUTOTUNE), in a deterministic order; batches of ``batch_size`` (default
+    config.BATCH_SIZE) are prefetched. ``seed`` defaults to config.SEED; ``start`` skips samples
+    (e.g. to resume). Every element has fixed shapes (see :func:`sample_specs`).
+    """
+    seed = config.SEED if seed is None else seed
+    source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources, seed)
+    specs = sample_specs(config)
+    names = list(INPUT_NAMES)
+
+    def load(index):
+        sample = source(int(index))
+        return [sample[name] for name in names]
+
+    def load_tensor(index):
+        values = tf.numpy_function(load, [index], [specs[n].dtype for n in names], stateful=False)
+        return {n: tf.ensure_shape(v, specs[n].shape) for n, v in zip(names, values, strict=True)}
+
+    calls = tf.data.AUTOTUNE if parallel is None else parallel
+    ds = tf.data.Dataset.range(start, 2**62).map(load_tensor, num_parallel_calls=calls, deterministic=True)
+    ds = ds.batch(batch_size or config.BATCH_SIZE, drop_remainder=True)
+    options = tf.data.Options()
+    options.experimental_optimization.map_parallelization = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def data_generator(dataset, config, shuffle: bool = True, augmentation: Any = None, batch_size: int = 1,
+                   no_augmentation_sources: list[str] | None = None, seed: int | None = None
+                   ) -> Iterator[tuple[list[np.ndarray], list]]:
+    """Matterport-style infinite generator of ``(inputs, [])``; inputs in INPUT_NAMES order, batched.
+
+    Unlike Matterport, images without instances are kept (they train the background) and
+    ``augment``/``random_rois``/``detection_targets`` debugging options are not offered.
+    """
+    source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources,
+                          config.SEED if seed is None else seed)
+    index = 0
+    while True:
+        samples = [source(index + b) for b in range(batch_size)]
+        index += batch_size
+        yield [np.stack([s[name] for s in samples]) for name in INPUT_NAMES], []

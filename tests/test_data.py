@@ -1,0 +1,150 @@
+"""load_image_gt (vs Matterport), albumentations augmentation, and the tf.data pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mrcnn.config import Config
+from mrcnn.data import (
+    augment,
+    check_augmentation,
+    data_generator,
+    default_augmentation,
+    load_image_gt,
+    make_dataset,
+    sample_specs,
+)
+from mrcnn.dataset import Dataset
+
+
+def reference_image_and_masks() -> tuple[np.ndarray, np.ndarray]:
+    """The reference synthetic image (200x300) with the ellipse and disk instances."""
+    yy, xx = np.mgrid[0:200, 0:300]
+    image = np.stack([(xx * 255) // 299, (yy * 255) // 199, (7 * xx + 13 * yy) % 256], axis=-1)
+    ellipse = (yy - 100) ** 2 * 70**2 + (xx - 160) ** 2 * 45**2 <= 45**2 * 70**2
+    image[ellipse] = (np.array([90, 50, 40])[None, :] + ((xx + yy) % 16)[ellipse][:, None])
+    disk = (yy - 40) ** 2 + (xx - 50) ** 2 <= 20**2
+    return image.astype(np.uint8), np.stack([ellipse, disk], axis=-1)
+
+
+class ArrayDataset(Dataset):
+    """Images and instance masks held in memory."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.add_class("isic", 1, "lesion")
+        for i, (image, masks) in enumerate(pairs):
+            self.add_image("isic", i, None, image=image, masks=masks)
+        self.prepare()
+
+    def load_image(self, image_id):
+        return self.image_info[image_id]["image"]
+
+    def load_mask(self, image_id):
+        masks = self.image_info[image_id]["masks"]
+        return masks, np.ones([masks.shape[-1]], np.int32)
+
+
+class SquareConfig(Config):
+    NAME = "t"
+    NUM_CLASSES = 2
+    IMAGES_PER_GPU = 1
+    IMAGE_MIN_DIM = 256
+    IMAGE_MAX_DIM = 256
+    MAX_GT_INSTANCES = 3
+    SEED = 7
+
+
+def test_load_image_gt_matches_matterport(reference_dir):
+    ref = np.load(reference_dir / "matterport_utils_reference.npz")
+    image, masks = reference_image_and_masks()
+    np.testing.assert_array_equal(masks, ref["gt_masks_original"])
+    dataset = ArrayDataset([(image, masks)])
+    got_image, meta, class_ids, bbox, mini = load_image_gt(dataset, SquareConfig(), 0, use_mini_mask=True)
+    assert np.abs(got_image.astype(int) - ref["load_image_gt_image"]).max() <= 1
+    np.testing.assert_allclose(meta, ref["load_image_gt_meta"], rtol=1e-6)
+    np.testing.assert_array_equal(class_ids, ref["load_image_gt_class_ids"])
+    np.testing.assert_array_equal(bbox, ref["load_image_gt_bbox"])
+    assert mini.shape == (56, 56, 2) and mini.dtype == bool
+    assert (mini != ref["load_image_gt_mini_mask"]).mean() < 0.002
+
+
+def test_load_image_gt_full_masks_and_active_classes():
+    image, masks = reference_image_and_masks()
+    _, meta, _, bbox, full = load_image_gt(ArrayDataset([(image, masks)]), SquareConfig(), 0)
+    assert full.shape == (256, 256, 2)
+    assert meta[-2:].tolist() == [1, 1]
+    y1, x1, y2, x2 = bbox[1]
+    assert full[y1:y2, x1:x2, 1].any() and not full[:y1, :, 1].any() and not full[:, x2:, 1].any()
+
+
+def test_augmentation_moves_image_and_masks_together():
+    import albumentations as A
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[5:15, 40:60] = 255
+    masks = np.zeros((64, 64, 1), bool)
+    masks[5:15, 40:60] = True
+    out_image, out_masks = augment(A.Compose([A.HorizontalFlip(p=1), A.RandomRotate90(p=1)]), image, masks, seed=3)
+    assert out_masks.dtype == bool and out_masks.shape == masks.shape
+    np.testing.assert_array_equal(out_image[..., 0] > 0, out_masks[..., 0])
+    assert not np.array_equal(out_masks, masks)
+
+
+def _blank_large_masks(mask, **kwargs):
+    return mask * 0 if mask.sum() > 2000 else mask
+
+
+def test_augmentation_is_reproducible_with_seed_and_drops_emptied_instances():
+    import albumentations as A
+    image, masks = reference_image_and_masks()
+    dataset = ArrayDataset([(image, masks)])
+    aug = default_augmentation()
+    a = load_image_gt(dataset, SquareConfig(), 0, aug, seed=11)
+    b = load_image_gt(dataset, SquareConfig(), 0, aug, seed=11)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # a transform that blanks the big (ellipse) instance: it must be dropped, the disk kept
+    crop_away = A.Compose([A.Lambda(mask=_blank_large_masks)])
+    _, _, class_ids, bbox, mask = load_image_gt(dataset, SquareConfig(), 0, crop_away)
+    assert len(class_ids) == 1 and mask.shape[-1] == 1 and bbox.shape == (1, 4)
+
+
+def test_imgaug_like_objects_are_refused_clearly():
+    class FakeImgaug:
+        def to_deterministic(self):
+            return self
+    with pytest.raises(TypeError, match="albumentations"):
+        check_augmentation(FakeImgaug())
+    with pytest.raises(TypeError, match="albumentations"):
+        check_augmentation(lambda image: image)
+
+
+def test_make_dataset_shapes_padding_and_determinism():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for n in (1, 0, 4):     # one, none, more than MAX_GT_INSTANCES
+        image = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
+        masks = np.zeros((100, 120, n), bool)
+        for i in range(n):
+            masks[10 + 10 * i:30 + 10 * i, 10 + 20 * i:40 + 20 * i, i] = True
+        pairs.append((image, masks))
+    dataset = ArrayDataset(pairs)
+    config = SquareConfig()
+    config.IMAGES_PER_GPU = 2
+    config.__init__()
+    specs = sample_specs(config)
+    batches = list(make_dataset(dataset, config, augmentation=default_augmentation()).take(3).as_numpy_iterator())
+    again = list(make_dataset(dataset, config, augmentation=default_augmentation()).take(3).as_numpy_iterator())
+    for batch, other in zip(batches, again, strict=True):
+        for name, spec in specs.items():
+            assert batch[name].shape == (2, *spec.shape), name
+            assert batch[name].dtype == spec.dtype.as_numpy_dtype, name
+            np.testing.assert_array_equal(batch[name], other[name])
+    counts = sorted(int((b > 0).sum()) for batch in batches for b in batch["input_gt_class_ids"])
+    assert counts[0] == 0 and counts[-1] == 3          # empty image kept; 4 instances capped at 3
+    # each pass over the 3 images shows every image once
+    first_pass = [int(m[0]) for batch in batches for m in batch["input_image_meta"]][:3]
+    assert sorted(first_pass) == [0, 1, 2]
+    inputs, outputs = next(data_generator(dataset, config, batch_size=2))
+    assert len(inputs) == 7 and outputs == [] and inputs[0].shape == (2, 256, 256, 3)
