@@ -1,0 +1,115 @@
+"""ResNet-50/101 backbone (Caffe-style bottlenecks) and the feature pyramid (FPN).
+
+Layer names follow Matterport (``conv1``, ``res4b_branch2a``, ``bn5c_branch2c``, ``fpn_c5p5``,
+``fpn_p2`` ...) so that Keras-2 HDF5 weights load by name. Feature maps are NHWC.
+Strides: C2/P2 4, C3/P3 8, C4/P4 16, C5/P5 32, P6 64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import layers as KL
+
+#: Identity blocks after the projection block in stage 4.
+STAGE4_IDENTITY_BLOCKS = {"resnet50": 5, "resnet101": 22}
+
+
+def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
+    """BatchNormalization named ``name`` called with ``training=train_bn`` (False = frozen stats)."""
+    layer = KL.BatchNormalization(name=name, epsilon=1e-3, momentum=0.99)
+    if train_bn is None:
+        return layer(x)
+    return layer(x, training=train_bn)
+
+
+def _conv_bn(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str, train_bn: bool | None,
+             strides: int = 1, padding: str = "valid", relu: bool = True) -> Any:
+    """Conv2D (with bias) -> BN -> optional ReLU."""
+    x = KL.Conv2D(filters, (kernel, kernel), strides=(strides, strides), padding=padding,
+                  use_bias=True, name=conv_name)(x)
+    x = batch_norm(x, bn_name, train_bn)
+    return KL.Activation("relu")(x) if relu else x
+
+
+def bottleneck_block(x: Any, filters: tuple[int, int, int], stage: int, block: str,
+                     strides: int = 1, projection: bool = False, train_bn: bool | None = False) -> Any:
+    """Caffe-style bottleneck: 1x1 (stride here) -> 3x3 same -> 1x1, plus shortcut, ReLU.
+
+    ``projection`` adds the 1x1 shortcut conv ``res{stage}{block}_branch1`` (Matterport's
+    "conv_block"); otherwise the input is the shortcut ("identity_block").
+    """
+    f1, f2, f3 = filters
+    conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
+    y = _conv_bn(x, f1, 1, conv + "2a", bn + "2a", train_bn, strides=strides)
+    y = _conv_bn(y, f2, 3, conv + "2b", bn + "2b", train_bn, padding="same")
+    y = _conv_bn(y, f3, 1, conv + "2c", bn + "2c", train_bn, relu=False)
+    if projection:
+        shortcut = _conv_bn(x, f3, 1, conv + "1", bn + "1", train_bn, strides=strides, relu=False)
+    else:
+        shortcut = x
+    y = KL.Add()([y, shortcut])
+    return KL.Activation("relu", name=f"res{stage}{block}_out")(y)
+
+
+def _stage(x: Any, filters: tuple[int, int, int], stage: int, blocks: int, strides: int,
+           train_bn: bool | None) -> Any:
+    """One ResNet stage: a projection block ``a`` then ``blocks - 1`` identity blocks ``b, c, ...``."""
+    x = bottleneck_block(x, filters, stage, "a", strides=strides, projection=True, train_bn=train_bn)
+    for i in range(1, blocks):
+        x = bottleneck_block(x, filters, stage, chr(ord("a") + i), train_bn=train_bn)
+    return x
+
+
+def resnet_graph(input_image: Any, architecture: str, stage5: bool = True,
+                 train_bn: bool | None = False) -> list[Any]:
+    """ResNet body. input_image [B, H, W, C] -> [C1, C2, C3, C4, C5] (C5 is None if not stage5).
+
+    C1 stride 4 (after max-pool), C2 stride 4 (256 ch), C3 8 (512), C4 16 (1024), C5 32 (2048).
+    """
+    if architecture not in STAGE4_IDENTITY_BLOCKS:
+        raise ValueError(f"architecture must be one of {sorted(STAGE4_IDENTITY_BLOCKS)}, got {architecture!r}")
+    x = KL.ZeroPadding2D((3, 3))(input_image)
+    x = _conv_bn(x, 64, 7, "conv1", "bn_conv1", train_bn, strides=2)
+    c1 = x = KL.MaxPooling2D((3, 3), strides=(2, 2), padding="same")(x)
+    c2 = x = _stage(x, (64, 64, 256), 2, 3, 1, train_bn)
+    c3 = x = _stage(x, (128, 128, 512), 3, 4, 2, train_bn)
+    c4 = x = _stage(x, (256, 256, 1024), 4, 1 + STAGE4_IDENTITY_BLOCKS[architecture], 2, train_bn)
+    c5 = _stage(x, (512, 512, 2048), 5, 3, 2, train_bn) if stage5 else None
+    return [c1, c2, c3, c4, c5]
+
+
+def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any]:
+    """Top-down feature pyramid. C2..C5 -> [P2, P3, P4, P5, P6], all ``pyramid_size`` channels.
+
+    P6 is a stride-2 subsampling of P5 (RPN only).
+    """
+    p5 = KL.Conv2D(pyramid_size, (1, 1), name="fpn_c5p5")(C5)
+    p4 = KL.Add(name="fpn_p4add")([KL.UpSampling2D(size=(2, 2), name="fpn_p5upsampled")(p5),
+                                   KL.Conv2D(pyramid_size, (1, 1), name="fpn_c4p4")(C4)])
+    p3 = KL.Add(name="fpn_p3add")([KL.UpSampling2D(size=(2, 2), name="fpn_p4upsampled")(p4),
+                                   KL.Conv2D(pyramid_size, (1, 1), name="fpn_c3p3")(C3)])
+    p2 = KL.Add(name="fpn_p2add")([KL.UpSampling2D(size=(2, 2), name="fpn_p3upsampled")(p3),
+                                   KL.Conv2D(pyramid_size, (1, 1), name="fpn_c2p2")(C2)])
+    p2 = KL.Conv2D(pyramid_size, (3, 3), padding="same", name="fpn_p2")(p2)
+    p3 = KL.Conv2D(pyramid_size, (3, 3), padding="same", name="fpn_p3")(p3)
+    p4 = KL.Conv2D(pyramid_size, (3, 3), padding="same", name="fpn_p4")(p4)
+    p5 = KL.Conv2D(pyramid_size, (3, 3), padding="same", name="fpn_p5")(p5)
+    p6 = KL.MaxPooling2D(pool_size=(1, 1), strides=2, name="fpn_p6")(p5)
+    return [p2, p3, p4, p5, p6]
+
+
+def build_backbone_and_fpn(input_image: Any, config: Any) -> tuple[list[Any], list[Any]]:
+    """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]).
+
+    ``config.BACKBONE`` may be "resnet50", "resnet101" or a callable with resnet_graph's signature.
+    """
+    if callable(config.BACKBONE):
+        _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
+    else:
+        _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=config.TRAIN_BN)
+    p2, p3, p4, p5, p6 = build_fpn(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+    return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
+
+
+__all__ = ["resnet_graph", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block"]

@@ -1,0 +1,89 @@
+"""Detection layer ("mrcnn_detection"): refine proposals into final, per-class-NMS'd detections."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+from keras import layers as KL
+
+from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph, norm_boxes_graph
+
+
+class DetectionLayer(KL.Layer):
+    """Inputs: [rois [B, N, 4] normalised, mrcnn_class [B, N, C] probabilities,
+    mrcnn_bbox [B, N, C, 4] deltas, image_meta [B, META]].
+
+    Output: [B, DETECTION_MAX_INSTANCES, (y1, x1, y2, x2, class_id, score)] normalised, float32,
+    sorted by score and zero-padded. Per ROI: class = argmax over all classes (incl. background),
+    that class's deltas x BBOX_STD_DEV applied, clipped to the image window from image_meta;
+    background and (if DETECTION_MIN_CONFIDENCE is truthy) low-score ROIs dropped; per-class NMS.
+    """
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("name", "mrcnn_detection")
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.config = config
+        self.max_instances = int(config.DETECTION_MAX_INSTANCES)
+        self.min_confidence = float(config.DETECTION_MIN_CONFIDENCE or 0.0)
+        self.nms_threshold = float(config.DETECTION_NMS_THRESHOLD)
+        self.std_dev = np.asarray(config.BBOX_STD_DEV, dtype=np.float32).reshape(1, 4)
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        rois, probs, deltas, image_meta = (tf.cast(t, tf.float32) for t in inputs)
+        # Window of the real image inside the molded one, normalised (meta: 4:6 molded h, w; 7:11 window).
+        windows = norm_boxes_graph(image_meta[:, 7:11], image_meta[0, 4:6])
+        detections = tf.map_fn(self._detections_for_image, (rois, probs, deltas, windows),
+                               fn_output_signature=tf.TensorSpec((self.max_instances, 6), tf.float32))
+        return tf.ensure_shape(detections, (None, self.max_instances, 6))
+
+    def _detections_for_image(self, args: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        """rois [N, 4], probs [N, C], deltas [N, C, 4], window [4] -> detections [MAX, 6]."""
+        rois, probs, deltas, window = args
+        class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
+        scores = tf.gather(probs, class_ids, batch_dims=1)
+        class_deltas = tf.gather(deltas, class_ids, batch_dims=1)
+        boxes = apply_box_deltas_graph(rois, class_deltas * tf.constant(self.std_dev))
+        boxes = clip_boxes_graph(boxes, window)
+
+        wanted = class_ids > 0
+        if self.min_confidence:
+            wanted = tf.logical_and(wanted, scores >= self.min_confidence)
+        keep = tf.reshape(tf.where(wanted), (-1,))
+        keep = self._per_class_nms(keep, boxes, scores, class_ids)
+
+        count = tf.minimum(tf.size(keep), self.max_instances)
+        top = tf.math.top_k(tf.gather(scores, keep), k=count, sorted=True).indices
+        keep = tf.gather(keep, top)
+        rows = tf.concat([tf.gather(boxes, keep),
+                          tf.cast(tf.gather(class_ids, keep), tf.float32)[:, tf.newaxis],
+                          tf.gather(scores, keep)[:, tf.newaxis]], axis=1)
+        return tf.pad(rows, [(0, self.max_instances - tf.shape(rows)[0]), (0, 0)])
+
+    def _per_class_nms(self, keep: tf.Tensor, boxes: tf.Tensor, scores: tf.Tensor,
+                       class_ids: tf.Tensor) -> tf.Tensor:
+        """Indices (int64, ascending) among ``keep`` that survive NMS within their own class."""
+        kept_classes = tf.gather(class_ids, keep)
+        kept_boxes = tf.gather(boxes, keep)
+        kept_scores = tf.gather(scores, keep)
+
+        def nms_one_class(class_id: tf.Tensor) -> tf.Tensor:
+            members = tf.reshape(tf.where(tf.equal(kept_classes, class_id)), (-1,))
+            survivors = tf.image.non_max_suppression(
+                tf.gather(kept_boxes, members), tf.gather(kept_scores, members),
+                max_output_size=self.max_instances, iou_threshold=self.nms_threshold)
+            survivors = tf.gather(members, survivors)
+            return tf.pad(survivors, [(0, self.max_instances - tf.shape(survivors)[0])], constant_values=-1)
+
+        unique_classes = tf.unique(kept_classes).y
+        survivors = tf.map_fn(nms_one_class, unique_classes,
+                              fn_output_signature=tf.TensorSpec((self.max_instances,), tf.int64))
+        survivors = tf.reshape(survivors, (-1,))
+        survivors = tf.sort(tf.boolean_mask(survivors, survivors >= 0))
+        return tf.gather(keep, survivors)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0][0], self.max_instances, 6)
+

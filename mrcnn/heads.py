@@ -1,0 +1,99 @@
+"""Second-stage heads: box classifier/regressor and mask predictor.
+
+Matterport wraps every head layer in TimeDistributed; here the ROI axis is folded into the
+batch axis instead ([B, N, ...] -> [B*N, ...]), which is faster and gives the same numbers.
+The weighted layers keep Matterport's names and weight shapes (``mrcnn_class_conv1`` is a 7x7
+valid Conv2D acting as an FC layer, kernel (7, 7, 256, 1024), ...), so HDF5 weights load by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import tensorflow as tf
+from keras import layers as KL
+
+from mrcnn.backbone import batch_norm
+from mrcnn.roi_align import PyramidROIAlign
+
+
+class FoldRois(KL.Layer):
+    """[B, N, ...] -> [B*N, ...] (ROIs folded into the batch axis)."""
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        b, n = input_shape[0], input_shape[1]
+        return ((b * n) if b is not None and n is not None else None,) + tuple(input_shape[2:])
+
+
+class UnfoldRois(KL.Layer):
+    """([B*N, ...], reference [B, N, ...]) -> [B, N, *trailing_shape] (default: x's own trailing shape)."""
+
+    def __init__(self, trailing_shape: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trailing_shape = tuple(trailing_shape) if trailing_shape is not None else None
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        x, reference = inputs
+        trailing = list(self.trailing_shape) if self.trailing_shape is not None else tf.shape(x)[1:]
+        return tf.reshape(x, tf.concat([tf.shape(reference)[:2], trailing], 0))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        x_shape, ref_shape = input_shape
+        trailing = self.trailing_shape if self.trailing_shape is not None else tuple(x_shape[1:])
+        return tuple(ref_shape[:2]) + tuple(trailing)
+
+    def get_config(self) -> dict:
+        base = super().get_config()
+        base.update(trailing_shape=self.trailing_shape)
+        return base
+
+
+class SqueezeSpatial(KL.Layer):
+    """[M, 1, 1, C] -> [M, C] (Matterport's "pool_squeeze")."""
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.squeeze(x, axis=[1, 2])
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0], input_shape[3])
+
+
+def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str,
+                  train_bn: bool | None, padding: str) -> Any:
+    x = KL.Conv2D(filters, (kernel, kernel), padding=padding, name=conv_name)(x)
+    x = batch_norm(x, bn_name, train_bn)
+    return KL.Activation("relu")(x)
+
+
+def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
+                         num_classes: int, train_bn: bool | None = False,
+                         fc_layers_size: int = 1024) -> tuple[Any, Any, Any]:
+    """Box head. rois [B, N, 4] normalised, feature_maps [P2..P5] ->
+    (mrcnn_class_logits [B, N, C], mrcnn_probs [B, N, C], mrcnn_bbox [B, N, C, 4] deltas).
+    """
+    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")([rois, image_meta, *feature_maps])
+    x = FoldRois()(x)                                                   # [B*N, 7, 7, 256]
+    x = _conv_bn_relu(x, fc_layers_size, pool_size, "mrcnn_class_conv1", "mrcnn_class_bn1", train_bn, "valid")
+    x = _conv_bn_relu(x, fc_layers_size, 1, "mrcnn_class_conv2", "mrcnn_class_bn2", train_bn, "valid")
+    shared = SqueezeSpatial(name="pool_squeeze")(x)                    # [B*N, fc]
+    logits = KL.Dense(num_classes, name="mrcnn_class_logits")(shared)
+    mrcnn_class_logits = UnfoldRois(name="mrcnn_class_logits_rois", dtype="float32")([logits, rois])
+    mrcnn_probs = KL.Activation("softmax", name="mrcnn_class", dtype="float32")(mrcnn_class_logits)
+    deltas = KL.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc")(shared)
+    mrcnn_bbox = UnfoldRois((num_classes, 4), name="mrcnn_bbox", dtype="float32")([deltas, rois])
+    return mrcnn_class_logits, mrcnn_probs, mrcnn_bbox
+
+
+def build_fpn_mask_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
+                         num_classes: int, train_bn: bool | None = False) -> Any:
+    """Mask head. rois [B, N, 4] normalised -> per-class mask probabilities [B, N, 2*pool, 2*pool, C]."""
+    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")([rois, image_meta, *feature_maps])
+    x = FoldRois()(x)                                                   # [B*N, 14, 14, 256]
+    for i in range(1, 5):
+        x = _conv_bn_relu(x, 256, 3, f"mrcnn_mask_conv{i}", f"mrcnn_mask_bn{i}", train_bn, "same")
+    x = KL.Conv2DTranspose(256, (2, 2), strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
+    x = KL.Conv2D(num_classes, (1, 1), strides=1, activation="sigmoid", name="mrcnn_mask", dtype="float32")(x)
+    return UnfoldRois(name="mrcnn_mask_rois", dtype="float32")([x, rois])

@@ -1,0 +1,81 @@
+"""The inference-mode Keras model: image -> backbone/FPN -> RPN -> proposals -> heads -> detections.
+
+Inputs (Matterport names): input_image [B, H, W, C] float32 (molded), input_image_meta [B, META],
+input_anchors [B, A, 4] normalised anchors. Outputs (Matterport order): detections [B, D, 6],
+mrcnn_class [B, R, NC], mrcnn_bbox [B, R, NC, 4], mrcnn_mask [B, D, 28, 28, NC], rpn_rois [B, R, 4],
+rpn_class [B, A, 2], rpn_bbox [B, A, 4]; D = DETECTION_MAX_INSTANCES, R = POST_NMS_ROIS_INFERENCE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import keras
+from keras import layers as KL
+
+from mrcnn.backbone import build_backbone_and_fpn
+from mrcnn.detection import DetectionLayer
+from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
+from mrcnn.rpn import ProposalLayer, apply_rpn, build_rpn_model
+
+
+class DetectionBoxes(KL.Layer):
+    """detections [B, D, 6] -> boxes [B, D, 4] (y1, x1, y2, x2), normalised."""
+
+    def call(self, detections: Any) -> Any:
+        return detections[..., :4]
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return tuple(input_shape[:-1]) + (4,)
+
+
+@contextlib.contextmanager
+def dtype_policy(config: Any) -> Iterator[None]:
+    """Build under ``mixed_float16`` when config.MIXED_PRECISION is set; restore the policy after."""
+    previous = keras.config.dtype_policy()
+    if getattr(config, "MIXED_PRECISION", False):
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def check_image_shape(config: Any) -> None:
+    """Raise ValueError unless the configured image height and width are multiples of 64."""
+    h, w = int(config.IMAGE_SHAPE[0]), int(config.IMAGE_SHAPE[1])
+    if h % 64 or w % 64:
+        raise ValueError(f"image size must be divisible by 64 at least 6 times (got IMAGE_SHAPE {h}x{w}); "
+                         "use e.g. 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024")
+
+
+def build_rpn_for_config(config: Any) -> keras.Model:
+    """The shared "rpn_model" for ``config`` (anchor stride, anchors per location, FPN depth)."""
+    return build_rpn_model(config.RPN_ANCHOR_STRIDE, len(config.RPN_ANCHOR_RATIOS), config.TOP_DOWN_PYRAMID_SIZE)
+
+
+def build_inference_model(config: Any) -> keras.Model:
+    """Build the inference model for ``config`` (see module docstring for inputs/outputs)."""
+    check_image_shape(config)
+    with dtype_policy(config):
+        input_image = keras.Input(shape=(None, None, int(config.IMAGE_CHANNEL_COUNT)), name="input_image")
+        input_image_meta = keras.Input(shape=(int(config.IMAGE_META_SIZE),), name="input_image_meta")
+        input_anchors = keras.Input(shape=(None, 4), name="input_anchors")
+
+        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config)
+        rpn = build_rpn_for_config(config)
+        _, rpn_class, rpn_bbox = apply_rpn(rpn, rpn_feature_maps)
+        rpn_rois = ProposalLayer(config.POST_NMS_ROIS_INFERENCE, config.RPN_NMS_THRESHOLD, config,
+                                 name="ROI")([rpn_class, rpn_bbox, input_anchors])
+
+        _, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
+            rpn_rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
+            train_bn=config.TRAIN_BN, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+        detections = DetectionLayer(config, name="mrcnn_detection")(
+            [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
+        detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
+        mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
+                                          config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+        outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
+        return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

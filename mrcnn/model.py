@@ -1,0 +1,294 @@
+"""``MaskRCNN``: Matterport's model class (build, detect, weights, log dirs, train).
+
+This module orchestrates; the graph pieces live in backbone.py, rpn.py, roi_align.py, heads.py,
+detection.py and inference_graph.py, weight files in weights.py, result unmolding in
+postprocess.py, training in training.py. Matterport's module-level names that users import from
+``mrcnn.model`` are re-exported at the bottom.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mrcnn import weights as weights_io
+from mrcnn.boxes import compute_backbone_shapes, generate_pyramid_anchors, norm_boxes
+from mrcnn.imaging import compose_image_meta, mold_image, resize_image, to_rgb
+from mrcnn.inference_graph import build_inference_model
+from mrcnn.postprocess import unmold_detections
+
+#: ``<dir>/<name>YYYYMMDDTHHMM/mask_rcnn_<name>_NNNN.h5`` -> timestamp and epoch (Matterport's rule).
+CHECKPOINT_PATH_RE = re.compile(
+    r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]mask\_rcnn\_[\w-]+(\d{4})\.h5")
+
+
+def parse_checkpoint_path(model_path: str) -> tuple[datetime.datetime, int] | None:
+    """(run timestamp, epoch) of a Matterport-style checkpoint path, or None if it is not one."""
+    match = CHECKPOINT_PATH_RE.match(str(model_path))
+    if not match:
+        return None
+    y, mo, d, h, mi, epoch = (int(g) for g in match.groups())
+    return datetime.datetime(y, mo, d, h, mi), epoch
+
+
+class MaskRCNN:
+    """Mask R-CNN with Matterport's interface.
+
+    ``mode`` is "training" or "inference"; ``keras_model`` is the underlying Keras 3 model.
+    """
+
+    def __init__(self, mode: str, config: Any, model_dir: str) -> None:
+        if mode not in ("training", "inference"):
+            raise ValueError(f"mode must be 'training' or 'inference', got {mode!r}")
+        self.mode = mode
+        self.config = config
+        self.model_dir = str(model_dir)
+        self.epoch = 0
+        self.anchors: np.ndarray | None = None
+        self._anchor_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._detect_fn: Any = None
+        self.set_log_dir()
+        self.keras_model = self.build(mode, config)
+
+    # -----------------------------------------------------------------------------------------
+    # Graph
+
+    def build(self, mode: str, config: Any) -> keras.Model:
+        """Build the Keras model for ``mode``."""
+        if mode == "training":
+            from mrcnn.training import build_training_model  # lazy: training pulls in more modules
+            return build_training_model(config)
+        return build_inference_model(config)
+
+    def get_anchors(self, image_shape: Sequence[int]) -> np.ndarray:
+        """Normalised pyramid anchors [A, 4] (y1, x1, y2, x2) for a molded image shape, cached.
+
+        The pixel-space anchors of the last call are kept in ``self.anchors``.
+        """
+        key = tuple(int(s) for s in image_shape[:2])
+        if key not in self._anchor_cache:
+            cfg = self.config
+            pixel = generate_pyramid_anchors(cfg.RPN_ANCHOR_SCALES, cfg.RPN_ANCHOR_RATIOS,
+                                             compute_backbone_shapes(cfg, key), cfg.BACKBONE_STRIDES,
+                                             cfg.RPN_ANCHOR_STRIDE)
+            self.anchors = pixel
+            self._anchor_cache[key] = norm_boxes(pixel, key)
+        return self._anchor_cache[key]
+
+    def get_trainable_layers(self) -> list[keras.layers.Layer]:
+        """Top-level layers that own weights (the RPN sub-model counts as one)."""
+        return [layer for layer in self.keras_model.layers if layer.weights]
+
+    def find_trainable_layer(self, layer: keras.layers.Layer) -> keras.layers.Layer:
+        """The layer itself (no TimeDistributed wrappers here; kept for Matterport compatibility)."""
+        return getattr(layer, "layer", layer)
+
+    # -----------------------------------------------------------------------------------------
+    # Inference
+
+    def mold_inputs(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Images [H, W, C] -> (molded float32 [N, h, w, C], image_metas [N, META], windows int [N, 4])."""
+        cfg = self.config
+        molded, metas, windows = [], [], []
+        for image in images:
+            resized, window, scale, _, _ = resize_image(image, min_dim=cfg.IMAGE_MIN_DIM,
+                                                        min_scale=cfg.IMAGE_MIN_SCALE,
+                                                        max_dim=cfg.IMAGE_MAX_DIM, mode=cfg.IMAGE_RESIZE_MODE)
+            molded.append(mold_image(resized, cfg))
+            metas.append(compose_image_meta(0, image.shape, resized.shape, window, scale,
+                                            np.zeros([cfg.NUM_CLASSES], dtype=np.int32)))
+            windows.append(window)
+        return np.stack(molded).astype(np.float32), np.stack(metas), np.array(windows)
+
+    def _model_image(self, image: np.ndarray) -> np.ndarray:
+        """Bring any in-memory image to the channel count the model expects."""
+        channels = int(self.config.IMAGE_CHANNEL_COUNT)
+        if channels == 3:
+            return to_rgb(image)
+        image = np.asarray(image)
+        if image.ndim == 2 and channels == 1:
+            image = image[..., np.newaxis]
+        if image.ndim != 3 or image.shape[-1] != channels:
+            raise ValueError(f"expected images with {channels} channels (IMAGE_CHANNEL_COUNT), got shape {image.shape}")
+        return image
+
+    def _check_batch(self, count: int) -> None:
+        if self.mode != "inference":
+            raise ValueError("detect needs a model created in 'inference' mode")
+        if count != self.config.BATCH_SIZE:
+            raise ValueError(f"detect got {count} images but the model was built for BATCH_SIZE = "
+                             f"{self.config.BATCH_SIZE} (IMAGES_PER_GPU x GPU_COUNT); pass exactly that many")
+
+    def _detect_function(self) -> Any:
+        """One compiled tf.function for all detect calls (fixed batch, any image/anchor count)."""
+        if self._detect_fn is None:
+            cfg = self.config
+            signature = [tf.TensorSpec((cfg.BATCH_SIZE, None, None, int(cfg.IMAGE_CHANNEL_COUNT)), tf.float32),
+                         tf.TensorSpec((cfg.BATCH_SIZE, int(cfg.IMAGE_META_SIZE)), tf.float32),
+                         tf.TensorSpec((cfg.BATCH_SIZE, None, 4), tf.float32)]
+
+            def forward(images: tf.Tensor, metas: tf.Tensor, anchors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                outputs = self.keras_model([images, metas, anchors], training=False)
+                return outputs[0], outputs[3]  # detections, mrcnn_mask
+
+            self._detect_fn = tf.function(forward, input_signature=signature)
+        return self._detect_fn
+
+    @property
+    def detect_trace_count(self) -> int:
+        """How many times the detect graph was traced (1 after any number of same-batch calls)."""
+        return 0 if self._detect_fn is None else int(self._detect_fn.experimental_get_tracing_count())
+
+    def _run(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Molded batch -> (detections [B, D, 6], mrcnn_mask [B, D, mh, mw, C]) as numpy."""
+        anchors = np.broadcast_to(self.get_anchors(molded.shape[1:3]), (molded.shape[0],) + self.anchors.shape)
+        detections, masks = self._detect_function()(
+            tf.constant(molded, tf.float32), tf.constant(metas, tf.float32), tf.constant(anchors, tf.float32))
+        return detections.numpy(), masks.numpy()
+
+    def detect(self, images: Sequence[np.ndarray], verbose: int = 0) -> list[dict[str, np.ndarray]]:
+        """Detect instances in ``BATCH_SIZE`` images (any size; gray/RGBA/uint16 converted to RGB).
+
+        Returns one dict per image: rois int32 [N, 4] (y1, x1, y2, x2, original pixels, y2/x2
+        exclusive), class_ids int32 [N], scores float32 [N], masks bool [H, W, N]; by score.
+        """
+        self._check_batch(len(images))
+        images = [self._model_image(image) for image in images]
+        molded, metas, windows = self.mold_inputs(images)
+        if verbose:
+            print(f"Processing {len(images)} images; molded {molded.shape}")
+        detections, masks = self._run(molded, metas)
+        return [self._result(detections[i], masks[i], image.shape, molded[i].shape, windows[i])
+                for i, image in enumerate(images)]
+
+    def detect_molded(self, molded_images: np.ndarray, image_metas: np.ndarray,
+                      verbose: int = 0) -> list[dict[str, np.ndarray]]:
+        """Detect on already molded images [B, h, w, C]; results are in molded-image pixels."""
+        self._check_batch(len(molded_images))
+        molded = np.asarray(molded_images, dtype=np.float32)
+        detections, masks = self._run(molded, np.asarray(image_metas))
+        h, w = molded.shape[1:3]
+        return [self._result(detections[i], masks[i], molded[i].shape, molded[i].shape, (0, 0, h, w))
+                for i in range(len(molded))]
+
+    @staticmethod
+    def _result(detections: np.ndarray, masks: np.ndarray, original_shape: Sequence[int],
+                molded_shape: Sequence[int], window: Sequence[int]) -> dict[str, np.ndarray]:
+        rois, class_ids, scores, full_masks = unmold_detections(detections, masks, original_shape,
+                                                                molded_shape, window)
+        return {"rois": rois, "class_ids": class_ids, "scores": scores, "masks": full_masks}
+
+    def unmold_detections(self, detections: np.ndarray, mrcnn_mask: np.ndarray, original_image_shape: Sequence[int],
+                          image_shape: Sequence[int], window: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """Matterport's method: see :func:`mrcnn.postprocess.unmold_detections`."""
+        return unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape, window)
+
+    def run_graph(self, images: Sequence[np.ndarray], outputs: Sequence[tuple[str, Any]],
+                  image_metas: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Evaluate named intermediate Keras tensors ``[(name, tensor)]`` on ``images`` (debugging)."""
+        molded, metas, _ = self.mold_inputs([self._model_image(im) for im in images])
+        if image_metas is not None:
+            metas = image_metas
+        anchors = np.broadcast_to(self.get_anchors(molded.shape[1:3]), (molded.shape[0],) + self.anchors.shape)
+        probe = keras.Model(self.keras_model.inputs, [t for _, t in outputs])
+        values = probe([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        return {name: keras.ops.convert_to_numpy(v) for (name, _), v in zip(outputs, values, strict=True)}
+
+    # -----------------------------------------------------------------------------------------
+    # Weights and log dirs
+
+    def load_weights(self, filepath: str, by_name: bool = False, exclude: Iterable[str] | None = None,
+                     strict: bool = False, verbose: int = 1) -> weights_io.LoadReport:
+        """Load a Keras-2 HDF5 weight file by layer name (see :func:`mrcnn.weights.load_weights`),
+        then :meth:`set_log_dir` from its path (resumes epoch numbering of our checkpoints)."""
+        report = weights_io.load_weights(self.keras_model, str(filepath), by_name=by_name,
+                                         exclude=exclude, strict=strict, verbose=verbose)
+        self.set_log_dir(str(filepath))
+        return report
+
+    def save_weights(self, filepath: str) -> None:
+        """Write the weights in the Keras-2 layout (loadable by load_weights and by Matterport)."""
+        weights_io.save_weights(self.keras_model, str(filepath))
+
+    def set_log_dir(self, model_path: str | None = None) -> None:
+        """Set ``log_dir``, ``checkpoint_path`` and ``epoch``: a fresh timestamped run, or, for a
+        path like ``.../<name>YYYYMMDDTHHMM/mask_rcnn_<name>_NNNN.h5``, that run at epoch NNNN."""
+        self.epoch = 0
+        now = datetime.datetime.now()
+        parsed = parse_checkpoint_path(model_path) if model_path else None
+        if parsed is not None:
+            now, self.epoch = parsed
+            print(f"Re-starting from epoch {self.epoch}")
+        name = str(self.config.NAME).lower()
+        self.log_dir = os.path.join(self.model_dir, f"{name}{now:%Y%m%dT%H%M}")
+        self.checkpoint_path = os.path.join(self.log_dir, f"mask_rcnn_{name}_" + "{epoch:04d}.h5")
+
+    def find_last(self) -> str:
+        """Path of the last checkpoint of the last run of this config's NAME in ``model_dir``."""
+        name = str(self.config.NAME).lower()
+        runs = sorted(d for d in (os.listdir(self.model_dir) if os.path.isdir(self.model_dir) else [])
+                      if d.startswith(name) and os.path.isdir(os.path.join(self.model_dir, d)))
+        if not runs:
+            raise FileNotFoundError(errno.ENOENT, f"Could not find a '{name}*' run directory in", self.model_dir)
+        last_run = os.path.join(self.model_dir, runs[-1])
+        checkpoints = sorted(f for f in os.listdir(last_run) if f.startswith("mask_rcnn") and f.endswith(".h5"))
+        if not checkpoints:
+            raise FileNotFoundError(errno.ENOENT, "Could not find a mask_rcnn*.h5 checkpoint in", last_run)
+        return os.path.join(last_run, checkpoints[-1])
+
+    # -----------------------------------------------------------------------------------------
+    # Training (implemented in mrcnn.training)
+
+    def train(self, train_dataset: Any, val_dataset: Any, learning_rate: float, epochs: int, layers: str,
+              augmentation: Any = None, custom_callbacks: list | None = None,
+              no_augmentation_sources: list | None = None) -> Any:
+        """Train to the absolute epoch ``epochs``; see :func:`mrcnn.training.train`."""
+        if self.mode != "training":
+            raise ValueError("train needs a model created in 'training' mode")
+        from mrcnn.training import train
+        return train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
+                     augmentation=augmentation, custom_callbacks=custom_callbacks,
+                     no_augmentation_sources=no_augmentation_sources)
+
+    def set_trainable(self, layer_regex: str, keras_model: Any = None, indent: int = 0, verbose: int = 1) -> None:
+        """Mark layers whose names fully match ``layer_regex`` trainable; see mrcnn.training."""
+        from mrcnn.training import set_trainable
+        return set_trainable(self, layer_regex)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matterport module-level names importable from mrcnn.model
+
+from mrcnn.backbone import build_fpn, resnet_graph  # noqa: E402,F401
+from mrcnn.detection import DetectionLayer  # noqa: E402,F401
+from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph  # noqa: E402,F401
+from mrcnn.imaging import parse_image_meta, parse_image_meta_graph, unmold_image  # noqa: E402,F401
+from mrcnn.roi_align import PyramidROIAlign  # noqa: E402,F401
+from mrcnn.rpn import ProposalLayer, build_rpn_model  # noqa: E402,F401
+from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph, trim_zeros_graph  # noqa: E402,F401
+from mrcnn.weights import WeightsError  # noqa: E402,F401
+
+# >>> Training-side re-exports (owned by the training engineer): name -> module, imported lazily
+# so that importing mrcnn.model stays light. Add data_generator, load_image_gt, ... here.
+_LAZY_EXPORTS = {
+    "data_generator": "mrcnn.data",
+    "load_image_gt": "mrcnn.data",
+    "build_rpn_targets": "mrcnn.targets",
+    "DetectionTargetLayer": "mrcnn.targets",
+}
+# <<<
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mrcnn.model' has no attribute {name!r}")
