@@ -1,0 +1,318 @@
+"""ISIC 2018 Task 1 segmentation metrics, folder scoring, and instance-level mask AP.
+
+Per-image metrics follow the official scorer (``isic-challenge-scoring``) exactly:
+
+* a mask file pixel counts as lesion when its grey value is ``> 128``;
+* the metrics come from the confusion counts TP, FP, FN, TN of the whole image;
+* ``sensitivity`` is 1.0 when the truth is empty (TP + FN == 0), ``specificity`` is 1.0 when
+  the truth covers the image (TN + FP == 0), ``jaccard`` and ``dice`` are 1.0 when truth and
+  prediction are both empty (TP + FP + FN == 0); a prediction that is empty while the truth is
+  not scores 0 on all three;
+* ``threshold_jaccard`` is the Jaccard index, or 0 when it is below 0.65;
+* the summary is the plain (macro) mean over images.
+
+Instance AP (``map50``, ``map``) averages Matterport's per-image VOC AP (``mrcnn.ap.compute_ap``)
+over images that have at least one ground-truth instance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mrcnn.ap import compute_ap
+from mrcnn.boxes import extract_bboxes
+
+#: Metric names, in the order the CSV and the summary use (official scorer's names).
+METRIC_NAMES = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy")
+JACCARD_THRESHOLD = 0.65
+PIXEL_THRESHOLD = 128  # lesion pixel: value > 128
+PREDICTION_SUFFIX = "_segmentation.png"
+MASK_SUFFIXES = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg")
+_TRUTH_STEM_TAIL = re.compile(r"_(segmentation|lesion|mask)$", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image metrics
+# --------------------------------------------------------------------------------------------
+
+def confusion(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
+    """Confusion counts (TP, FP, FN, TN) of two bool masks of the same shape [H, W]."""
+    truth, pred = _as_binary(truth), _as_binary(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"mask shapes differ: truth {truth.shape}, prediction {pred.shape}")
+    tp = int(np.count_nonzero(truth & pred))
+    fp = int(np.count_nonzero(pred)) - tp
+    fn = int(np.count_nonzero(truth)) - tp
+    tn = truth.size - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+def _as_binary(mask: np.ndarray) -> np.ndarray:
+    """Bool mask: bool arrays as they are, integer arrays (0..255 images) as ``value > 128``."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask > PIXEL_THRESHOLD
+    raise ValueError(f"masks must be bool or integer 0..255 images, got dtype {mask.dtype}")
+
+
+def jaccard(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Jaccard index TP / (TP + FP + FN); 1.0 when both masks are empty."""
+    tp, fp, fn, _ = confusion(truth, pred)
+    return _jaccard(tp, fp, fn)
+
+
+def threshold_jaccard(truth: np.ndarray, pred: np.ndarray, threshold: float = JACCARD_THRESHOLD) -> float:
+    """Jaccard index, or 0.0 when it is below ``threshold`` (ISIC 2018's ranking metric)."""
+    return _threshold(jaccard(truth, pred), threshold)
+
+
+def dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Dice 2TP / (2TP + FP + FN); 1.0 when both masks are empty."""
+    tp, fp, fn, _ = confusion(truth, pred)
+    return _dice(tp, fp, fn)
+
+
+def sensitivity(truth: np.ndarray, pred: np.ndarray) -> float:
+    """TP / (TP + FN); 1.0 when the truth is empty."""
+    tp, _, fn, _ = confusion(truth, pred)
+    return _ratio(tp, tp + fn)
+
+
+def specificity(truth: np.ndarray, pred: np.ndarray) -> float:
+    """TN / (TN + FP); 1.0 when the truth covers the whole image."""
+    _, fp, _, tn = confusion(truth, pred)
+    return _ratio(tn, tn + fp)
+
+
+def accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    """(TP + TN) / pixels; NaN for a zero-size image (as the official scorer)."""
+    tp, fp, fn, tn = confusion(truth, pred)
+    return _accuracy(tp, fp, fn, tn)
+
+
+def _ratio(num: int, den: int) -> float:
+    return 1.0 if den == 0 else num / den
+
+
+def _jaccard(tp: int, fp: int, fn: int) -> float:
+    return _ratio(tp, tp + fp + fn)
+
+
+def _dice(tp: int, fp: int, fn: int) -> float:
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def _threshold(value: float, threshold: float) -> float:
+    return value if value >= threshold else 0.0
+
+
+def _accuracy(tp: int, fp: int, fn: int, tn: int) -> float:
+    total = tp + fp + fn + tn
+    return math.nan if total == 0 else (tp + tn) / total
+
+
+def score_mask(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """All six ISIC metrics of one prediction [H, W] against its truth [H, W] (bool, or uint8 > 128)."""
+    tp, fp, fn, tn = confusion(truth, pred)
+    j = _jaccard(tp, fp, fn)
+    return {
+        "threshold_jaccard": _threshold(j, JACCARD_THRESHOLD),
+        "jaccard": j,
+        "dice": _dice(tp, fp, fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "accuracy": _accuracy(tp, fp, fn, tn),
+    }
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Macro means of the six metrics over per-image rows, plus ``n_images`` (None means when empty).
+
+    NaN values (zero-size images) are left out of a mean, as pandas does in the official scorer.
+    """
+    summary: dict[str, Any] = {}
+    for name in METRIC_NAMES:
+        values = [float(r[name]) for r in rows if not math.isnan(float(r[name]))]
+        summary[name] = float(np.mean(values)) if values else None
+    summary["n_images"] = len(rows)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask image as bool [H, W] (grey value > 128 is lesion; colour images are converted to grey)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
+            image = image.convert("L")
+        return np.asarray(image) > PIXEL_THRESHOLD
+
+
+def truth_id(path: Path) -> str:
+    """Image id of a ground-truth file: the stem without ``_segmentation``/``_lesion``/``_mask``."""
+    return _TRUTH_STEM_TAIL.sub("", path.stem)
+
+
+def _mask_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MASK_SUFFIXES)
+
+
+def score_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
+    """Score ``pred_dir/<id>_segmentation.png`` against every truth mask in ``truth_dir``.
+
+    Truth files may have any stem (``ISIC_0000000_segmentation.png``, ``IMD002_lesion.bmp``,
+    ``IMD002.png``); the id is the stem without a ``_segmentation``/``_lesion``/``_mask`` tail.
+    Returns ``(rows, summary, problems)``: rows ``{"image_id", <six metrics>}`` sorted by id,
+    the :func:`summarize` of the rows, and one ``"<id>: <what is wrong>"`` line per missing or
+    unreadable file, size mismatch, or prediction without truth (those images are not scored).
+    """
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    if not truth_dir.is_dir():
+        return rows, summarize(rows), [f"truth folder not found: {truth_dir}"]
+    if not pred_dir.is_dir():
+        return rows, summarize(rows), [f"prediction folder not found: {pred_dir}"]
+    truth_ids = set()
+    for truth_file in _mask_files(truth_dir):
+        image_id = truth_id(truth_file)
+        truth_ids.add(image_id)
+        row, problem = _score_pair(image_id, truth_file, pred_dir / f"{image_id}{PREDICTION_SUFFIX}")
+        if problem:
+            problems.append(problem)
+        else:
+            rows.append(row)
+    for pred_file in sorted(pred_dir.glob(f"*{PREDICTION_SUFFIX}")):
+        image_id = pred_file.name[: -len(PREDICTION_SUFFIX)]
+        if image_id not in truth_ids:
+            problems.append(f"{image_id}: prediction {pred_file.name} has no ground truth")
+    rows.sort(key=lambda r: r["image_id"])
+    return rows, summarize(rows), problems
+
+
+def _score_pair(image_id: str, truth_file: Path, pred_file: Path) -> tuple[dict[str, Any], str | None]:
+    """One row, or an empty row and a problem line."""
+    if not pred_file.is_file():
+        return {}, f"{image_id}: missing prediction {pred_file.name}"
+    try:
+        truth = load_mask(truth_file)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        return {}, f"{image_id}: unreadable ground truth {truth_file.name} ({err})"
+    try:
+        pred = load_mask(pred_file)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        return {}, f"{image_id}: unreadable prediction {pred_file.name} ({err})"
+    if truth.shape != pred.shape:
+        return {}, f"{image_id}: prediction is {pred.shape[0]}x{pred.shape[1]}, truth is {truth.shape[0]}x{truth.shape[1]}"
+    return {"image_id": image_id, **score_mask(truth, pred)}, None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write text to ``path`` via a temporary file in the same folder and os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | os.PathLike,
+                 problems: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``out_dir/scores.csv`` (one row per image) and ``out_dir/summary.json``, atomically.
+
+    ``problems``, when given, are stored in summary.json under ``"problems"``. Returns both paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image_id", *METRIC_NAMES], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _json_safe(v) for k, v in row.items()})
+    csv_path, json_path = out_dir / "scores.csv", out_dir / "summary.json"
+    _atomic_write_text(csv_path, buffer.getvalue())
+    payload = {k: _json_safe(v) for k, v in summary.items()}
+    if problems is not None:
+        payload["problems"] = list(problems)
+    _atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    return csv_path, json_path
+
+
+# --------------------------------------------------------------------------------------------
+# Instance-level AP
+# --------------------------------------------------------------------------------------------
+
+#: COCO-style IoU thresholds 0.50, 0.55, ..., 0.95.
+COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+def image_ap(gt_masks: np.ndarray, pred_masks: np.ndarray, scores: np.ndarray,
+             iou_threshold: float = 0.5) -> float | None:
+    """Matterport VOC AP of one image's single-class instance masks; None when there is no GT.
+
+    gt_masks bool [H, W, G], pred_masks bool [H, W, P], scores [P]. Empty predicted masks are
+    dropped; an image with GT but no predictions scores 0.
+    """
+    gt_masks = np.asarray(gt_masks).astype(bool)
+    pred_masks = np.asarray(pred_masks).astype(bool)
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    gt_masks = gt_masks[..., gt_masks.any(axis=(0, 1))]
+    if gt_masks.shape[-1] == 0:
+        return None
+    keep = pred_masks.any(axis=(0, 1))
+    pred_masks, scores = pred_masks[..., keep], scores[keep]
+    gt_boxes, pred_boxes = extract_bboxes(gt_masks), extract_bboxes(pred_masks)
+    ones_gt = np.ones(gt_masks.shape[-1], np.int32)
+    ones_pred = np.ones(pred_masks.shape[-1], np.int32)
+    ap = compute_ap(gt_boxes, ones_gt, gt_masks, pred_boxes, ones_pred, scores, pred_masks,
+                    iou_threshold=iou_threshold)[0]
+    return float(ap)
+
+
+def mean_ap(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+            iou_thresholds: Sequence[float] = (0.5,)) -> float:
+    """Mean over images (with GT) of the per-image AP averaged over ``iou_thresholds``.
+
+    ``items`` yields ``(gt_masks [H, W, G], pred_masks [H, W, P], scores [P])`` per image.
+    Returns NaN when no image has a ground-truth instance.
+    """
+    per_image = []
+    for gt_masks, pred_masks, scores in items:
+        aps = [image_ap(gt_masks, pred_masks, scores, t) for t in iou_thresholds]
+        if aps[0] is not None:
+            per_image.append(float(np.mean(aps)))
+    return float(np.mean(per_image)) if per_image else math.nan
+
+
+def map50(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """Mask AP at IoU 0.5, averaged over images (see :func:`mean_ap`)."""
+    return mean_ap(items, (0.5,))
+
+
+def map(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:  # shadows builtin on purpose
+    """COCO-style mask AP averaged over IoU 0.50:0.05:0.95 and over images (see :func:`mean_ap`)."""
+    return mean_ap(items, COCO_IOU_THRESHOLDS)
