@@ -75,13 +75,20 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
         out = scipy.ndimage.zoom(x, zoom, order=order, mode=_NDIMAGE_MODES.get(mode, mode), cval=cval,
                                  grid_mode=True)
         assert out.shape == out_shape, (out.shape, out_shape)
-    if clip and order > 0:
-        lo, hi = x.min(initial=np.inf), x.max(initial=-np.inf)
-        if mode == "constant":
-            lo, hi = min(lo, cval), max(hi, cval)
-        if np.isfinite(lo) and np.isfinite(hi):
-            np.clip(out, lo, hi, out=out)
+    if clip and order > 0 and x.size:
+        _clip_to_input_range(out, float(np.min(x)), float(np.max(x)), mode, cval)
     return out
+
+
+def _clip_to_input_range(out: np.ndarray, lo: float, hi: float, mode: str, cval: float) -> None:
+    """Clip out (in place) to the input's [lo, hi]; in "constant" mode pixels equal to an
+    out-of-range cval keep it (scikit-image semantics: a mask whose values are all >= 0.56
+    stays >= 0.56 at the zero-blended borders)."""
+    keep_cval = mode == "constant" and not (lo <= cval <= hi) and out.size and out.min() <= cval <= out.max()
+    cval_mask = out == cval if keep_cval else None
+    np.clip(out, lo, hi, out=out)
+    if cval_mask is not None:
+        out[cval_mask] = cval
 
 
 def resize_image(image: np.ndarray, min_dim: int | None = None, max_dim: int | None = None,

@@ -1,0 +1,295 @@
+"""mrcnn.imaging: resize modes, masks, molding, image_meta, file reading; Matterport reference."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from mrcnn import boxes as B
+from mrcnn import imaging as I
+from mrcnn.config import Config
+
+
+@pytest.fixture(scope="module")
+def ref(reference_dir):
+    return np.load(reference_dir / "matterport_utils_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def out(reference_dir):
+    return np.load(reference_dir / "matterport_reference_outputs.npz")
+
+
+class _Coco(Config):
+    NAME = "coco"
+    NUM_CLASSES = 81
+    GPU_COUNT = 1
+    IMAGES_PER_GPU = 1
+    IMAGE_MIN_DIM = 256
+    IMAGE_MAX_DIM = 256
+
+
+# ---- resize_image modes (hand-computed windows, odd sizes) -------------------------------------
+
+def _img(h, w):
+    return (np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3)
+
+
+def test_resize_none():
+    im = _img(7, 5)
+    res, window, scale, padding, crop = I.resize_image(im, 64, 128, mode="none")
+    assert res is im and window == (0, 0, 7, 5) and scale == 1 and crop is None
+    assert padding == [(0, 0), (0, 0), (0, 0)]
+
+
+def test_resize_square_upscale_odd():
+    # scale = 64/57 (min side to 64); 101*64/57 = 113.4 -> 113 rows; pad 15 rows = 7 top + 8 bottom.
+    res, window, scale, padding, crop = I.resize_image(_img(101, 57), 64, 128, mode="square")
+    assert res.shape == (128, 128, 3) and res.dtype == np.uint8
+    assert scale == pytest.approx(64 / 57)
+    assert padding == [(7, 8), (32, 32), (0, 0)]
+    assert window == (7, 32, 120, 96) and crop is None
+    assert not res[:7].any() and not res[120:].any() and not res[:, :32].any() and not res[:, 96:].any()
+
+
+def test_resize_square_shrinks_to_max_dim():
+    # min_dim never shrinks (scale 1) but 300 > 128 -> scale = 128/300; 151*0.4267 = 64.43 -> 64.
+    res, window, scale, padding, _ = I.resize_image(_img(300, 151), 100, 128, mode="square")
+    assert scale == pytest.approx(128 / 300)
+    assert res.shape == (128, 128, 3) and window == (0, 32, 128, 96)
+    assert padding == [(0, 0), (32, 32), (0, 0)]
+
+
+def test_resize_square_round_half_even_and_min_scale():
+    # min_scale 1.5: 3*1.5 = 4.5 -> 4 and 5*1.5 = 7.5 -> 8 (Python round); 64-4 = 60 -> 30/30; 56 -> 28/28.
+    res, window, scale, padding, _ = I.resize_image(_img(3, 5), None, 64, min_scale=1.5, mode="square")
+    assert scale == 1.5 and res.shape == (64, 64, 3)
+    assert window == (30, 28, 34, 36)
+
+
+def test_resize_pad64_odd():
+    res, window, scale, padding, _ = I.resize_image(_img(101, 57), 64, 1024, mode="pad64")
+    assert res.shape == (128, 64, 3) and window == (7, 0, 120, 64)
+    assert padding == [(7, 8), (0, 0), (0, 0)]
+    # no scaling (65 >= 64): 65 -> 128 rows (31 + 32), 130 -> 192 cols (31 + 31); max_dim ignored
+    im = _img(65, 130)
+    res, window, scale, padding, _ = I.resize_image(im, 64, 64, mode="pad64")
+    assert scale == 1 and res.shape == (128, 192, 3)
+    assert padding == [(31, 32), (31, 31), (0, 0)] and window == (31, 31, 96, 161)
+    np.testing.assert_array_equal(res[31:96, 31:161], im)
+    with pytest.raises(AssertionError):
+        I.resize_image(im, 100, 128, mode="pad64")
+
+
+def test_resize_crop():
+    im = _img(100, 150)
+    for _ in range(5):
+        res, window, scale, padding, crop = I.resize_image(im, 64, 128, mode="crop")
+        y, x, h, w = crop
+        assert (h, w) == (64, 64) and window == (0, 0, 64, 64) and scale == 1
+        assert 0 <= y <= 36 and 0 <= x <= 86
+        np.testing.assert_array_equal(res, im[y:y + 64, x:x + 64])
+    mask = np.zeros((100, 150, 1), bool)
+    mask[y:y + 2, x:x + 3] = True
+    assert I.resize_mask(mask, scale, padding, crop)[:, :, 0].sum() == 6
+
+
+def test_resize_float_keeps_dtype_and_scaling():
+    im = np.linspace(0, 1, 4 * 6, dtype=np.float32).reshape(4, 6, 1)
+    res, *_ = I.resize_image(im, 8, 16, mode="square")
+    assert res.dtype == np.float32 and res.shape == (16, 16, 1)
+    # preserve_range=False rescales uint8 to [0, 1]; bool is read as 0/1
+    r = I.resize(np.full((4, 4), 255, np.uint8), (2, 2))
+    np.testing.assert_allclose(r, 1.0)
+    assert I.resize(np.ones((4, 4), bool), (8, 8), preserve_range=True).min() == 1.0
+    assert I.resize(np.ones((4, 4, 3)), (8, 8)).shape == (8, 8, 3)
+
+
+# ---- masks -----------------------------------------------------------------------------------
+
+def test_mini_mask_roundtrip_hand():
+    mask = np.zeros((40, 50, 2), bool)
+    mask[5:25, 10:40, 0] = True
+    mask[30:33, 2:9, 1] = True
+    bbox = B.extract_bboxes(mask)
+    mini = I.minimize_mask(bbox, mask, (14, 14))
+    assert mini.shape == (14, 14, 2) and mini.dtype == bool and mini.all()
+    np.testing.assert_array_equal(I.expand_mask(bbox, mini, (40, 50, 3)), mask)
+    with pytest.raises(Exception, match="area of zero"):
+        I.minimize_mask(np.array([[3, 3, 3, 9]]), mask[..., :1], (14, 14))
+
+
+def test_unmold_mask_hand():
+    m = np.zeros((28, 28), np.float32)
+    m[:, :14] = 1.0
+    full = I.unmold_mask(m, (10, 20, 30, 60), (50, 80, 3))
+    assert full.shape == (50, 80) and full.dtype == bool
+    assert full[10:30, 20:40].all() and not full[10:30, 40:60].any()
+    assert full.sum() == 20 * 20
+
+
+# ---- molding and meta ------------------------------------------------------------------------
+
+def test_mold_unmold_and_meta_roundtrip():
+    cfg = _Coco()
+    im = _img(4, 5)
+    molded = I.mold_image(im, cfg)
+    assert molded.dtype == np.float64
+    np.testing.assert_array_equal(I.unmold_image(molded, cfg), im)
+    meta = I.compose_image_meta(7, (200, 300, 3), (256, 256, 3), (42, 0, 213, 256), 0.85, np.ones(81))
+    assert meta.shape == (cfg.IMAGE_META_SIZE,)
+    p = I.parse_image_meta(meta[None])
+    assert p["image_id"].tolist() == [7] and p["scale"].dtype == np.float32
+    np.testing.assert_array_equal(p["window"], [[42, 0, 213, 256]])
+    np.testing.assert_array_equal(p["original_image_shape"], [[200, 300, 3]])
+    assert p["active_class_ids"].shape == (1, 81)
+    g = I.parse_image_meta_graph(tf.constant(meta[None], tf.float32))
+    assert set(g) == set(p)
+    np.testing.assert_array_equal(g["image_shape"].numpy(), [[256, 256, 3]])
+    np.testing.assert_allclose(g["scale"].numpy(), [0.85])
+
+
+# ---- Matterport reference: all bit-exact (scipy zoom grid_mode is skimage's own resampler) -------
+
+CASES = {
+    "square_256": (256, 256, "square"),
+    "square_800_1024": (800, 1024, "square"),
+    "pad64_256": (256, 256, "pad64"),
+    "none": (256, 256, "none"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_resize_image_and_mask(ref, out, case):
+    min_dim, max_dim, mode = CASES[case]
+    image, window, scale, padding, crop = I.resize_image(out["image"], min_dim, max_dim, 0, mode)
+    # No tolerance needed: the bilinear resampling is the same scipy routine scikit-image uses.
+    np.testing.assert_array_equal(image, ref[f"resize_{case}_image"])
+    np.testing.assert_array_equal(window, ref[f"resize_{case}_window"])
+    assert scale == ref[f"resize_{case}_scale"]
+    np.testing.assert_array_equal(np.array(padding), ref[f"resize_{case}_padding"])
+    mask = I.resize_mask(ref["gt_masks_original"], scale, padding, crop)
+    np.testing.assert_array_equal(mask, ref[f"resize_{case}_mask"])
+
+
+def test_reference_mini_masks(ref):
+    bbox, mask = ref["resize_square_256_bbox"], ref["resize_square_256_mask"]
+    mini = I.minimize_mask(bbox, mask, (56, 56))
+    np.testing.assert_array_equal(mini, ref["minimize_mask_56"])
+    np.testing.assert_array_equal(mini, ref["load_image_gt_mini_mask"])
+    np.testing.assert_array_equal(I.expand_mask(bbox, ref["minimize_mask_56"], (256, 256)), ref["expand_mask_256"])
+
+
+def test_reference_mold_and_meta(out):
+    cfg = _Coco()
+    image, window, scale, _, _ = I.resize_image(out["image"], 256, 256, 0, "square")
+    # the model input is float32; mold_image itself returns float64 like Matterport
+    np.testing.assert_array_equal(I.mold_image(image, cfg).astype(np.float32), out["molded_image"][0])
+    meta = I.compose_image_meta(0, out["image"].shape, image.shape, window, scale, np.zeros(81))
+    np.testing.assert_array_equal(meta, out["image_meta"][0])
+
+
+def test_reference_unmold_masks(out):
+    # detect() pasted each detection's own-class 28x28 mask into its box; all 100 are bit-exact.
+    for i in range(out["detect_rois"].shape[0]):
+        m = I.unmold_mask(out["mrcnn_mask_detected_class"][0, i], out["detect_rois"][i], out["image"].shape)
+        np.testing.assert_array_equal(m, out["detect_masks"][..., i])
+
+
+# ---- reading files ---------------------------------------------------------------------------
+
+def _save(path, img, fmt, **kw):
+    img.save(path, fmt, **kw)
+    return path
+
+
+def test_read_image_modes(tmp_path):
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[:, :4] = (200, 10, 30)
+    got = I.read_image(_save(tmp_path / "a.png", Image.fromarray(rgb), "PNG"))
+    assert got.dtype == np.uint8 and got.shape == (6, 8, 3)
+    np.testing.assert_array_equal(got, rgb)
+
+    rgba = np.dstack([rgb, np.full((6, 8), 7, np.uint8)])
+    np.testing.assert_array_equal(I.read_image(_save(tmp_path / "b.png", Image.fromarray(rgba), "PNG")), rgb)
+
+    gray = np.tile(np.arange(8, dtype=np.uint8) * 30, (6, 1))
+    got = I.read_image(_save(tmp_path / "g.png", Image.fromarray(gray), "PNG"))
+    np.testing.assert_array_equal(got, np.dstack([gray] * 3))
+
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    np.testing.assert_array_equal(I.read_image(_save(tmp_path / "p.png", pal, "PNG")), rgb)
+
+    g16 = (np.tile(np.arange(8, dtype=np.uint16), (6, 1)) * 9000).astype(np.uint16)
+    got = I.read_image(_save(tmp_path / "g16.png", Image.fromarray(g16), "PNG"))
+    assert got.dtype == np.uint8 and got.shape == (6, 8, 3)
+    np.testing.assert_array_equal(got[..., 0], np.round(g16 * 255.0 / 65535).astype(np.uint8))
+
+    cmyk = Image.new("CMYK", (8, 6), (0, 255, 255, 0))  # pure red in CMYK
+    got = I.read_image(_save(tmp_path / "c.jpg", cmyk, "JPEG", quality=95))
+    assert got.shape == (6, 8, 3)
+    # JPEG is lossy: red within a few grey levels
+    assert got[..., 0].min() > 240 and got[..., 1:].max() < 15
+
+
+def test_read_image_exif_orientation(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # white left half
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored image must be rotated 90 degrees clockwise for display
+    path = _save(tmp_path / "rot.jpg", img, "JPEG", exif=exif.tobytes(), quality=95)
+    got = I.read_image(path)
+    assert got.shape == (40, 20, 3)
+    # clockwise rotation puts the stored left half at the top
+    assert got[:15].mean() > 240 and got[25:].mean() < 15
+
+
+def test_read_image_errors(tmp_path):
+    with pytest.raises(I.ImageReadError, match="not found"):
+        I.read_image(tmp_path / "missing.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(I.ImageReadError, match="empty"):
+        I.read_image(tmp_path / "empty.jpg")
+    (tmp_path / "text.jpg").write_text("this is not an image\n")
+    with pytest.raises(I.ImageReadError, match="not a recognised image"):
+        I.read_image(tmp_path / "text.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(I.ImageReadError, match="truncated") as e:
+        I.read_image(tmp_path / "cut.jpg")
+    assert "cut.jpg" in str(e.value) and "\n" not in str(e.value)
+    assert issubclass(I.ImageReadError, ValueError)
+    with pytest.raises(I.ImageReadError):
+        I.read_mask(tmp_path / "empty.jpg")
+
+
+def test_read_mask(tmp_path):
+    m = np.array([[0, 127, 128, 255]], np.uint8)
+    np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "m.png", Image.fromarray(m), "PNG")),
+                                  [[False, False, True, True]])
+    rgb = np.dstack([m] * 3)
+    np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "m3.png", Image.fromarray(rgb), "PNG")),
+                                  [[False, False, True, True]])
+    one = Image.fromarray(np.array([[True, False]])).convert("1")
+    got = I.read_mask(_save(tmp_path / "m1.png", one, "PNG"))
+    assert got.dtype == bool and got.tolist() == [[True, False]]
+
+
+def test_to_rgb():
+    g = np.array([[0, 255]], np.uint8)
+    np.testing.assert_array_equal(I.to_rgb(g), [[[0, 0, 0], [255, 255, 255]]])
+    assert I.to_rgb(g[..., None]).shape == (1, 2, 3)
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[..., 3] = 255
+    assert I.to_rgb(rgba).shape == (1, 2, 3)
+    np.testing.assert_array_equal(I.to_rgb(np.array([[0, 65535]], np.uint16))[..., 0], [[0, 255]])
+    np.testing.assert_array_equal(I.to_rgb(np.array([[0.0, 0.5, 1.0]]))[..., 0], [[0, 128, 255]])
+    np.testing.assert_array_equal(I.to_rgb(np.array([[0.0, 300.0]]))[..., 0], [[0, 255]])
+    with pytest.raises(ValueError):
+        I.to_rgb(np.zeros((2, 2, 5)))
