@@ -76,3 +76,24 @@ def test_graph_ops_match_numpy_and_reference(ref):
                                    ref[f"norm_boxes_a_{h}x{w}"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(T.denorm_boxes_graph(B.norm_boxes(a, (200, 300)), (200, 300)).numpy(),
                                   ref["denorm_of_norm_a_200x300"])
+
+
+def test_utils_facade_and_batch_slice():
+    from mrcnn import utils
+
+    for name in ("Dataset", "extract_bboxes", "compute_overlaps", "non_max_suppression", "resize_image",
+                 "resize_mask", "minimize_mask", "expand_mask", "unmold_mask", "mold_image", "compose_image_meta",
+                 "parse_image_meta_graph", "compute_ap", "compute_recall", "generate_pyramid_anchors",
+                 "compute_backbone_shapes", "norm_boxes_graph", "trim_zeros_graph", "resize"):
+        assert callable(getattr(utils, name)), name
+    assert utils.COCO_MODEL_URL.endswith("mask_rcnn_coco.h5")
+    with pytest.raises(RuntimeError, match="weights/mask_rcnn_coco.h5"):
+        utils.download_trained_weights("weights/mask_rcnn_coco.h5")
+
+    x = tf.reshape(tf.range(24, dtype=tf.float32), (2, 3, 4))
+    y = tf.ones((2, 3))
+    one = utils.batch_slice(x, lambda a: tf.reduce_sum(a, axis=1), 2)
+    np.testing.assert_allclose(one.numpy(), tf.reduce_sum(x, axis=2).numpy())
+    s, p = utils.batch_slice([x, y], lambda a, b: (tf.reduce_sum(a), a[:, 0] * b), 2, names=["s", "p"])
+    assert s.shape == (2,) and p.shape == (2, 3)
+    np.testing.assert_allclose(p.numpy(), x.numpy()[:, :, 0])
