@@ -37,15 +37,20 @@ class ImageReadError(ValueError):
 # Resampling
 
 
-def _as_float(image: np.ndarray, preserve_range: bool) -> np.ndarray:
-    """Float64 copy; integers are scaled to [0, 1] (or [-1, 1]) unless preserve_range."""
+def _zoom_input(image: np.ndarray, preserve_range: bool) -> np.ndarray:
+    """The array scipy should resample: values as scikit-image sees them, copied only when needed.
+
+    bool -> uint8 0/1 and preserve-range integers are passed as they are (scipy reads them as
+    doubles, so no float64 copy of a large photo is made); without preserve_range integers are
+    scaled to [0, 1] by their dtype max; float16 is widened.
+    """
     if image.dtype == bool:
-        return image.astype(np.float64)
+        return image.view(np.uint8)
     if image.dtype.kind in "ui" and not preserve_range:
         return image.astype(np.float64) / np.iinfo(image.dtype).max
-    if image.dtype.kind == "f":
-        return image.astype(np.float64, copy=False) if image.dtype != np.float16 else image.astype(np.float64)
-    return image.astype(np.float64)
+    if image.dtype.kind not in "uif" or image.dtype == np.float16:
+        return image.astype(np.float64)
+    return image
 
 
 def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode: str = "constant",
@@ -54,29 +59,43 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
     """Resample image [H, W(, C)] to output_shape (h, w[, C]) -> float64, scikit-image semantics.
 
     Samples on the pixel-centre grid; "constant" mode treats outside pixels as cval. Bool input is
-    treated as 0/1 floats. Without preserve_range integer images are scaled to [0, 1] first.
+    treated as 0/1 floats. Without preserve_range integer images are scaled to [0, 1] first. The
+    output is clipped to the input's value range (clip=True).
     """
-    image = np.asarray(image)
-    x = _as_float(image, preserve_range)
+    x = _zoom_input(np.asarray(image), preserve_range)
     out_shape = tuple(int(s) for s in output_shape)
     if len(out_shape) == x.ndim - 1:
         out_shape = out_shape + x.shape[len(out_shape):]
-    assert len(out_shape) == x.ndim, f"output_shape {output_shape} does not fit image of shape {image.shape}"
+    assert len(out_shape) == x.ndim, f"output_shape {output_shape} does not fit image of shape {x.shape}"
     factors = np.array(x.shape, dtype=np.float64) / np.array(out_shape, dtype=np.float64)
+    ndi_mode = _NDIMAGE_MODES.get(mode, mode)
     if anti_aliasing:
-        sigma = anti_aliasing_sigma
-        if sigma is None:
-            sigma = np.maximum(0, (factors - 1) / 2)
-        x = scipy.ndimage.gaussian_filter(x, sigma, cval=cval, mode="mirror")
+        sigma = anti_aliasing_sigma if anti_aliasing_sigma is not None else np.maximum(0, (factors - 1) / 2)
+        x = scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma, cval=cval, mode=ndi_mode)
     if out_shape == x.shape:
-        out = x.copy()
+        out = x.astype(np.float64)
     else:
-        zoom = 1.0 / factors
-        out = scipy.ndimage.zoom(x, zoom, order=order, mode=_NDIMAGE_MODES.get(mode, mode), cval=cval,
-                                 grid_mode=True)
-        assert out.shape == out_shape, (out.shape, out_shape)
+        out = _zoom(x, out_shape, order, ndi_mode, cval)
     if clip and order > 0 and x.size:
         _clip_to_input_range(out, float(np.min(x)), float(np.max(x)), mode, cval)
+    return out
+
+
+def _zoom(x: np.ndarray, out_shape: tuple[int, ...], order: int, ndi_mode: str, cval: float) -> np.ndarray:
+    """scipy zoom on the pixel-centre grid to out_shape (float64). Channels of [H, W, C] images that
+    keep C are zoomed one by one: identical values (the channel weight is exactly 1), half the work."""
+    def zoom(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        factors = np.array(shape, dtype=np.float64) / np.array(a.shape, dtype=np.float64)
+        return scipy.ndimage.zoom(a, factors, output=np.float64, order=order, mode=ndi_mode, cval=cval,
+                                  grid_mode=True)
+
+    if x.ndim == 3 and out_shape[2] == x.shape[2]:
+        out = np.empty(out_shape, dtype=np.float64)
+        for c in range(x.shape[2]):
+            out[..., c] = zoom(x[..., c], out_shape[:2])
+    else:
+        out = zoom(x, out_shape)
+    assert out.shape == out_shape, (out.shape, out_shape)
     return out
 
 
