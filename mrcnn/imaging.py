@@ -303,17 +303,27 @@ def _open_image(path: str | Path) -> Image.Image:
     if p.stat().st_size == 0:
         raise ImageReadError(f"{p}: file is empty (0 bytes)")
     try:
-        img = Image.open(p)
-        img.load()
+        with Image.open(p) as img:
+            img.load()
+            return _upright(img, p)
     except UnidentifiedImageError:
         raise ImageReadError(f"{p}: not a recognised image file") from None
+    except PermissionError:
+        raise ImageReadError(f"{p}: permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{p}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{p}: cannot decode image (truncated or corrupt: {e})") from None
+        msg = " ".join(str(e).split())
+        raise ImageReadError(f"{p}: cannot decode image (truncated or corrupt: {msg})") from None
+
+
+def _upright(img: Image.Image, path: Path) -> Image.Image:
+    """A decoded, file-independent copy of img with its EXIF orientation applied."""
     try:
-        img = ImageOps.exif_transpose(img)
+        return ImageOps.exif_transpose(img)
     except Exception as e:  # broken EXIF must not hide a readable image
-        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", p, e)
-    return img
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+        return img.copy()
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:

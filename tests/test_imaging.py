@@ -195,9 +195,9 @@ def test_reference_mold_and_meta(out):
 
 def test_reference_unmold_masks(out):
     # detect() pasted each detection's own-class 28x28 mask into its box; all 100 are bit-exact.
-    for i in range(out["detect_rois"].shape[0]):
-        m = I.unmold_mask(out["mrcnn_mask_detected_class"][0, i], out["detect_rois"][i], out["image"].shape)
-        np.testing.assert_array_equal(m, out["detect_masks"][..., i])
+    rois, masks, full = out["detect_rois"], out["mrcnn_mask_detected_class"][0], out["detect_masks"]
+    for i in range(rois.shape[0]):
+        np.testing.assert_array_equal(I.unmold_mask(masks[i], rois[i], full.shape[:2]), full[..., i])
 
 
 # ---- reading files ---------------------------------------------------------------------------
