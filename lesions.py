@@ -499,8 +499,7 @@ def new_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
             raise CliError(f"--output {out} exists and is not a folder")
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(parent) / stamp
-        n = 1
+        out, n = Path(parent) / stamp, 1
         while out.exists():
             n += 1
             out = Path(parent) / f"{stamp}-{n}"
@@ -509,63 +508,70 @@ def new_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
     return out, created
 
 
-def remove_if_empty(folder: Path) -> None:
-    """Remove a folder we created when nothing was written into it."""
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+def remove_if_empty(*folders: Path) -> None:
+    """Remove folders we created when nothing was written into them (innermost first)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def load_inference_model(args: argparse.Namespace) -> tuple[Any, LesionConfig, Path, float]:
-    """Resolve the weights, build the inference config and model; (model, config, weights, min score)."""
-    logs = Path(args.logs)
-    weights = resolve_model_weights(args.weights, logs)
+    """Resolve the weights, build the inference config and model; (model, config, weights, min score).
+
+    The config saved next to the checkpoint by training is the base, so a model trained with
+    ``--config demo`` predicts with the same image size and backbone without repeating it.
+    """
+    weights = resolve_model_weights(args.weights, Path(args.logs))
     saved, saved_from = saved_run_config(weights)
     config = build_config(args, saved, inference=True)
     print_config(config, config_origin(args, saved_from))
     min_confidence = float(config.DETECTION_MIN_CONFIDENCE)
-    config.set("DETECTION_MIN_CONFIDENCE", 0.0)  # keep everything; predict_io filters with fallback
+    config.set("DETECTION_MIN_CONFIDENCE", 0.0)  # keep everything; predict_io filters, with fallback
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
 
-    model = modellib.MaskRCNN(mode="inference", config=config, model_dir=str(logs))
-    print(f"Loading weights {weights}", flush=True)
-    model.load_weights(str(weights), by_name=True)
+    model = modellib.MaskRCNN(mode="inference", config=config, model_dir=str(args.logs))
+    model.load_weights(str(weights), by_name=True, verbose=0)
+    print(f"Loaded weights {weights}", flush=True)
     return model, config, weights, min_confidence
 
 
-def detect_one(model: Any, image: Any, tta: bool) -> dict:
-    """Run the model on one image (with test-time augmentation when ``tta``)."""
-    if tta:
-        from mrcnn.tta import detect_tta
-
-        return detect_tta(model, image)
-    return model.detect([image], verbose=0)[0]
-
-
 def predict_images(model: Any, paths: list[Path], out_dir: Path, min_confidence: float,
-                   args: argparse.Namespace, show_progress: bool = True) -> tuple[list[dict], list[str]]:
-    """Predict every image into ``out_dir``; (JSON records, unreadable file names)."""
+                   args: argparse.Namespace, tta: bool = False,
+                   on_result: Any = None) -> tuple[list[dict], list[str]]:
+    """Predict every image into ``out_dir``; (JSON records, unreadable file names).
+
+    ``on_result(image_id, result, kept_indices)`` is called after each image (evaluate uses it).
+    """
     from tqdm import tqdm
 
     from mrcnn.imaging import ImageReadError, read_image
-    from mrcnn.predict_io import write_prediction
+    from mrcnn.predict_io import choose_instances, write_prediction
 
     records, unreadable = [], []
-    bar = tqdm(paths, desc="predict", unit="img", disable=not show_progress or len(paths) < 2, file=sys.stdout)
+    bar = tqdm(paths, desc="predict" + (" +tta" if tta else ""), unit="img", disable=len(paths) < 2,
+               file=sys.stdout, dynamic_ncols=True)
     for path in bar:
         try:
             image = read_image(path)
         except ImageReadError as exc:
             unreadable.append(path.name)
-            tqdm.write(f"  skipped unreadable {path.name}: {str(exc).splitlines()[0]}")
+            tqdm.write(f"  skipped unreadable {path.name}: {one_line(exc)}")
             continue
-        result = detect_one(model, image, args.tta)
+        if tta:
+            from mrcnn.tta import detect_tta
+
+            result = detect_tta(model, image, min_confidence)
+        else:
+            result = model.detect([image], verbose=0)[0]
         record = write_prediction(out_dir, path.stem, image, result, min_confidence,
-                                  top1=args.top1, crop=args.crop)
+                                  top1=getattr(args, "top1", False), crop=getattr(args, "crop", False))
         record["image"] = str(path)
         records.append(record)
+        if on_result is not None:
+            on_result(path.stem, result, choose_instances(result["scores"], min_confidence)[0])
     return records, unreadable
 
 
@@ -581,11 +587,11 @@ def run_predict(args: argparse.Namespace) -> int:
     model, config, weights, min_confidence = load_inference_model(args)
     out_dir, created = new_output_dir(args.output, "predictions")
     try:
-        records, unreadable = predict_images(model, paths, out_dir, min_confidence, args)
-        meta = {"weights": str(weights), "min_confidence": min_confidence, "top1": args.top1,
-                "tta": args.tta, "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable}
+        records, unreadable = predict_images(model, paths, out_dir, min_confidence, args, tta=args.tta)
         from mrcnn.predict_io import write_summary
 
+        meta = {"weights": str(weights), "min_confidence": min_confidence, "top1": args.top1, "tta": args.tta,
+                "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable}
         summary = write_summary(out_dir, records, meta)
     finally:
         if created:
@@ -606,132 +612,129 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """--mode evaluate: ISIC metrics on the validation split, an --images/--masks pair, or --pred."""
     if args.pred:
-        return evaluate_folders(args)
+        return evaluate_prediction_folder(args)
     if bool(args.images) != bool(args.masks):
         raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
-    if args.images:
-        report = lesion_data.pair_folders(args.images, args.masks, root=args.images)
-        pairs = report.pairs
-        if not pairs:
-            raise CliError(f"no image in {args.images} has a mask in {args.masks}: "
-                           + ("; ".join(report.problem_lines(3)) or "folders are empty"))
-        for line in report.problem_lines():
-            print(f"  warning: {line}")
-    else:
-        pairs = validation_pairs(args)
+    pairs = folder_pairs(args) if args.images else validation_pairs(args)
     model, config, weights, min_confidence = load_inference_model(args)
     out_dir, created = new_output_dir(args.output, "evaluations")
-    pred_dir = out_dir / "predictions"
-    pred_dir.mkdir(exist_ok=True)
+    truth = {p.image_id: p.mask_path for p in pairs}
+    images = {p.image_id: p.image_path for p in pairs}
+    columns: dict[str, dict] = {}
     try:
-        records, unreadable = predict_images(model, [p.image_path for p in pairs], pred_dir, min_confidence, args)
-        from mrcnn.predict_io import write_summary
-
-        write_summary(pred_dir, records, {"weights": str(weights), "min_confidence": min_confidence,
-                                          "tta": args.tta, "unreadable": unreadable})
+        for variant in (["plain", "tta"] if args.tta else ["plain"]):
+            folder = out_dir if variant == "plain" else out_dir / "tta"
+            columns[variant] = evaluate_model(model, pairs, folder, min_confidence, args, truth, variant == "tta")
     finally:
         if created:
-            remove_if_empty(pred_dir)
-            remove_if_empty(out_dir)
-    truth = {p.image_id: p.mask_path for p in pairs}
-    return score_and_report(pred_dir, truth, out_dir, args)
+            remove_if_empty(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
+    finish_evaluation(columns, out_dir, args, images, truth, out_dir / "predictions")
+    return 0
+
+
+def evaluate_model(model: Any, pairs: list[lesion_data.Pair], folder: Path, min_confidence: float,
+                   args: argparse.Namespace, truth: dict[str, Path], tta: bool) -> dict:
+    """Predict ``pairs`` into ``folder/predictions``, score them, write scores.csv + summary.json."""
+    import numpy as np
+
+    from mrcnn import evaluation, metrics
+    from mrcnn.predict_io import write_summary
+
+    pred_dir = folder / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    ap = evaluation.ApAccumulator()
+
+    def add_ap(image_id: str, result: dict, kept: list[int]) -> None:
+        masks = np.asarray(result["masks"], dtype=bool)[..., kept]
+        ap.add(metrics.load_mask(truth[image_id]), masks, np.asarray(result["scores"])[kept])
+
+    records, unreadable = predict_images(model, [p.image_path for p in pairs], pred_dir, min_confidence, args,
+                                         tta=tta, on_result=add_ap)
+    write_summary(pred_dir, records, {"min_confidence": min_confidence, "tta": tta, "unreadable": unreadable})
+    rows, summary, problems = evaluation.score_pairs(pred_dir, truth)
+    summary.update(ap.summary())
+    metrics.write_scores(rows, evaluation.json_safe(summary), folder, problems + [f"{n}: unreadable image"
+                                                                                 for n in unreadable])
+    summary["rows"] = rows
+    summary["problems"] = problems
+    return summary
+
+
+def folder_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
+    """``--images DIR --masks DIR``: the pairs, with problems reported."""
+    report = lesion_data.pair_folders(args.images, args.masks, root=args.images)
+    for line in report.problem_lines():
+        print(f"  warning: {line}")
+    if not report.pairs:
+        raise CliError(f"no image in {args.images} has a mask in {args.masks}: "
+                       + ("; ".join(report.problem_lines(3)) or "the folders are empty"))
+    return report.pairs
 
 
 def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
     """The validation split of ``--dataset`` (the split the checkpoint's run wrote, if present)."""
     config = build_config(args)
     root = dataset_root(args, config)
-    report, train_ids, val_ids = scan_and_split(root, config)
-    logs = Path(args.logs)
+    report, _, val_ids = scan_and_split(root, config)
     try:
-        weights = resolve_model_weights(args.weights, logs)
-        split_file = weights.parent / "split.json"
-        if split_file.is_file():
-            saved = json.loads(split_file.read_text())
-            val_ids = [i for i in saved.get("val", []) if i in {p.image_id for p in report.pairs}]
-            print(f"  using the validation split of the training run ({split_file}): {len(val_ids)} images")
+        split_file = resolve_model_weights(args.weights, Path(args.logs)).parent / "split.json"
     except CliError:
-        pass  # reported again (as the error) when the model is loaded
+        split_file = None  # the same error is raised again when the model is loaded
+    if split_file is not None and split_file.is_file():
+        usable = {p.image_id for p in report.pairs}
+        val_ids = [i for i in json.loads(split_file.read_text()).get("val", []) if i in usable]
+        print(f"  using the validation split of the training run ({split_file}): {len(val_ids)} images")
     if not val_ids:
         raise CliError(f"dataset {root} has no validation images to evaluate on")
     wanted = set(val_ids)
     return [p for p in report.pairs if p.image_id in wanted]
 
 
-def evaluate_folders(args: argparse.Namespace) -> int:
+def evaluate_prediction_folder(args: argparse.Namespace) -> int:
     """--pred DIR --masks DIR: score existing ``<id>_segmentation.png`` files, no model."""
+    from mrcnn import evaluation, metrics
+
     if not args.masks:
         raise CliError("--pred needs --masks DIR (the ground-truth masks)")
     for flag, folder in (("--pred", args.pred), ("--masks", args.masks)):
         if not Path(folder).is_dir():
             raise CliError(f"{flag} {folder} is not a folder")
-    out_dir, created = new_output_dir(args.output, "evaluations")
-    try:
-        return score_and_report(Path(args.pred), None, out_dir, args)
-    finally:
-        if created:
-            remove_if_empty(out_dir)
-
-
-def score_and_report(pred_dir: Path, truth: dict[str, Path] | None, out_dir: Path,
-                     args: argparse.Namespace) -> int:
-    """Score predictions against ground truth, write CSV + summary.json, print a short table."""
-    from mrcnn import metrics
-
-    masks_dir = Path(args.masks) if args.masks else None
-    if truth is None:
-        rows, summary, problems = metrics.score_folders(str(pred_dir), str(masks_dir))
-    else:
-        rows, summary, problems = score_pairs(pred_dir, truth)
+    rows, summary, problems = metrics.score_folders(args.pred, args.masks)
     if not rows:
-        raise CliError(f"nothing to score: {'; '.join(problems[:3]) or 'no matching predictions'}")
-    metrics.write_scores(rows, summary, str(out_dir))
-    for line in problems[:10]:
-        print(f"  warning: {line}")
-    print_summary_table(summary)
-    if args.grid:
-        save_grid(rows, out_dir)
-    print(f"  per-image scores and summary.json: {out_dir}/")
+        raise CliError(f"nothing to score in {args.pred}: {'; '.join(problems[:3]) or 'no predictions'}")
+    out_dir, _ = new_output_dir(args.output, "evaluations")
+    metrics.write_scores(rows, evaluation.json_safe(summary), out_dir, problems)
+    summary.update(rows=rows, problems=problems)
+    truth = {metrics.truth_id(p): p for p in Path(args.masks).iterdir() if p.is_file()}
+    images = {}
+    if args.images:
+        images = {p.stem: p for p in Path(args.images).iterdir() if lesion_data.is_image_name(p)}
+    finish_evaluation({"scores": summary}, out_dir, args, images, truth, Path(args.pred))
     return 0
 
 
-def score_pairs(pred_dir: Path, truth: dict[str, Path]) -> tuple[list[dict], dict, list[str]]:
-    """Score ``pred_dir/<id>_segmentation.png`` against each ground-truth mask in ``truth``."""
-    from mrcnn import metrics
-    from mrcnn.imaging import ImageReadError, read_mask
+def finish_evaluation(columns: dict[str, dict], out_dir: Path, args: argparse.Namespace,
+                      images: dict[str, Path], truth: dict[str, Path], pred_dir: Path) -> None:
+    """Print problems and the table, save the grid, say where the files are."""
+    from mrcnn import evaluation
 
-    rows, problems = [], []
-    for image_id, mask_path in sorted(truth.items()):
-        pred_path = pred_dir / f"{image_id}_segmentation.png"
-        if not pred_path.is_file():
-            problems.append(f"{image_id}: no prediction")
-            continue
-        try:
-            row = metrics.score_mask(read_mask(mask_path), read_mask(pred_path))
-        except ImageReadError as exc:
-            problems.append(str(exc).splitlines()[0])
-            continue
-        rows.append({"image_id": image_id, **row})
-    return rows, metrics.summarize(rows), problems
+    first = next(iter(columns.values()))
+    for line in first["problems"][:10]:
+        print(f"  warning: {line}")
+    if len(first["problems"]) > 10:
+        print(f"  ... {len(first['problems']) - 10} more problems in summary.json")
+    print()
+    print("\n".join(evaluation.summary_lines(columns)))
+    if args.grid:
+        grid = evaluation.grid_rows(first["rows"], images, truth, pred_dir, args.grid, args.worst_first)
+        if grid:
+            from mrcnn.visualize import save_evaluation_grid
 
-
-def print_summary_table(summary: dict) -> None:
-    """A short table of the headline metrics."""
-    print("\n  metric              value")
-    for key in ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
-                "map50", "map"):
-        if key in summary and summary[key] is not None:
-            value = summary[key]
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            print(f"  {key:18}  {shown}")
-
-
-def save_grid(rows: list[dict], out_dir: Path) -> None:
-    """Image / truth / prediction grid, worst first (mrcnn.visualize.save_evaluation_grid)."""
-    from mrcnn.visualize import save_evaluation_grid
-
-    save_evaluation_grid(rows, str(out_dir / "evaluation_grid.png"))
-
+            print(f"  grid:    {save_evaluation_grid(grid, out_dir / 'evaluation_grid.png')}")
+        else:
+            print("  note: no grid (it needs the images: add --images DIR)")
+    print(f"  scores:  {out_dir / 'scores.csv'}")
+    print(f"  summary: {out_dir / 'summary.json'}" + (f" (TTA: {out_dir / 'tta'}/)" if "tta" in columns else ""))
 
 # ===========================================================================================
 # Command line
@@ -778,7 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="DIR", help="evaluate: image folder (with --masks) instead of the val split")
     p.add_argument("--masks", metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")
     p.add_argument("--pred", metavar="DIR", help="evaluate: score existing <id>_segmentation.png files (no model)")
-    p.add_argument("--grid", action="store_true", help="evaluate: also save evaluation_grid.png (worst first)")
+    p.add_argument("--grid", type=int, default=0, metavar="N",
+                   help="evaluate: also save evaluation_grid.png with N images (image / truth / prediction)")
+    p.add_argument("--worst-first", action="store_true", help="evaluate: the grid shows the worst Jaccard first")
     return p
 
 
@@ -787,11 +792,13 @@ def check_mode_options(args: argparse.Namespace) -> None:
     allowed = {
         "train": set(),
         "predict": {"image", "output", "top1", "crop", "tta"},
-        "evaluate": {"images", "masks", "pred", "output", "tta", "grid"},
+        "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first"},
     }[args.mode]
-    for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid"):
+    for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid", "worst_first"):
         if getattr(args, option) and option not in allowed:
-            raise CliError(f"--{option} does not apply to --mode {args.mode}")
+            raise CliError(f"--{option.replace('_', '-')} does not apply to --mode {args.mode}")
+    if args.grid < 0:
+        raise CliError(f"--grid N needs N >= 0, got {args.grid}")
 
 
 def is_user_error(exc: BaseException) -> bool:

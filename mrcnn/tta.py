@@ -1,0 +1,71 @@
+"""Test-time augmentation (TTA) for lesion segmentation: flips and 90-degree rotations.
+
+:func:`detect_tta` runs ``model.detect`` on the image and on each transformed copy, maps each
+result's lesion mask (union of the instances scoring at least ``min_confidence``, or the best one
+when none does) back to the original orientation exactly (flips and rotations are permutations of
+pixels), and merges them by pixel-wise majority vote. The merged lesion is returned as a single
+instance in ``detect``'s format, with the mean of the variants' best scores as its score, so
+:mod:`mrcnn.predict_io` writes it like any other result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+#: name -> (forward transform, inverse transform) on [H, W, ...] arrays.
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "identity": (lambda a: a, lambda a: a),
+    "hflip": (lambda a: a[:, ::-1], lambda a: a[:, ::-1]),
+    "vflip": (lambda a: a[::-1], lambda a: a[::-1]),
+    "rot90": (lambda a: np.rot90(a, 1), lambda a: np.rot90(a, -1)),
+}
+
+
+def best_lesion_mask(result: dict, shape: tuple[int, int], min_confidence: float) -> tuple[np.ndarray, float]:
+    """(bool [H, W] union of instances >= ``min_confidence`` (else the best one), best score or 0)."""
+    scores = np.asarray(result["scores"], dtype=float).reshape(-1)
+    if scores.size == 0:
+        return np.zeros(shape, dtype=bool), 0.0
+    masks = np.asarray(result["masks"], dtype=bool).reshape(shape + (scores.size,))
+    keep = scores >= min_confidence
+    if not keep.any():
+        keep = scores == scores.max()
+    return masks[..., keep].any(axis=-1), float(scores.max())
+
+
+def merge_masks(masks: list[np.ndarray]) -> np.ndarray:
+    """Pixel-wise majority vote (ties count as lesion) of bool [H, W] masks."""
+    votes = np.sum(np.stack(masks).astype(np.int32), axis=0)
+    return 2 * votes >= len(masks)
+
+
+def as_result(mask: np.ndarray, score: float) -> dict[str, np.ndarray]:
+    """One-instance (or empty) result dict in ``MaskRCNN.detect``'s format."""
+    if not mask.any() or score <= 0:
+        h, w = mask.shape
+        return {"rois": np.zeros((0, 4), np.int32), "class_ids": np.zeros((0,), np.int32),
+                "scores": np.zeros((0,), np.float32), "masks": np.zeros((h, w, 0), bool)}
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = [rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]
+    return {"rois": np.array([box], np.int32), "class_ids": np.array([1], np.int32),
+            "scores": np.array([score], np.float32), "masks": mask[..., None]}
+
+
+def detect_tta(model: Any, image: np.ndarray, min_confidence: float = 0.5,
+               transforms: tuple[str, ...] = tuple(TRANSFORMS)) -> dict[str, np.ndarray]:
+    """``detect`` on ``image`` under each transform, masks mapped back and merged (one instance)."""
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    masks, scores = [], []
+    for name in transforms:
+        forward, inverse = TRANSFORMS[name]
+        variant = np.ascontiguousarray(forward(image))
+        result = model.detect([variant], verbose=0)[0]
+        mask, score = best_lesion_mask(result, variant.shape[:2], min_confidence)
+        masks.append(np.ascontiguousarray(inverse(mask)))
+        scores.append(score)
+    found = [s for s in scores if s > 0]
+    merged = merge_masks(masks) if masks else np.zeros(shape, bool)
+    return as_result(merged, float(np.mean(found)) if found else 0.0)
