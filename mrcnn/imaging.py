@@ -69,6 +69,7 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
     assert len(out_shape) == x.ndim, f"output_shape {output_shape} does not fit image of shape {x.shape}"
     factors = np.array(x.shape, dtype=np.float64) / np.array(out_shape, dtype=np.float64)
     ndi_mode = _NDIMAGE_MODES.get(mode, mode)
+    lo, hi = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
     if anti_aliasing:
         sigma = anti_aliasing_sigma if anti_aliasing_sigma is not None else np.maximum(0, (factors - 1) / 2)
         x = scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma, cval=cval, mode=ndi_mode)
@@ -77,7 +78,7 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
     else:
         out = _zoom(x, out_shape, order, ndi_mode, cval)
     if clip and order > 0 and x.size:
-        _clip_to_input_range(out, float(np.min(x)), float(np.max(x)), mode, cval)
+        _clip_to_input_range(out, lo, hi, mode, cval)
     return out
 
 
