@@ -23,8 +23,18 @@ from typing import Any
 
 import matplotlib
 
-if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND") \
-        and matplotlib.get_backend(auto_select=False) is None:
+
+def _backend_chosen() -> bool:
+    """Whether a matplotlib backend was already chosen (without triggering automatic selection)."""
+    if "matplotlib.pyplot" in sys.modules or os.environ.get("MPLBACKEND"):
+        return True
+    try:
+        return matplotlib.get_backend(auto_select=False) is not None
+    except TypeError:  # matplotlib < 3.10
+        return matplotlib.rcParams._get_backend_or_none() is not None
+
+
+if not _backend_chosen():
     matplotlib.use("Agg")
 
 import cv2  # noqa: E402
@@ -426,9 +436,7 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None 
 
     masks: bool [H, W] (a union) or [H, W, N]; boxes [N, 4] (y1, x1, y2, x2); scores [N].
     """
-    out = np.ascontiguousarray(np.asarray(image)[..., :3], dtype=np.uint8).copy()
-    if out.ndim == 2:
-        out = cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
+    out = _rgb(image).copy()
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim == 2:
         masks = masks[..., None]
@@ -444,6 +452,14 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None 
         if scores is not None and i < len(scores):
             _label(out, f"{float(scores[i]):.3f}", x1, y1, box_color)
     return out
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """Contiguous RGB uint8 [H, W, 3] from a grey [H, W], RGB or RGBA image."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3], dtype=np.uint8)
 
 
 def _label(image: np.ndarray, text: str, x: int, y: int, color: tuple[int, int, int]) -> None:
@@ -537,7 +553,8 @@ def save_evaluation_grid(rows: Sequence[Any], out_png: str | os.PathLike, ncols:
     for axis_row, item in zip(axes, rows, strict=True):
         image, truth, pred, title = _grid_row(item)
         truth, pred = _as_mask(truth), _as_mask(pred)
-        panels = [(np.asarray(image)[..., :3], title or "image"), (truth, "ground truth"), (pred, "prediction")]
+        image = _rgb(image)
+        panels = [(image, title or "image"), (truth, "ground truth"), (pred, "prediction")]
         if ncols == 4:
             both = draw_overlay(image, truth if truth is not None else np.zeros(image.shape[:2], bool))
             if pred is not None:

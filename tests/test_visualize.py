@@ -70,6 +70,8 @@ def test_draw_overlay(sample):
     assert union.shape == image.shape
     nothing = visualize.draw_overlay(image, np.zeros((60, 80, 0), bool), np.zeros((0, 4)), np.zeros(0))
     assert np.array_equal(nothing, image)
+    grey = visualize.draw_overlay(image[..., 0], masks[..., 0])
+    assert grey.shape == (60, 80, 3)
 
 
 def test_save_instances_and_display_instances(sample, tmp_path):
@@ -153,7 +155,7 @@ def test_save_evaluation_grid(sample, tmp_path):
     truth = masks.any(axis=2)
     rows = [(image, truth, masks[..., :1], "ISIC_0000000 J=0.51"),
             (image, np.where(truth, 255, 0).astype(np.uint8), None, "no prediction"),
-            {"image": image, "truth": truth, "pred": truth, "title": "perfect"}]
+            {"image": image[..., 0], "truth": truth, "pred": truth, "title": "perfect, grey image"}]
     out = visualize.save_evaluation_grid(rows, tmp_path / "grid.png")
     assert _png_size(out) == (900, 900)
     out4 = visualize.save_evaluation_grid(rows[:1], tmp_path / "grid4.png", ncols=4)
