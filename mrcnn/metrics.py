@@ -274,12 +274,13 @@ def image_ap(gt_masks: np.ndarray, pred_masks: np.ndarray, scores: np.ndarray,
              iou_threshold: float = 0.5) -> float | None:
     """Matterport VOC AP of one image's single-class instance masks; None when there is no GT.
 
-    gt_masks bool [H, W, G], pred_masks bool [H, W, P], scores [P]. Empty predicted masks are
-    dropped; an image with GT but no predictions scores 0.
+    gt_masks bool [H, W, G], pred_masks bool [H, W, P], scores [P] (a 2-D mask counts as one
+    instance). Empty predicted masks are dropped; an image with GT but no predictions scores 0.
     """
-    gt_masks = np.asarray(gt_masks).astype(bool)
-    pred_masks = np.asarray(pred_masks).astype(bool)
+    gt_masks, pred_masks = _instances(gt_masks), _instances(pred_masks)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if scores.shape[0] != pred_masks.shape[-1]:
+        raise ValueError(f"{pred_masks.shape[-1]} predicted masks but {scores.shape[0]} scores")
     gt_masks = gt_masks[..., gt_masks.any(axis=(0, 1))]
     if gt_masks.shape[-1] == 0:
         return None
@@ -291,6 +292,12 @@ def image_ap(gt_masks: np.ndarray, pred_masks: np.ndarray, scores: np.ndarray,
     ap = compute_ap(gt_boxes, ones_gt, gt_masks, pred_boxes, ones_pred, scores, pred_masks,
                     iou_threshold=iou_threshold)[0]
     return float(ap)
+
+
+def _instances(masks: np.ndarray) -> np.ndarray:
+    """Bool instance masks [H, W, N]; a single mask [H, W] becomes [H, W, 1]."""
+    masks = np.asarray(masks).astype(bool)
+    return masks[..., None] if masks.ndim == 2 else masks
 
 
 def mean_ap(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],

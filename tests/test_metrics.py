@@ -251,3 +251,6 @@ def test_map_iou_thresholds_and_images_without_gt():
     no_gt = (np.zeros((40, 40, 0), bool), pred[..., None], np.array([0.7]))
     assert metrics.map50([item, no_gt]) == pytest.approx(1.0)
     assert math.isnan(metrics.map50([no_gt]))
+    assert metrics.image_ap(truth, pred, np.array([0.7])) == pytest.approx(1.0)  # 2-D masks: one instance
+    with pytest.raises(ValueError):
+        metrics.image_ap(truth, pred, np.array([0.7, 0.1]))
