@@ -1,0 +1,139 @@
+"""Keras callbacks used by :func:`mrcnn.training.train`.
+
+* :class:`NonFiniteGuard` stops training at the first NaN/Inf loss and remembers where.
+* :class:`EpochCheckpoint` writes ``mask_rcnn_<name>_NNNN.h5`` after every good epoch
+  (atomically, through ``MaskRCNN.save_weights``) and keeps ``MaskRCNN.epoch`` current.
+* :class:`SafeCSVLogger` keeps ``training.csv`` (one row per epoch: losses and val_ losses),
+  rewritten atomically so an interrupted run never leaves a torn file; rows of a resumed run
+  replace rows of the same epochs.
+* :class:`ScalarSummaries` writes the same numbers as TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class TrainingDivergedError(RuntimeError):
+    """A training loss became NaN or Inf; the message names the step and the losses."""
+
+
+def _floats(logs: dict | None) -> dict[str, float]:
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[key] = float(np.asarray(value))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stop at the first batch whose (running) losses are not finite; see ``message``."""
+
+    def __init__(self, steps_per_epoch: int) -> None:
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.epoch = 0
+        self.diverged = False
+        self.message = ""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        values = _floats(logs)
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad and not self.diverged:
+            self.diverged = True
+            step = self.epoch * self.steps_per_epoch + batch + 1
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            self.message = (f"training diverged at epoch {self.epoch + 1}, step {batch + 1} (global step {step}):"
+                            f" non-finite {', '.join(sorted(bad))} ({shown})")
+            print("\n" + self.message)
+            self.model.stop_training = True
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch without divergence: save weights to ``mrcnn_model.checkpoint_path``."""
+
+    def __init__(self, mrcnn_model, guard: NonFiniteGuard | None = None) -> None:
+        super().__init__()
+        self.mrcnn_model = mrcnn_model
+        self.guard = guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and self.guard.diverged:
+            return
+        path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
+        self.mrcnn_model.save_weights(path)
+        self.mrcnn_model.epoch = epoch + 1
+
+
+class SafeCSVLogger(keras.callbacks.Callback):
+    """Per-epoch rows (1-based ``epoch`` then sorted keys) in ``path``, rewritten atomically."""
+
+    def __init__(self, path: str, first_epoch: int = 0) -> None:
+        super().__init__()
+        self.path = path
+        self.first_epoch = int(first_epoch)
+        self.rows: list[dict[str, str]] = []
+
+    def on_train_begin(self, logs=None):
+        self.rows = []
+        if os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r.get("epoch", 0) or 0) <= self.first_epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": str(epoch + 1)}
+        row.update({k: f"{v:.6g}" for k, v in sorted(_floats(logs).items())})
+        self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]
+        fields = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def _scalar_metadata() -> bytes:
+    """Summary metadata that makes TensorBoard show a raw summary as a scalar (no tensorboard import)."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    return metadata.SerializeToString()
+
+
+_SCALAR_METADATA = _scalar_metadata()
+
+
+class ScalarSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars of every epoch log value (``train/<name>``; val_ values under ``val/``)."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__()
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        self.writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.writer.as_default():
+            for key, value in _floats(logs).items():
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                tf.summary.write(tag, tf.constant(value, tf.float32), step=epoch + 1, metadata=_SCALAR_METADATA)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self.writer is not None:
+            self.writer.close()

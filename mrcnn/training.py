@@ -1,0 +1,403 @@
+"""Training: the training-mode graph, which layers train, the optimiser, and the fit loop.
+
+* :func:`build_training_model` - Matterport's training graph (inputs in Matterport's order,
+  anchors a constant for IMAGE_SHAPE, 14 outputs ending with the 5 named loss tensors) as a
+  :class:`TrainingModel`, a Keras 3 functional model with its own ``train_step``/``test_step``.
+* :func:`set_trainable` / :data:`LAYER_REGEX` - which layers train ("heads", "3+", ... or a regex).
+* :func:`train` - Matterport's ``MaskRCNN.train`` contract: ``epochs`` is the absolute final
+  epoch, one atomic checkpoint per epoch, CSV + TensorBoard logs, NaN/Inf guard, resumable.
+
+The callbacks live in :mod:`mrcnn.train_callbacks`; the input pipeline in :mod:`mrcnn.data`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers as KL
+
+from mrcnn import losses as L
+from mrcnn import tf_boxes
+from mrcnn.config import LOSS_NAMES
+from mrcnn.data import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
+from mrcnn.targets import DetectionTargetLayer
+from mrcnn.train_callbacks import (
+    EpochCheckpoint,
+    NonFiniteGuard,
+    SafeCSVLogger,
+    ScalarSummaries,
+    TrainingDivergedError,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LAYER_REGEX", "TrainingDivergedError", "TrainingModel", "build_training_model", "compile_training_model",
+           "set_trainable", "train"]
+
+#: Matterport's ``layers=`` presets (full-match regexes on layer names).
+LAYER_REGEX = {
+    "heads": r"(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "3+": r"(res3.*)|(bn3.*)|(res4.*)|(bn4.*)|(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "4+": r"(res4.*)|(bn4.*)|(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "5+": r"(res5.*)|(bn5.*)|(mrcnn\_.*)|(rpn\_.*)|(fpn\_.*)",
+    "all": ".*",
+}
+
+
+# -------------------------------------------------------------------------------------------
+# Small graph layers
+
+class NormBoxes(KL.Layer):
+    """Pixel boxes [B, G, 4] -> normalised boxes for the image [B, H, W, C] (y1, x1, y2, x2)."""
+
+    def call(self, inputs):
+        boxes, image = inputs
+        return tf_boxes.norm_boxes_graph(boxes, tf.shape(image)[1:3])
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+class ConstantAnchors(KL.Layer):
+    """Normalised anchors for IMAGE_SHAPE as a constant, broadcast to the batch: [B, A, 4]."""
+
+    def __init__(self, anchors: np.ndarray, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.anchors = np.asarray(anchors, np.float32)
+
+    def call(self, image):
+        anchors = tf.constant(self.anchors)
+        return tf.broadcast_to(anchors[tf.newaxis], [tf.shape(image)[0], *self.anchors.shape])
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.anchors.shape)
+
+
+class MetaActiveClasses(KL.Layer):
+    """image_meta [B, 12 + C] -> active_class_ids [B, C]."""
+
+    def call(self, meta):
+        return meta[:, 12:]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1] - 12)
+
+
+class FirstRois(KL.Layer):
+    """rois [B, T, 4] -> the first ``count`` rois [B, count, 4] (the positive slot)."""
+
+    def __init__(self, count: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.count = int(count)
+
+    def call(self, rois):
+        return rois[:, : self.count]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.count, *input_shape[2:])
+
+
+class Identity(KL.Layer):
+    """Pass-through, to give a tensor a layer name (e.g. "output_rois")."""
+
+    def call(self, x):
+        return tf.identity(x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class LossLayer(KL.Layer):
+    """Scalar loss ``fn(*inputs)`` as a named layer (float32)."""
+
+    def __init__(self, fn, **kwargs) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def call(self, inputs):
+        return tf.reshape(tf.cast(self.fn(*inputs), tf.float32), [])
+
+    def compute_output_shape(self, input_shape):
+        return ()
+
+
+# -------------------------------------------------------------------------------------------
+# The model
+
+class TrainingModel(keras.Model):
+    """Functional training graph with Matterport's optimisation in ``train_step``.
+
+    Each step minimises sum(LOSS_WEIGHTS[k] * loss_k) + L2 decay (mean square per weight tensor
+    times WEIGHT_DECAY, BN gamma/beta excluded). Logged: ``loss`` and the 5 weighted losses.
+    """
+
+    def __init__(self, *args, config=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mrcnn_config = config
+        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *LOSS_NAMES)}
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+    def _model_inputs(self, data) -> list:
+        if isinstance(data, dict):
+            return [data[name] for name in INPUT_NAMES]
+        return list(data[0] if len(data) == 1 else data)
+
+    def _loss_terms(self, outputs) -> dict[str, tf.Tensor]:
+        """Weighted losses keyed by LOSS_NAMES (the last 5 model outputs)."""
+        weights = self.mrcnn_config.LOSS_WEIGHTS
+        return {name: tf.cast(value, tf.float32) * float(weights[name])
+                for name, value in zip(LOSS_NAMES, outputs[-len(LOSS_NAMES):], strict=True)}
+
+    def _record(self, total, terms) -> dict[str, tf.Tensor]:
+        self.loss_trackers["loss"].update_state(total)
+        for name, value in terms.items():
+            self.loss_trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    def train_step(self, data):
+        inputs = self._model_inputs(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs = self(inputs, training=True)
+            terms = self._loss_terms(outputs)
+            decay = L.weight_decay_loss(variables, self.mrcnn_config.WEIGHT_DECAY)
+            total = tf.add_n(list(terms.values())) + decay
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(total / replicas)
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        return self._record(total, terms)
+
+    def test_step(self, data):
+        outputs = self(self._model_inputs(data), training=False)
+        terms = self._loss_terms(outputs)
+        return self._record(tf.add_n(list(terms.values())), terms)
+
+
+def _training_inputs(config) -> list:
+    """keras.Input tensors in Matterport's training order (see mrcnn.data for shapes)."""
+    h, w, c = (int(v) for v in config.IMAGE_SHAPE)
+    mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
+    return [
+        keras.Input((h, w, c), name="input_image"),
+        keras.Input((int(config.IMAGE_META_SIZE),), name="input_image_meta"),
+        keras.Input((None, 1), name="input_rpn_match", dtype="int32"),
+        keras.Input((None, 4), name="input_rpn_bbox", dtype="float32"),
+        keras.Input((None,), name="input_gt_class_ids", dtype="int32"),
+        keras.Input((None, 4), name="input_gt_boxes", dtype="float32"),
+        keras.Input((*mask_hw, None), name="input_gt_masks", dtype="bool"),
+    ]
+
+
+def _normalised_training_anchors(config) -> np.ndarray:
+    from mrcnn.boxes import norm_boxes
+    return norm_boxes(get_training_anchors(config), tuple(int(v) for v in config.IMAGE_SHAPE[:2]))
+
+
+def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
+                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask, mrcnn_mask) -> list:
+    """The 5 named scalar loss tensors (unweighted, as Matterport's Lambda layers)."""
+    return [
+        LossLayer(L.rpn_class_loss, name="rpn_class_loss")([rpn_match, rpn_class_logits]),
+        LossLayer(lambda *a: L.rpn_bbox_loss(config, *a), name="rpn_bbox_loss")([rpn_bbox_target, rpn_match, rpn_bbox]),
+        LossLayer(L.mrcnn_class_loss, name="mrcnn_class_loss")([target_class_ids, mrcnn_class_logits,
+                                                                 active_class_ids]),
+        LossLayer(L.mrcnn_bbox_loss, name="mrcnn_bbox_loss")([target_bbox, target_class_ids, mrcnn_bbox]),
+        LossLayer(L.mrcnn_mask_loss, name="mrcnn_mask_loss")([target_mask, target_class_ids, mrcnn_mask]),
+    ]
+
+
+def _build_graph(config) -> TrainingModel:
+    from mrcnn.backbone import build_backbone_and_fpn
+    from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
+    from mrcnn.inference_graph import build_rpn_for_config, check_image_shape
+    from mrcnn.rpn import ProposalLayer, apply_rpn
+
+    check_image_shape(config)
+    inputs = _training_inputs(config)
+    image, meta, rpn_match, rpn_bbox_target, gt_class_ids, gt_boxes_px, gt_masks = inputs
+    gt_boxes = NormBoxes(name="input_gt_boxes_norm")([gt_boxes_px, image])
+    rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(image, config)
+    anchors = ConstantAnchors(_normalised_training_anchors(config), name="anchors")(image)
+    rpn_class_logits, rpn_class, rpn_bbox = apply_rpn(build_rpn_for_config(config), rpn_feature_maps)
+    rpn_rois = ProposalLayer(config.POST_NMS_ROIS_TRAINING, config.RPN_NMS_THRESHOLD, config,
+                             name="ROI")([rpn_class, rpn_bbox, anchors])
+    active_class_ids = MetaActiveClasses(name="active_class_ids")(meta)
+    rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(config, name="proposal_targets")(
+        [rpn_rois, gt_class_ids, gt_boxes, gt_masks])
+    mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
+        rois, mrcnn_feature_maps, meta, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+        fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+    mask_rois = rois
+    if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):
+        positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
+        mask_rois = FirstRois(positives, name="positive_rois")(rois)
+    mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
+                                      config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+    output_rois = Identity(name="output_rois")(rois)
+    loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
+                                mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,
+                                mrcnn_mask)
+    outputs = [rpn_class_logits, rpn_class, rpn_bbox, mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask,
+               rpn_rois, output_rois, *loss_outputs]
+    return TrainingModel(inputs, outputs, name="mask_rcnn", config=config)
+
+
+def distribution_strategy(config) -> tf.distribute.Strategy:
+    """MirroredStrategy over GPU_COUNT GPUs (or logical CPUs when no GPU), else the default."""
+    if config.GPU_COUNT <= 1:
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = gpus if len(gpus) >= config.GPU_COUNT else tf.config.list_logical_devices("CPU")
+    if len(devices) < config.GPU_COUNT:
+        raise ValueError(f"GPU_COUNT is {config.GPU_COUNT} but only {len(devices)} devices are visible")
+    return tf.distribute.MirroredStrategy([d.name for d in devices[: config.GPU_COUNT]])
+
+
+def build_training_model(config) -> TrainingModel:
+    """Training-mode Mask R-CNN for ``config``.
+
+    Inputs (Matterport order): input_image [B, H, W, C] (molded, H x W = IMAGE_SHAPE),
+    input_image_meta [B, META], input_rpn_match [B, A, 1] int32, input_rpn_bbox [B, R, 4],
+    input_gt_class_ids [B, G] int32, input_gt_boxes [B, G, 4] (pixels, y1, x1, y2, x2),
+    input_gt_masks [B, mh, mw, G] bool. Outputs: rpn_class_logits, rpn_class, rpn_bbox,
+    mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, output_rois, then the
+    scalar losses rpn_class_loss, rpn_bbox_loss, mrcnn_class_loss, mrcnn_bbox_loss,
+    mrcnn_mask_loss. Built under ``mixed_float16`` when MIXED_PRECISION, inside a
+    MirroredStrategy scope when GPU_COUNT > 1.
+    """
+    from mrcnn.inference_graph import dtype_policy
+
+    with dtype_policy(config), distribution_strategy(config).scope():
+        return _build_graph(config)
+
+
+# -------------------------------------------------------------------------------------------
+# Trainable layers and optimiser
+
+def _inner(layer):
+    return getattr(layer, "layer", layer)  # TimeDistributed -> wrapped layer
+
+
+def set_trainable(model, layer_regex: str, verbose: int = 0) -> list[str]:
+    """Make exactly the weighted layers whose names full-match ``layer_regex`` (or a preset
+    name from LAYER_REGEX) trainable; nested models (rpn_model) are entered. Returns the
+    names of the trainable layers. ``model`` is a MaskRCNN or a Keras model."""
+    regex = LAYER_REGEX.get(layer_regex, layer_regex)
+    keras_model = getattr(model, "keras_model", model)
+    keras_model.trainable = True
+    trainable: list[str] = []
+
+    def visit(container) -> None:
+        for layer in container.layers:
+            if isinstance(layer, keras.Model):
+                layer.trainable = True
+                visit(layer)
+                continue
+            if not layer.weights:
+                continue
+            on = re.fullmatch(regex, layer.name) is not None
+            _inner(layer).trainable = on
+            layer.trainable = on
+            if on:
+                trainable.append(layer.name)
+
+    visit(keras_model)
+    if verbose:
+        print(f"{len(trainable)} trainable layers: {', '.join(trainable)}")
+    return trainable
+
+
+def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
+    """SGD(learning_rate, LEARNING_MOMENTUM, clipnorm=GRADIENT_CLIP_NORM); loss-scaled when mixed."""
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
+                                     clipnorm=config.GRADIENT_CLIP_NORM)
+    if getattr(config, "MIXED_PRECISION", False):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def compile_training_model(keras_model: TrainingModel, learning_rate: float, config) -> None:
+    """Attach a fresh optimiser (resets train functions; call after set_trainable)."""
+    with keras_model.distribute_strategy.scope():
+        keras_model.compile(optimizer=make_optimizer(config, learning_rate), jit_compile=False)
+
+
+# -------------------------------------------------------------------------------------------
+# Fit loop
+
+def _seed(config) -> int | None:
+    return None if getattr(config, "SEED", None) is None else int(config.SEED)
+
+
+def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources):
+    config = model.config
+    seed = _seed(config)
+    start = model.epoch * config.STEPS_PER_EPOCH * config.BATCH_SIZE
+    train_ds = make_dataset(train_dataset, config, shuffle=True, augmentation=augmentation,
+                            no_augmentation_sources=no_augmentation_sources, seed=seed, start=start)
+    val_ds = None
+    if val_dataset is not None and config.VALIDATION_STEPS:
+        val_ds = make_dataset(val_dataset, config, shuffle=True, seed=None if seed is None else seed + 1)
+    return train_ds, val_ds
+
+
+def _callbacks(model, custom_callbacks, guard: NonFiniteGuard) -> list:
+    return [guard,
+            SafeCSVLogger(os.path.join(model.log_dir, "training.csv"), first_epoch=model.epoch),
+            ScalarSummaries(model.log_dir),
+            EpochCheckpoint(model, guard),
+            *(custom_callbacks or [])]
+
+
+def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, layers: str,
+          augmentation: Any = None, custom_callbacks: list | None = None,
+          no_augmentation_sources: list[str] | None = None, verbose: int = 1):
+    """Train ``model`` (a MaskRCNN in training mode) from ``model.epoch`` up to epoch ``epochs``.
+
+    ``layers``: "heads", "3+", "4+", "5+", "all" or a regex full-matched on layer names.
+    ``augmentation``: an albumentations transform (see mrcnn.data.default_augmentation) or None.
+    Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
+    TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic).
+    Raises TrainingDivergedError (last good checkpoint kept) if a loss becomes NaN/Inf;
+    re-raises KeyboardInterrupt after saying how to resume. Returns the Keras History.
+    """
+    if model.mode != "training":
+        raise ValueError("train needs a model created in 'training' mode")
+    check_augmentation(augmentation)
+    config = model.config
+    if _seed(config) is not None:
+        keras.utils.set_random_seed(_seed(config) + model.epoch)
+    os.makedirs(model.log_dir, exist_ok=True)
+    config.save(os.path.join(model.log_dir, "config.json"))
+    train_ds, val_ds = _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources)
+    names = set_trainable(model, layers, verbose=0)
+    logger.info("Starting at epoch %d, lr=%s, %d trainable layers; checkpoints: %s",
+                model.epoch, learning_rate, len(names), model.checkpoint_path)
+    print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\nCheckpoint Path: {model.checkpoint_path}")
+    compile_training_model(model.keras_model, learning_rate, config)
+    guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
+    try:
+        history = model.keras_model.fit(
+            train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
+            validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
+            callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
+    except KeyboardInterrupt:
+        print(f"\nTraining interrupted during epoch {model.epoch + 1}. Completed epochs are saved in "
+              f"{model.log_dir}.\nTo resume: model.load_weights(model.find_last()) then model.train(..., "
+              f"epochs={epochs}) (CLI: add --resume).")
+        raise
+    if guard.diverged:
+        raise TrainingDivergedError(guard.message + f"; last good checkpoint kept in {model.log_dir}")
+    model.epoch = max(model.epoch, epochs)
+    return history
