@@ -271,7 +271,7 @@ def make_lesion_image(rng: np.random.Generator, height: int = 256, width: int = 
         _specular(rng, image)
     image = _vignette(rng, image)
     image = cv2.GaussianBlur(image, (0, 0), 0.6)
-    image += rng.standard_normal((height, width, 1), dtype=np.float32) * 2.0
+    image += (rng.random((height, width, 1), dtype=np.float32) - 0.5) * 7.0  # sensor noise, std 2
     return np.clip(image, 0, 255).astype(np.uint8), np.stack(masks, axis=-1)
 
 
