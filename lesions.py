@@ -628,6 +628,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     finally:
         if created:
             remove_if_empty(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
+    if "tta" in columns:  # the main summary.json reports the metrics with and without TTA
+        from mrcnn import evaluation, metrics
+
+        plain = columns["plain"]
+        with_tta = {k: v for k, v in columns["tta"].items() if k not in ("rows", "problems")}
+        summary = {k: v for k, v in plain.items() if k not in ("rows", "problems")} | {"tta": with_tta}
+        metrics.write_scores(plain["rows"], evaluation.json_safe(summary), out_dir, plain["problems"])
     finish_evaluation(columns, out_dir, args, images, truth, out_dir / "predictions")
     return 0
 
@@ -672,15 +679,17 @@ def folder_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
 
 
 def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
-    """The validation split of ``--dataset`` (the split the checkpoint's run wrote, if present)."""
-    config = build_config(args)
+    """The validation split of ``--dataset`` (the split the checkpoint's run wrote, if present).
+
+    The dataset settings (demo size, split fraction and seed) come from the checkpoint's run
+    config, so evaluation sees exactly the images training held out.
+    """
+    weights = resolve_model_weights(args.weights, Path(args.logs))
+    config = build_config(args, saved_run_config(weights)[0])
     root = dataset_root(args, config)
     report, _, val_ids = scan_and_split(root, config)
-    try:
-        split_file = resolve_model_weights(args.weights, Path(args.logs)).parent / "split.json"
-    except CliError:
-        split_file = None  # the same error is raised again when the model is loaded
-    if split_file is not None and split_file.is_file():
+    split_file = weights.parent / "split.json"
+    if split_file.is_file():
         usable = {p.image_id for p in report.pairs}
         val_ids = [i for i in json.loads(split_file.read_text()).get("val", []) if i in usable]
         print(f"  using the validation split of the training run ({split_file}): {len(val_ids)} images")
@@ -709,7 +718,7 @@ def evaluate_prediction_folder(args: argparse.Namespace) -> int:
     images = {}
     if args.images:
         images = {p.stem: p for p in Path(args.images).iterdir() if lesion_data.is_image_name(p)}
-    finish_evaluation({"scores": summary}, out_dir, args, images, truth, Path(args.pred))
+    finish_evaluation({"value": summary}, out_dir, args, images, truth, Path(args.pred))
     return 0
 
 
