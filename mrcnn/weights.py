@@ -254,8 +254,8 @@ def save_weights(keras_model: keras.Model, filepath: str) -> None:
     try:
         with h5py.File(tmp, "w") as f:
             _write_str_list(f.attrs, "layer_names", [layer.name for layer in keras_model.layers])
-            f.attrs["backend"] = b"tensorflow"
-            f.attrs["keras_version"] = KERAS2_LAYOUT_VERSION.encode()
+            f.attrs["backend"] = np.bytes_(b"tensorflow")  # fixed-length: Keras 2 calls .decode() on it
+            f.attrs["keras_version"] = np.bytes_(KERAS2_LAYOUT_VERSION.encode())
             for layer in keras_model.layers:
                 group = f.create_group(layer.name)
                 entries = layer_weight_entries(layer) if layer.weights else []

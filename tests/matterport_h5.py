@@ -83,3 +83,16 @@ def write_rule_weights(path: Path, layers: list[dict], full_model_layout: bool =
                 group.create_dataset(w["name"], data=arr)
                 values[f"{layer['name']}/{w['name']}"] = arr
     return values
+
+
+def shared_coco_rule_file(reference_dir: Path, tmp_path_factory: Any) -> tuple[Path, dict[str, np.ndarray]]:
+    """The COCO-manifest rule-weight file, written once per test session and shared by modules."""
+    global _SHARED_RULE_FILE
+    if _SHARED_RULE_FILE is None:
+        path = Path(tmp_path_factory.getbasetemp()) / "rule_coco_shared.h5"
+        values = write_rule_weights(path, manifest_layers(load_manifest(reference_dir)))
+        _SHARED_RULE_FILE = (path, values)
+    return _SHARED_RULE_FILE
+
+
+_SHARED_RULE_FILE: tuple[Path, dict[str, np.ndarray]] | None = None

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from matterport_h5 import load_manifest, manifest_layers, write_rule_weights
+from matterport_h5 import load_manifest, shared_coco_rule_file
 
 from mrcnn.config import Config
 from mrcnn.model import MaskRCNN
@@ -52,10 +52,8 @@ def manifest(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def rule_file(reference_dir, manifest, tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "rule_coco.h5"
-    values = write_rule_weights(path, manifest_layers(manifest))
-    return path, values
+def rule_file(reference_dir, tmp_path_factory):
+    return shared_coco_rule_file(reference_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

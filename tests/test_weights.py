@@ -1,0 +1,157 @@
+"""Keras-2 HDF5 weight loading/saving (mrcnn/weights.py) on a ResNet-50, NUM_CLASSES=2 model.
+
+The COCO rule-weight file (ResNet-101, 81 classes) is the "foreign" file: its shared layers
+load by name, the class-specific heads are skipped with a message, the extra ResNet-101 blocks
+are reported as unmatched.
+"""
+
+from __future__ import annotations
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from matterport_h5 import det_value, shared_coco_rule_file, write_rule_weights
+
+from mrcnn.config import Config
+from mrcnn.model import MaskRCNN
+from mrcnn.weights import CLASS_SPECIFIC_LAYERS, WeightsError, layer_weight_entries, weighted_layers
+
+HEADS = set(CLASS_SPECIFIC_LAYERS)
+
+
+class LesionLikeConfig(Config):
+    NAME = "weights_test"
+    BACKBONE = "resnet50"
+    NUM_CLASSES = 2
+    IMAGES_PER_GPU = 1
+    IMAGE_MIN_DIM = 128
+    IMAGE_MAX_DIM = 128
+    POST_NMS_ROIS_INFERENCE = 16
+    DETECTION_MAX_INSTANCES = 4
+    PRE_NMS_LIMIT = 100
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return MaskRCNN("inference", LesionLikeConfig(), str(tmp_path_factory.mktemp("logs")))
+
+
+@pytest.fixture(scope="module")
+def coco_file(reference_dir, tmp_path_factory):
+    return shared_coco_rule_file(reference_dir, tmp_path_factory)
+
+
+def _values(model: MaskRCNN) -> dict[str, np.ndarray]:
+    return {f"{layer}/{w}": keras.ops.convert_to_numpy(v).copy()
+            for layer, entries in weighted_layers(model.keras_model).items() for w, v in entries}
+
+
+def _own_layout(model: MaskRCNN) -> list[dict]:
+    """Manifest-like entries describing the model's own weighted layers."""
+    return [{"name": layer.name, "weights": [{"name": n, "shape": list(v.shape)} for n, v in layer_weight_entries(layer)]}
+            for layer in model.keras_model.layers if layer.weights]
+
+
+def test_coco_file_by_name_skips_class_heads(model, coco_file, capsys):
+    path, file_values = coco_file
+    report = model.load_weights(str(path), by_name=True)
+    out = capsys.readouterr().out
+    assert {name for name, _ in report.skipped} == HEADS
+    for head in HEADS:
+        assert f"skipped {head}: shape mismatch (NUM_CLASSES differs)" in out
+    assert "res4w_branch2a" in report.only_in_file and not report.only_in_model
+    for key, value in _values(model).items():
+        if key.split("/")[0] not in HEADS:
+            np.testing.assert_array_equal(value, file_values[key])
+
+
+def test_strict_raises_on_class_heads(model, coco_file):
+    path, _ = coco_file
+    with pytest.raises(WeightsError) as info:
+        model.load_weights(str(path), by_name=True, strict=True, verbose=0)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "mrcnn_" in message
+
+
+def test_exclude_leaves_layers_untouched(model, coco_file):
+    path, _ = coco_file
+    before = _values(model)
+    report = model.load_weights(str(path), by_name=True, verbose=0,
+                                exclude=["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask", "fpn_p2"])
+    assert ("fpn_p2", "excluded") in report.skipped
+    after = _values(model)
+    np.testing.assert_array_equal(after["fpn_p2/fpn_p2/kernel:0"], before["fpn_p2/fpn_p2/kernel:0"])
+
+
+def test_topological_load_of_other_architecture_fails(model, coco_file):
+    path, _ = coco_file
+    with pytest.raises(WeightsError, match="different architecture"):
+        model.load_weights(str(path), by_name=False, verbose=0)
+
+
+@pytest.mark.parametrize("layout", ["full_model_str_attrs", "weights_only_top_level_group"])
+def test_other_keras2_layouts_load(model, tmp_path, layout):
+    path = tmp_path / f"{layout}.h5"
+    full = layout.startswith("full_model")
+    values = write_rule_weights(path, _own_layout(model), full_model_layout=full, str_attrs=full,
+                                top_level_group=not full)
+    report = model.load_weights(str(path), by_name=False, verbose=0)
+    assert len(report.loaded) == len(weighted_layers(model.keras_model)) and not report.skipped
+    got = _values(model)
+    assert got.keys() == values.keys()
+    for key, value in values.items():
+        np.testing.assert_array_equal(got[key], value)
+
+
+def test_not_hdf5_is_a_one_line_error(model, tmp_path):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"\x80\x04 this is a pickle, not HDF5")
+    with pytest.raises(WeightsError) as info:
+        model.load_weights(str(path), by_name=True, verbose=0)
+    assert str(path) in str(info.value) and "not an HDF5 file" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(WeightsError, match="not found"):
+        model.load_weights(str(tmp_path / "missing.h5"), verbose=0)
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(WeightsError, match="not a Keras weight file"):
+        model.load_weights(str(tmp_path / "plain.h5"), verbose=0)
+
+
+def test_wrong_architecture_names_layer_and_shapes(model, tmp_path):
+    layout = _own_layout(model)
+    for layer in layout:
+        if layer["name"] == "fpn_c5p5":
+            layer["weights"][0]["shape"] = [1, 1, 2048, 128]
+            layer["weights"][1]["shape"] = [128]
+    path = tmp_path / "other_fpn.h5"
+    write_rule_weights(path, layout)
+    with pytest.raises(WeightsError) as info:
+        model.load_weights(str(path), by_name=True, verbose=0)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "fpn_c5p5" in message and "(1, 1, 2048, 256)" in message and "(1, 1, 2048, 128)" in message
+
+
+def test_save_weights_writes_keras2_layout_atomically(model, tmp_path):
+    path = tmp_path / "mask_rcnn_weights_test_0001.h5"
+    path.write_bytes(b"old")
+    model.save_weights(str(path))
+    assert not (tmp_path / (path.name + ".tmp")).exists()
+    with h5py.File(path, "r") as f:
+        names = [n.decode() for n in f.attrs["layer_names"]]
+        assert names == [layer.name for layer in model.keras_model.layers]
+        assert isinstance(f.attrs["backend"], bytes) and f.attrs["backend"] == b"tensorflow"
+        assert isinstance(f.attrs["keras_version"], bytes)
+        assert [n.decode() for n in f["rpn_model"].attrs["weight_names"]][0] == "rpn_conv_shared/kernel:0"
+        assert f["rpn_model/rpn_conv_shared/kernel:0"].shape == (3, 3, 256, 512)
+        assert f["conv1/conv1/kernel:0"].dtype == np.float32
+        bn = [n.decode() for n in f["bn_conv1"].attrs["weight_names"]]
+        assert bn == ["bn_conv1/gamma:0", "bn_conv1/beta:0", "bn_conv1/moving_mean:0", "bn_conv1/moving_variance:0"]
+        assert len(f["input_image"].attrs["weight_names"]) == 0
+    before = _values(model)
+    model.keras_model.get_layer("fpn_p3").kernel.assign(det_value("scramble/kernel:0", (3, 3, 256, 256)))
+    model.load_weights(str(path), verbose=0)
+    after = _values(model)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
