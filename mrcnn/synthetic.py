@@ -145,6 +145,11 @@ def _blend_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
     patch += alpha[..., None] * (colour - patch)
 
 
+def _line_scale(height: int, width: int) -> int:
+    """Line thickness multiplier: 1 up to ~384 px, then growing with the image size."""
+    return max(1, round(min(height, width) / 256))
+
+
 def _hairs(rng: np.random.Generator, image: np.ndarray) -> None:
     """Draw 0..30 dark curved hairs (quadratic Bezier curves) on ``image`` [H, W, 3] in place."""
     height, width = image.shape[:2]
@@ -159,7 +164,7 @@ def _hairs(rng: np.random.Generator, image: np.ndarray) -> None:
         p2 = p0 + direction * length
         p1 = (p0 + p2) / 2 + rng.normal(0, 0.15 * length, 2)
         curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-        thickness = 1 if rng.random() < 0.7 else 2
+        thickness = (1 if rng.random() < 0.7 else 2) * _line_scale(height, width)
         cv2.polylines(image, [np.round(curve * 16).astype(np.int32)], False, colour, thickness, cv2.LINE_AA, 4)
 
 
@@ -167,19 +172,20 @@ def _ruler(rng: np.random.Generator, image: np.ndarray) -> None:
     """Draw a ruler (a line with tick marks) along one image edge of ``image`` in place."""
     height, width = image.shape[:2]
     colour = (float(rng.uniform(15, 60)),) * 3
+    line = _line_scale(height, width)
     offset = int(rng.uniform(0.04, 0.12) * min(height, width))
     step = max(3, int(rng.uniform(0.025, 0.045) * min(height, width)))
     tick = max(2, step)
     if rng.random() < 0.5:  # horizontal, top or bottom
         y = offset if rng.random() < 0.5 else height - 1 - offset
-        cv2.line(image, (0, y), (width - 1, y), colour, 1, cv2.LINE_AA)
+        cv2.line(image, (0, y), (width - 1, y), colour, line, cv2.LINE_AA)
         for i, x in enumerate(range(0, width, step)):
-            cv2.line(image, (x, y), (x, y + (tick * 2 if i % 5 == 0 else tick)), colour, 1, cv2.LINE_AA)
+            cv2.line(image, (x, y), (x, y + (tick * 2 if i % 5 == 0 else tick)), colour, line, cv2.LINE_AA)
     else:  # vertical, left or right
         x = offset if rng.random() < 0.5 else width - 1 - offset
-        cv2.line(image, (x, 0), (x, height - 1), colour, 1, cv2.LINE_AA)
+        cv2.line(image, (x, 0), (x, height - 1), colour, line, cv2.LINE_AA)
         for i, y in enumerate(range(0, height, step)):
-            cv2.line(image, (x, y), (x + (tick * 2 if i % 5 == 0 else tick), y), colour, 1, cv2.LINE_AA)
+            cv2.line(image, (x, y), (x + (tick * 2 if i % 5 == 0 else tick), y), colour, line, cv2.LINE_AA)
 
 
 def _ink(rng: np.random.Generator, image: np.ndarray) -> None:
@@ -211,8 +217,9 @@ def _vignette(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     height, width = image.shape[:2]
     cy = height / 2 + rng.normal(0, 0.03 * height)
     cx = width / 2 + rng.normal(0, 0.03 * width)
-    yy = ((np.arange(height, dtype=np.float32) - cy) / (height / 2))[:, None]
-    xx = ((np.arange(width, dtype=np.float32) - cx) / (width / 2))[None, :]
+    half = np.sqrt(height * width) / 2  # circular field, also on non-square images
+    yy = ((np.arange(height, dtype=np.float32) - cy) / half)[:, None]
+    xx = ((np.arange(width, dtype=np.float32) - cx) / half)[None, :]
     dist = np.sqrt(yy**2 + xx**2)
     gain = 1.0 - rng.uniform(0.05, 0.25) * np.clip(dist, 0, 1.5) ** 2
     if rng.random() < 0.55:
