@@ -102,9 +102,10 @@ def test_not_trivially_thresholdable():
 
 
 def test_speed_256():
-    """At least 50 images/s at 256x256 (generation + encoding), with slack for a busy CI machine."""
-    start = time.perf_counter()
+    """Target >= 50 images/s at 256x256 (generation + encoding) on one core; asserted on CPU time
+    (not wall time, which other processes on a busy machine distort) with 2x slack."""
+    start = time.process_time()
     for i in range(30):
         synthetic.encode_pair(*synthetic.make_lesion_image(np.random.default_rng([0, i]), 256, 256))
-    rate = 30 / (time.perf_counter() - start)
+    rate = 30 / max(1e-9, time.process_time() - start)
     assert rate > 25, f"{rate:.1f} images/s"
