@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import keras
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from matterport_h5 import det_value
 
+from mrcnn.boxes import generate_anchors, norm_boxes
 from mrcnn.config import Config
 from mrcnn.model import MaskRCNN
 from mrcnn.weights import weighted_layers
@@ -135,6 +137,25 @@ def test_save_load_round_trip_gives_identical_detections(model, tmp_path):
     for x, y in zip(before, after, strict=True):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (128, 64, 3)])
+def test_anchors_per_level_match_box_helpers(model, shape):
+    cfg = model.config
+    anchors = model.get_anchors(shape)
+    start = 0
+    for level, (scale, stride) in enumerate(zip(cfg.RPN_ANCHOR_SCALES, cfg.BACKBONE_STRIDES, strict=True)):
+        rows, cols = math.ceil(shape[0] / stride), math.ceil(shape[1] / stride)
+        count = rows * cols * len(cfg.RPN_ANCHOR_RATIOS)
+        pixel = generate_anchors(scale, cfg.RPN_ANCHOR_RATIOS, (rows, cols), stride, cfg.RPN_ANCHOR_STRIDE)
+        assert pixel.shape == (count, 4), f"level P{level + 2}"
+        np.testing.assert_allclose(anchors[start:start + count], norm_boxes(pixel, shape[:2]), atol=1e-6)
+        np.testing.assert_allclose(model.anchors[start:start + count], pixel)
+        start += count
+    assert start == len(anchors)
+    # First anchor of P2 is centred on pixel (0, 0): ratio 0.5 -> h = 8 / sqrt(0.5), w = 8 * sqrt(0.5).
+    h, w = 8 / np.sqrt(0.5), 8 * np.sqrt(0.5)
+    np.testing.assert_allclose(model.anchors[0], [-h / 2, -w / 2, h / 2, w / 2])
 
 
 def test_anchors_cached_per_shape(model):
