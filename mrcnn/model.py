@@ -105,6 +105,10 @@ class MaskRCNN:
             metas.append(compose_image_meta(0, image.shape, resized.shape, window, scale,
                                             np.zeros([cfg.NUM_CLASSES], dtype=np.int32)))
             windows.append(window)
+        shapes = {m.shape for m in molded}
+        if len(shapes) > 1:
+            raise ValueError(f"images of one batch must mold to the same shape, got {sorted(shapes)} "
+                             f"(IMAGE_RESIZE_MODE {cfg.IMAGE_RESIZE_MODE!r}; 'square' always gives one shape)")
         return np.stack(molded).astype(np.float32), np.stack(metas), np.array(windows)
 
     def _model_image(self, image: np.ndarray) -> np.ndarray:

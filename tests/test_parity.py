@@ -95,6 +95,9 @@ def test_weighted_layers_match_manifest(coco, manifest):
     theirs = {layer["name"]: {w["name"]: tuple(w["shape"]) for w in layer["weights"]} for layer in manifest["layers"]}
     assert set(ours) == set(theirs)
     assert ours == theirs
+    # Keras-2 order inside each layer (what positional loaders such as Matterport's rely on).
+    order = {name: [w for w, _ in entries] for name, entries in weighted_layers(model.keras_model).items()}
+    assert order == {layer["name"]: [w["name"] for w in layer["weights"]] for layer in manifest["layers"]}
     assert sum(int(np.prod(s)) for layer in ours.values() for s in layer.values()) == manifest["totals"]["parameters"]
 
 
