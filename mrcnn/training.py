@@ -164,11 +164,21 @@ class TrainingModel(keras.Model):
             self.loss_trackers[name].update_state(value)
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
 
+    @property
+    def bn_training(self) -> bool:
+        """``training`` flag for the forward pass of a train step.
+
+        Keras 3 functional models pass the outer ``training`` value to every layer, overriding the
+        ``training=False`` that freezes BatchNorm when TRAIN_BN is False; so with frozen BN the
+        train step runs the graph in inference mode (nothing else in it depends on the flag).
+        """
+        return self.mrcnn_config.TRAIN_BN is not False
+
     def train_step(self, data):
         inputs = self._model_inputs(data)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            outputs = self(inputs, training=True)
+            outputs = self(inputs, training=self.bn_training)
             terms = self._loss_terms(outputs)
             decay = L.weight_decay_loss(variables, self.mrcnn_config.WEIGHT_DECAY)
             total = tf.add_n(list(terms.values())) + decay
