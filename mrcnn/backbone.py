@@ -15,9 +15,14 @@ from keras import layers as KL
 STAGE4_IDENTITY_BLOCKS = {"resnet50": 5, "resnet101": 22}
 
 
+class BatchNorm(KL.BatchNormalization):
+    """Matterport's name for Keras BatchNormalization (epsilon 1e-3, momentum 0.99)."""
+
+
 def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
-    """BatchNormalization named ``name`` called with ``training=train_bn`` (False = frozen stats)."""
-    layer = KL.BatchNormalization(name=name, epsilon=1e-3, momentum=0.99)
+    """BatchNorm named ``name`` called with ``training=train_bn`` (False = frozen moving stats,
+    None = Keras default behaviour)."""
+    layer = BatchNorm(name=name, epsilon=1e-3, momentum=0.99)
     if train_bn is None:
         return layer(x)
     return layer(x, training=train_bn)
@@ -33,7 +38,8 @@ def _conv_bn(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str, tr
 
 
 def bottleneck_block(x: Any, filters: tuple[int, int, int], stage: int, block: str,
-                     strides: int = 1, projection: bool = False, train_bn: bool | None = False) -> Any:
+                     strides: int = 1, projection: bool = False, train_bn: bool | None = False,
+                     kernel_size: int = 3) -> Any:
     """Caffe-style bottleneck: 1x1 (stride here) -> 3x3 same -> 1x1, plus shortcut, ReLU.
 
     ``projection`` adds the 1x1 shortcut conv ``res{stage}{block}_branch1`` (Matterport's
@@ -42,7 +48,7 @@ def bottleneck_block(x: Any, filters: tuple[int, int, int], stage: int, block: s
     f1, f2, f3 = filters
     conv, bn = f"res{stage}{block}_branch", f"bn{stage}{block}_branch"
     y = _conv_bn(x, f1, 1, conv + "2a", bn + "2a", train_bn, strides=strides)
-    y = _conv_bn(y, f2, 3, conv + "2b", bn + "2b", train_bn, padding="same")
+    y = _conv_bn(y, f2, kernel_size, conv + "2b", bn + "2b", train_bn, padding="same")
     y = _conv_bn(y, f3, 1, conv + "2c", bn + "2c", train_bn, relu=False)
     if projection:
         shortcut = _conv_bn(x, f3, 1, conv + "1", bn + "1", train_bn, strides=strides, relu=False)
@@ -50,6 +56,19 @@ def bottleneck_block(x: Any, filters: tuple[int, int, int], stage: int, block: s
         shortcut = x
     y = KL.Add()([y, shortcut])
     return KL.Activation("relu", name=f"res{stage}{block}_out")(y)
+
+
+def identity_block(input_tensor: Any, kernel_size: int, filters: tuple[int, int, int], stage: int, block: str,
+                   use_bias: bool = True, train_bn: bool | None = True) -> Any:
+    """Matterport's identity block (bottleneck without shortcut conv). Convs always have biases."""
+    return bottleneck_block(input_tensor, filters, stage, block, train_bn=train_bn, kernel_size=kernel_size)
+
+
+def conv_block(input_tensor: Any, kernel_size: int, filters: tuple[int, int, int], stage: int, block: str,
+               strides: tuple[int, int] = (2, 2), use_bias: bool = True, train_bn: bool | None = True) -> Any:
+    """Matterport's conv block (bottleneck with a strided 1x1 projection shortcut)."""
+    return bottleneck_block(input_tensor, filters, stage, block, strides=strides[0], projection=True,
+                            train_bn=train_bn, kernel_size=kernel_size)
 
 
 def _stage(x: Any, filters: tuple[int, int, int], stage: int, blocks: int, strides: int,
@@ -112,4 +131,5 @@ def build_backbone_and_fpn(input_image: Any, config: Any) -> tuple[list[Any], li
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 
 
-__all__ = ["resnet_graph", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block"]
+__all__ = ["resnet_graph", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block", "BatchNorm",
+           "identity_block", "conv_block"]

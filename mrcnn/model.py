@@ -271,22 +271,37 @@ class MaskRCNN:
 # ---------------------------------------------------------------------------------------------
 # Matterport module-level names importable from mrcnn.model
 
-from mrcnn.backbone import build_fpn, resnet_graph  # noqa: E402,F401
+from mrcnn.backbone import BatchNorm, build_fpn, conv_block, identity_block, resnet_graph  # noqa: E402,F401
 from mrcnn.detection import DetectionLayer  # noqa: E402,F401
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph  # noqa: E402,F401
 from mrcnn.imaging import parse_image_meta, parse_image_meta_graph, unmold_image  # noqa: E402,F401
 from mrcnn.roi_align import PyramidROIAlign  # noqa: E402,F401
 from mrcnn.rpn import ProposalLayer, build_rpn_model  # noqa: E402,F401
-from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph, trim_zeros_graph  # noqa: E402,F401
+from mrcnn.tf_boxes import (  # noqa: E402,F401
+    apply_box_deltas_graph,
+    clip_boxes_graph,
+    denorm_boxes_graph,
+    norm_boxes_graph,
+    overlaps_graph,
+    trim_zeros_graph,
+)
 from mrcnn.weights import WeightsError  # noqa: E402,F401
 
 # >>> Training-side re-exports (owned by the training engineer): name -> module, imported lazily
 # so that importing mrcnn.model stays light. Add data_generator, load_image_gt, ... here.
+# A value is "module" (same name there) or "module:attribute" (Matterport name -> ours).
 _LAZY_EXPORTS = {
     "data_generator": "mrcnn.data",
     "load_image_gt": "mrcnn.data",
     "build_rpn_targets": "mrcnn.targets",
     "DetectionTargetLayer": "mrcnn.targets",
+    "detection_targets_graph": "mrcnn.targets",
+    "rpn_class_loss_graph": "mrcnn.losses:rpn_class_loss",
+    "rpn_bbox_loss_graph": "mrcnn.losses:rpn_bbox_loss",
+    "mrcnn_class_loss_graph": "mrcnn.losses:mrcnn_class_loss",
+    "mrcnn_bbox_loss_graph": "mrcnn.losses:mrcnn_bbox_loss",
+    "mrcnn_mask_loss_graph": "mrcnn.losses:mrcnn_mask_loss",
+    "smooth_l1_loss": "mrcnn.losses:smooth_l1",
 }
 # <<<
 
@@ -294,5 +309,16 @@ _LAZY_EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY_EXPORTS:
         import importlib
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+        module, _, attribute = _LAZY_EXPORTS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
     raise AttributeError(f"module 'mrcnn.model' has no attribute {name!r}")
+
+
+def log(text: str, array: np.ndarray | None = None) -> None:
+    """Print ``text`` and, if given, the array's shape, min, max and dtype (Matterport's debug helper)."""
+    if array is not None:
+        array = np.asarray(array)
+        text = f"{text:25s} shape: {str(array.shape):20s} "
+        text += f"min: {array.min():10.5f}  max: {array.max():10.5f}" if array.size else "min: -  max: -"
+        text += f"  {array.dtype}"
+    print(text)
