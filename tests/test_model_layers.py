@@ -1,0 +1,101 @@
+"""ProposalLayer and DetectionLayer on random inputs vs numpy re-statements of Matterport's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mrcnn.boxes import apply_box_deltas, non_max_suppression
+from mrcnn.config import Config
+from mrcnn.detection import DetectionLayer
+from mrcnn.rpn import ProposalLayer
+
+
+class LayerConfig(Config):
+    NAME = "layers"
+    NUM_CLASSES = 4
+    PRE_NMS_LIMIT = 40
+    DETECTION_MAX_INSTANCES = 20
+    DETECTION_NMS_THRESHOLD = 0.3
+
+
+def random_boxes(rng: np.random.Generator, n: int, low: float = -0.1, high: float = 1.1) -> np.ndarray:
+    y1x1 = rng.uniform(low, high - 0.3, (n, 2))
+    hw = rng.uniform(0.05, 0.4, (n, 2))
+    return np.concatenate([y1x1, y1x1 + hw], axis=1).astype(np.float32)
+
+
+def numpy_proposals(probs, deltas, anchors, config, count, threshold):
+    scores = probs[:, 1]
+    order = np.argsort(-scores, kind="stable")[:config.PRE_NMS_LIMIT]
+    boxes = apply_box_deltas(anchors[order], deltas[order] * config.RPN_BBOX_STD_DEV.astype(np.float32))
+    boxes = np.clip(boxes, 0.0, 1.0)
+    keep = non_max_suppression(boxes, scores[order], threshold)[:count]
+    out = np.zeros((count, 4), np.float32)
+    out[:len(keep)] = boxes[keep]
+    return out
+
+
+def numpy_detections(rois, probs, deltas, window, config):
+    class_ids = probs.argmax(axis=1)
+    scores = probs[np.arange(len(rois)), class_ids]
+    boxes = apply_box_deltas(rois, deltas[np.arange(len(rois)), class_ids] * config.BBOX_STD_DEV.astype(np.float32))
+    boxes = np.stack([np.clip(boxes[:, i], window[i % 2], window[2 + i % 2]) for i in range(4)], axis=1)
+    keep = np.where((class_ids > 0) & ((scores >= config.DETECTION_MIN_CONFIDENCE) | (not config.DETECTION_MIN_CONFIDENCE)))[0]
+    survivors = []
+    for c in np.unique(class_ids[keep]):
+        members = keep[class_ids[keep] == c]
+        survivors += list(members[non_max_suppression(boxes[members], scores[members], config.DETECTION_NMS_THRESHOLD)])
+    survivors = np.array(sorted(survivors, key=lambda i: -scores[i])[:config.DETECTION_MAX_INSTANCES], dtype=int)
+    out = np.zeros((config.DETECTION_MAX_INSTANCES, 6), np.float32)
+    out[:len(survivors)] = np.concatenate([boxes[survivors], class_ids[survivors, None], scores[survivors, None]], axis=1)
+    return out
+
+
+@pytest.mark.parametrize("count", [10, 40])
+def test_proposal_layer_matches_numpy(count):
+    config = LayerConfig()
+    rng = np.random.default_rng(count)
+    batch, anchors_n = 2, 120
+    anchors = random_boxes(rng, anchors_n)
+    logits = rng.standard_normal((batch, anchors_n, 2)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    deltas = rng.standard_normal((batch, anchors_n, 4)).astype(np.float32)
+    layer = ProposalLayer(count, 0.5, config, name="ROI")
+    out = layer([tf.constant(probs), tf.constant(deltas), tf.constant(anchors[None])]).numpy()
+    assert out.shape == (batch, count, 4)
+    for b in range(batch):
+        expected = numpy_proposals(probs[b], deltas[b], anchors, config, count, 0.5)
+        np.testing.assert_allclose(out[b], expected, atol=1e-5)
+    if count == 40:
+        assert np.all(out[:, -1] == 0), "fewer survivors than proposal_count: zero padding"
+
+
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5])
+def test_detection_layer_matches_numpy(min_confidence):
+    config = LayerConfig()
+    config.DETECTION_MIN_CONFIDENCE = min_confidence
+    rng = np.random.default_rng(7)
+    batch, n, classes = 2, 30, config.NUM_CLASSES
+    rois = np.stack([random_boxes(rng, n, 0.0, 1.0) for _ in range(batch)])
+    logits = rng.standard_normal((batch, n, classes)).astype(np.float32) * 2
+    probs = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    deltas = (rng.standard_normal((batch, n, classes, 4)) * 0.5).astype(np.float32)
+    meta = np.zeros((batch, config.IMAGE_META_SIZE), np.float32)
+    meta[:, 4:7] = [64, 64, 3]
+    meta[0, 7:11] = [10, 0, 54, 64]
+    meta[1, 7:11] = [0, 0, 64, 64]
+    out = DetectionLayer(config)([tf.constant(rois), tf.constant(probs), tf.constant(deltas), tf.constant(meta)]).numpy()
+    assert out.shape == (batch, config.DETECTION_MAX_INSTANCES, 6)
+    for b in range(batch):
+        window = (meta[b, 7:11] - [0, 0, 1, 1]) / 63.0
+        expected = numpy_detections(rois[b], probs[b], deltas[b], window, config)
+        np.testing.assert_array_equal(out[b, :, 4], expected[:, 4])
+        np.testing.assert_allclose(out[b], expected, atol=1e-5)
+    padding = out[..., 4] == 0
+    assert np.all(out[padding] == 0), "padding rows are all zero"
+    assert padding.any() == bool(min_confidence), "the confidence filter leaves padding rows here"
+    if min_confidence:
+        real = out[..., 4] > 0
+        assert np.all(out[..., 5][real] >= min_confidence)
