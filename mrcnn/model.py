@@ -52,7 +52,7 @@ class MaskRCNN:
         self.model_dir = str(model_dir)
         self.epoch = 0
         self.anchors: np.ndarray | None = None
-        self._anchor_cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._anchor_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._detect_fn: Any = None
         self.set_log_dir()
         self.keras_model = self.build(mode, config)
@@ -78,9 +78,9 @@ class MaskRCNN:
             pixel = generate_pyramid_anchors(cfg.RPN_ANCHOR_SCALES, cfg.RPN_ANCHOR_RATIOS,
                                              compute_backbone_shapes(cfg, key), cfg.BACKBONE_STRIDES,
                                              cfg.RPN_ANCHOR_STRIDE)
-            self.anchors = pixel
-            self._anchor_cache[key] = norm_boxes(pixel, key)
-        return self._anchor_cache[key]
+            self._anchor_cache[key] = (pixel, norm_boxes(pixel, key))
+        self.anchors, normalised = self._anchor_cache[key]
+        return normalised
 
     def get_trainable_layers(self) -> list[keras.layers.Layer]:
         """Top-level layers that own weights (the RPN sub-model counts as one)."""
@@ -150,9 +150,14 @@ class MaskRCNN:
         """How many times the detect graph was traced (1 after any number of same-batch calls)."""
         return 0 if self._detect_fn is None else int(self._detect_fn.experimental_get_tracing_count())
 
+    def _batch_anchors(self, molded: np.ndarray) -> np.ndarray:
+        """Normalised anchors broadcast to the batch: [B, A, 4]."""
+        anchors = self.get_anchors(molded.shape[1:3])
+        return np.broadcast_to(anchors, (molded.shape[0],) + anchors.shape)
+
     def _run(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Molded batch -> (detections [B, D, 6], mrcnn_mask [B, D, mh, mw, C]) as numpy."""
-        anchors = np.broadcast_to(self.get_anchors(molded.shape[1:3]), (molded.shape[0],) + self.anchors.shape)
+        anchors = self._batch_anchors(molded)
         detections, masks = self._detect_function()(
             tf.constant(molded, tf.float32), tf.constant(metas, tf.float32), tf.constant(anchors, tf.float32))
         return detections.numpy(), masks.numpy()
@@ -167,7 +172,11 @@ class MaskRCNN:
         images = [self._model_image(image) for image in images]
         molded, metas, windows = self.mold_inputs(images)
         if verbose:
-            print(f"Processing {len(images)} images; molded {molded.shape}")
+            log(f"Processing {len(images)} images")
+            for image in images:
+                log("image", image)
+            log("molded_images", molded)
+            log("image_metas", metas)
         detections, masks = self._run(molded, metas)
         return [self._result(detections[i], masks[i], image.shape, molded[i].shape, windows[i])
                 for i, image in enumerate(images)]
@@ -200,7 +209,7 @@ class MaskRCNN:
         molded, metas, _ = self.mold_inputs([self._model_image(im) for im in images])
         if image_metas is not None:
             metas = image_metas
-        anchors = np.broadcast_to(self.get_anchors(molded.shape[1:3]), (molded.shape[0],) + self.anchors.shape)
+        anchors = self._batch_anchors(molded)
         probe = keras.Model(self.keras_model.inputs, [t for _, t in outputs])
         values = probe([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
         values = values if isinstance(values, (list, tuple)) else [values]

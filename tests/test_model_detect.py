@@ -162,7 +162,8 @@ def test_anchors_cached_per_shape(model):
     a = model.get_anchors((64, 64, 3))
     assert model.get_anchors((64, 64)) is a
     b = model.get_anchors((128, 64, 3))
-    assert b.shape[0] > a.shape[0]
+    assert b.shape[0] > a.shape[0] and model.anchors.shape == b.shape
+    assert model.get_anchors((64, 64)) is a and model.anchors.shape == a.shape
 
 
 def test_trainable_layers_and_keras_model(model):
