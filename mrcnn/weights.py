@@ -116,8 +116,9 @@ def _weights_root(f: h5py.File, filepath: str) -> h5py.Group:
         return f
     if "model_weights" in f and _read_str_list(f["model_weights"].attrs, "layer_names") is not None:
         return f["model_weights"]
-    raise WeightsError(f"{filepath}: not a Keras weight file (no 'layer_names' attribute at the root "
-                       "or in /model_weights)")
+    hint = "; Keras 3 '.weights.h5' files are not supported, save with MaskRCNN.save_weights" if "layers" in f else ""
+    raise WeightsError(f"{filepath}: not a Keras-2 weight file (no 'layer_names' attribute at the root "
+                       f"or in /model_weights){hint}")
 
 
 def read_weight_file(filepath: str) -> dict[str, list[tuple[str, np.ndarray]]]:

@@ -114,7 +114,7 @@ def test_not_hdf5_is_a_one_line_error(model, tmp_path):
         model.load_weights(str(tmp_path / "missing.h5"), verbose=0)
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(WeightsError, match="not a Keras weight file"):
+    with pytest.raises(WeightsError, match="not a Keras-2 weight file"):
         model.load_weights(str(tmp_path / "plain.h5"), verbose=0)
 
 
