@@ -17,12 +17,9 @@ at once. Every user mistake ends with one line ``lesions: error: ...`` and exit 
 from __future__ import annotations
 
 import argparse
-import datetime
-import glob
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from mrcnn import lesion_data  # noqa: E402  (light: no TensorFlow)
+from mrcnn import lesion_data, predict_io  # noqa: E402  (light: no TensorFlow)
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 
@@ -49,7 +46,7 @@ IMAGENET_URL = ("https://github.com/fchollet/deep-learning-models/releases/downl
 COCO_EXCLUDE = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask"]
 CHECKPOINT_RE = re.compile(r"^mask_rcnn_.*_(\d{4,})\.h5$")
 #: Exception class names that are the user's mistake (one line, exit 2), wherever they come from.
-USER_ERRORS = {"CliError", "ConfigError", "ImageReadError", "WeightsError", "DatasetLayoutError",
+USER_ERRORS = {"CliError", "ConfigError", "ImageReadError", "WeightsError", "DatasetLayoutError", "InputError",
                "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"}
 
 
@@ -224,27 +221,15 @@ class LesionDataset(Dataset):
 
 
 def prepare_demo_data(config: LesionConfig, root: Path = DEMO_DIR) -> Path:
-    """Generate (once) the synthetic ISIC-layout demo data; regenerated when settings change."""
-    stamp = {"n_images": int(config.DEMO_IMAGES), "seed": int(config.SEED or 0),
-             "size": [int(v) for v in config.DEMO_IMAGE_SIZE]}
-    stamp_file = root / "demo.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        print(f"Demo data: {root}/ ({stamp['n_images']} synthetic images, seed {stamp['seed']}, cached)")
-        return root
-    from mrcnn.synthetic import write_isic_dataset
-
-    print(f"Demo data: writing {stamp['n_images']} synthetic images ({stamp['size'][1]}x{stamp['size'][0]},"
-          f" seed {stamp['seed']}) into {root}/ ...", flush=True)
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_isic_dataset(tmp, stamp["n_images"], seed=stamp["seed"], size=tuple(stamp["size"]))
-        (tmp / "demo.json").write_text(json.dumps(stamp))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    """The synthetic demo dataset for ``config`` (generated once, regenerated when settings change)."""
+    size = (int(config.DEMO_IMAGE_SIZE[0]), int(config.DEMO_IMAGE_SIZE[1]))
+    seed = int(config.SEED or 0)
+    if not lesion_data.demo_data_is_current(root, config.DEMO_IMAGES, seed, size):
+        print(f"Demo data: writing {config.DEMO_IMAGES} synthetic images ({size[1]}x{size[0]}, seed {seed})"
+              f" into {root}/ ...", flush=True)
+    else:
+        print(f"Demo data: {root}/ ({config.DEMO_IMAGES} synthetic images, seed {seed}, cached)")
+    return lesion_data.ensure_demo_data(root, config.DEMO_IMAGES, seed, size)
 
 
 def dataset_root(args: argparse.Namespace, config: LesionConfig) -> Path:
@@ -306,13 +291,7 @@ def find_last_checkpoint(logs: Path, name: str = "lesion") -> Path:
     raise CliError(f"no trained checkpoint found under {logs}/ (train first, or pass --weights PATH)")
 
 
-def checkpoint_epoch(path: Path) -> int | None:
-    """The epoch number in a checkpoint's file name, or None."""
-    match = CHECKPOINT_RE.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def resolve_train_weights(choice: str | None, logs: Path, config: LesionConfig) -> tuple[str, Path | None]:
+def resolve_train_weights(choice: str | None, logs: Path, name: str) -> tuple[str, Path | None]:
     """(kind, path) for ``--weights`` in train mode; notes or one-line errors for missing files."""
     if choice is None:
         if COCO_WEIGHTS.is_file():
@@ -333,7 +312,7 @@ def resolve_train_weights(choice: str | None, logs: Path, config: LesionConfig) 
                            f" {IMAGENET_URL} into weights/ (or use --weights coco|none)")
         return "imagenet", IMAGENET_WEIGHTS
     if choice == "last":
-        return "last", find_last_checkpoint(logs, config.NAME)
+        return "last", find_last_checkpoint(logs, name)
     path = Path(choice)
     if not path.is_file():
         raise CliError(f"weights file {path} does not exist (expected coco, imagenet, last, none or a .h5 path)")
@@ -352,8 +331,10 @@ def resolve_model_weights(choice: str | None, logs: Path) -> Path:
     return path
 
 
-def saved_run_config(weights: Path) -> tuple[dict[str, Any] | None, Path | None]:
+def saved_run_config(weights: Path | None) -> tuple[dict[str, Any] | None, Path | None]:
     """The ``config.json`` written next to a checkpoint by training, if any."""
+    if weights is None:
+        return None, None
     path = weights.parent / "config.json"
     if path.is_file():
         try:
@@ -401,10 +382,12 @@ def stages(config: LesionConfig, start_epoch: int) -> list[tuple[str, int, float
 
 def run_train(args: argparse.Namespace) -> int:
     """--mode train: scan and split the data, then heads and all-layers stages."""
-    config = build_config(args)
-    print_config(config, config_origin(args))
     logs = Path(args.logs)
-    weights_kind, weights_path = resolve_train_weights(args.weights, logs, config)
+    weights_kind, weights_path = resolve_train_weights(args.weights, logs, LesionConfig.NAME)
+    # Resuming (--weights last|PATH of our checkpoint): the run's saved config is the base.
+    saved, saved_from = saved_run_config(weights_path) if weights_kind in ("last", "path") else (None, None)
+    config = build_config(args, saved)
+    print_config(config, config_origin(args, saved_from))
     root = dataset_root(args, config)
     report, train_ids, val_ids = scan_and_split(root, config)
     if not val_ids:
@@ -471,52 +454,6 @@ def report_training(log_dir: Path, seconds: float) -> None:
 # ===========================================================================================
 
 
-def list_input_images(spec: str) -> tuple[list[Path], list[str], bool]:
-    """(image files, skipped non-image names, single_file) for a file, a folder or a glob."""
-    path = Path(spec)
-    if path.is_file():
-        if not lesion_data.is_image_name(path):
-            raise CliError(f"--image {spec} is not an image file (expected {', '.join(lesion_data.IMAGE_EXTENSIONS)})")
-        return [path], [], True
-    if path.is_dir():
-        entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    elif glob.has_magic(spec):
-        entries = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
-    else:
-        raise CliError(f"--image {spec} does not exist")
-    images = [p for p in entries if lesion_data.is_image_name(p)]
-    skipped = [p.name for p in entries if not lesion_data.is_image_name(p)]
-    if not images:
-        raise CliError(f"--image {spec}: no image files found ({len(skipped)} other files)")
-    return images, skipped, False
-
-
-def new_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
-    """``--output`` or a new timestamped folder under ``parent``; (path, created by us)."""
-    if requested:
-        out = Path(requested)
-        if out.exists() and not out.is_dir():
-            raise CliError(f"--output {out} exists and is not a folder")
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out, n = Path(parent) / stamp, 1
-        while out.exists():
-            n += 1
-            out = Path(parent) / f"{stamp}-{n}"
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    return out, created
-
-
-def remove_if_empty(*folders: Path) -> None:
-    """Remove folders we created when nothing was written into them (innermost first)."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
 def load_inference_model(args: argparse.Namespace) -> tuple[Any, LesionConfig, Path, float]:
     """Resolve the weights, build the inference config and model; (model, config, weights, min score).
 
@@ -579,13 +516,13 @@ def run_predict(args: argparse.Namespace) -> int:
     """--mode predict: lesion masks, overlays (and crops) for a file, folder or glob."""
     if not args.image:
         raise CliError("--mode predict needs --image PATH (a file, a folder or a glob)")
-    paths, skipped, single = list_input_images(args.image)
+    paths, skipped, single = predict_io.list_images(args.image, "--image")
     if single:
         from mrcnn.imaging import read_image
 
         read_image(paths[0])  # an unreadable single file is an error before any output exists
     model, config, weights, min_confidence = load_inference_model(args)
-    out_dir, created = new_output_dir(args.output, "predictions")
+    out_dir, created = predict_io.make_output_dir(args.output, "predictions")
     try:
         records, unreadable = predict_images(model, paths, out_dir, min_confidence, args, tta=args.tta)
         from mrcnn.predict_io import write_summary
@@ -595,7 +532,7 @@ def run_predict(args: argparse.Namespace) -> int:
         summary = write_summary(out_dir, records, meta)
     finally:
         if created:
-            remove_if_empty(out_dir)
+            predict_io.remove_empty_dirs(out_dir)
     found = sum(1 for r in records if r["instances"])
     print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
           f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s).")
@@ -617,7 +554,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
     pairs = folder_pairs(args) if args.images else validation_pairs(args)
     model, config, weights, min_confidence = load_inference_model(args)
-    out_dir, created = new_output_dir(args.output, "evaluations")
+    out_dir, created = predict_io.make_output_dir(args.output, "evaluations")
     truth = {p.image_id: p.mask_path for p in pairs}
     images = {p.image_id: p.image_path for p in pairs}
     columns: dict[str, dict] = {}
@@ -627,7 +564,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             columns[variant] = evaluate_model(model, pairs, folder, min_confidence, args, truth, variant == "tta")
     finally:
         if created:
-            remove_if_empty(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
+            predict_io.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
     if "tta" in columns:  # the main summary.json reports the metrics with and without TTA
         from mrcnn import evaluation, metrics
 
@@ -711,7 +648,7 @@ def evaluate_prediction_folder(args: argparse.Namespace) -> int:
     rows, summary, problems = metrics.score_folders(args.pred, args.masks)
     if not rows:
         raise CliError(f"nothing to score in {args.pred}: {'; '.join(problems[:3]) or 'no predictions'}")
-    out_dir, _ = new_output_dir(args.output, "evaluations")
+    out_dir, _ = predict_io.make_output_dir(args.output, "evaluations")
     metrics.write_scores(rows, evaluation.json_safe(summary), out_dir, problems)
     summary.update(rows=rows, problems=problems)
     truth = {metrics.truth_id(p): p for p in Path(args.masks).iterdir() if p.is_file()}

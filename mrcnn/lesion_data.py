@@ -311,3 +311,45 @@ def write_split(path: str | Path, train: list[str], val: list[str], extra: dict 
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, path)
     return path
+
+
+# -------------------------------------------------------------------------------------------
+# Synthetic demo data
+
+
+def _demo_stamp(n_images: int, seed: int, size: tuple[int, int]) -> dict:
+    return {"n_images": int(n_images), "seed": int(seed), "size": [int(size[0]), int(size[1])]}
+
+
+def demo_data_is_current(root: str | Path, n_images: int, seed: int, size: tuple[int, int]) -> bool:
+    """True when ``root`` holds demo data generated with exactly these settings."""
+    stamp_file = Path(root) / "demo.json"
+    try:
+        return json.loads(stamp_file.read_text()) == _demo_stamp(n_images, seed, size)
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_demo_data(root: str | Path, n_images: int, seed: int, size: tuple[int, int]) -> Path:
+    """Synthetic ISIC-layout data (:func:`mrcnn.synthetic.write_isic_dataset`) in ``root``.
+
+    Reused while ``demo.json`` records the same settings; otherwise written into a temporary
+    folder and renamed into place, so an interrupted generation never leaves half a dataset.
+    """
+    import shutil
+
+    from mrcnn.synthetic import write_isic_dataset
+
+    root = Path(root)
+    if demo_data_is_current(root, n_images, seed, size):
+        return root
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_isic_dataset(tmp, int(n_images), seed=int(seed), size=(int(size[0]), int(size[1])))
+        (tmp / "demo.json").write_text(json.dumps(_demo_stamp(n_images, seed, size)))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

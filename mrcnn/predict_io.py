@@ -17,6 +17,8 @@ and renamed into place, so an interrupted run never leaves a half-written file.
 
 from __future__ import annotations
 
+import datetime
+import glob
 import json
 import os
 from pathlib import Path
@@ -24,7 +26,67 @@ from typing import Any
 
 import numpy as np
 
+from mrcnn.lesion_data import IMAGE_EXTENSIONS, is_image_name
+
 SUMMARY_NAME = "summary.json"
+
+
+class InputError(ValueError):
+    """The images or the output folder asked for cannot be used (one-line message)."""
+
+
+# -------------------------------------------------------------------------------------------
+# Inputs and output folders
+
+
+def list_images(spec: str, label: str = "input") -> tuple[list[Path], list[str], bool]:
+    """(image files, skipped non-image names, single file?) for a file, a folder or a glob.
+
+    Raises :class:`InputError` (message starting with ``label``) when ``spec`` does not exist,
+    is a file that is not an image, or a folder/glob without any image.
+    """
+    path = Path(spec)
+    if path.is_file():
+        if not is_image_name(path):
+            raise InputError(f"{label} {spec} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+        return [path], [], True
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif glob.has_magic(spec):
+        entries = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+    else:
+        raise InputError(f"{label} {spec} does not exist")
+    images = [p for p in entries if is_image_name(p)]
+    skipped = [p.name for p in entries if not is_image_name(p)]
+    if not images:
+        raise InputError(f"{label} {spec}: no image files found ({len(skipped)} other files)")
+    return images, skipped, False
+
+
+def make_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
+    """``requested``, or a new timestamped folder under ``parent``; returns (path, created now)."""
+    if requested:
+        out = Path(requested)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--output {out} exists and is not a folder")
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out, n = Path(parent) / stamp, 1
+        while out.exists():
+            n += 1
+            out = Path(parent) / f"{stamp}-{n}"
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return out, created
+
+
+def remove_empty_dirs(*folders: Path) -> None:
+    """Remove each folder that is empty (innermost first), so a failed run leaves nothing behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 # -------------------------------------------------------------------------------------------

@@ -150,8 +150,10 @@ def test_evaluate_pred_without_a_model(trained, tmp_path):
 
 def test_resume_with_weights_last_finds_the_right_epoch(trained):
     work, run, _ = trained
-    proc = run_cli("--mode", "train", "--dataset", "demo", "--config", str(TINY), "--weights", "last", cwd=work)
+    # no --config: resuming takes the run's saved config.json (ALL_EPOCHS 2, 6 demo images)
+    proc = run_cli("--mode", "train", "--dataset", "demo", "--weights", "last", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "config.json" in proc.stdout.splitlines()[0]
     assert "mask_rcnn_lesion_0002.h5" in proc.stdout
     assert "Nothing to do: the checkpoint is at epoch 2" in proc.stdout
     assert len(list((work / "logs").iterdir())) == 1
@@ -182,15 +184,15 @@ def test_ctrl_c_exits_130_with_resume_hint(tmp_path):
     assert "Traceback" not in err
 
 
-def test_list_input_images_file_folder_glob(tmp_path):
-    import lesions
+def test_list_images_file_folder_glob(tmp_path):
+    from mrcnn.predict_io import list_images
 
     for name in ("b.jpg", "a.PNG", "c.txt"):
         (tmp_path / name).write_bytes(b"x")
-    assert lesions.list_input_images(str(tmp_path / "b.jpg")) == ([tmp_path / "b.jpg"], [], True)
-    paths, skipped, single = lesions.list_input_images(str(tmp_path))
+    assert list_images(str(tmp_path / "b.jpg")) == ([tmp_path / "b.jpg"], [], True)
+    paths, skipped, single = list_images(str(tmp_path))
     assert [p.name for p in paths] == ["a.PNG", "b.jpg"] and skipped == ["c.txt"] and not single
-    paths, skipped, _ = lesions.list_input_images(str(tmp_path / "*.jpg"))
+    paths, skipped, _ = list_images(str(tmp_path / "*.jpg"))
     assert [p.name for p in paths] == ["b.jpg"] and skipped == []
 
 
