@@ -16,13 +16,31 @@ STAGE4_IDENTITY_BLOCKS = {"resnet50": 5, "resnet101": 22}
 
 
 class BatchNorm(KL.BatchNormalization):
-    """Matterport's name for Keras BatchNormalization (epsilon 1e-3, momentum 0.99)."""
+    """Keras BatchNormalization (Matterport's name) whose mode can be pinned.
+
+    ``fixed_training`` True/False fixes the mode whatever ``training`` the enclosing model is
+    called with (Matterport's TRAIN_BN semantics: False = moving statistics and no updates, also
+    while training). Keras 3 lets an outer ``model(x, training=True)`` override a
+    ``training=False`` given when the graph was built, hence the pin. None = normal Keras behaviour.
+    """
+
+    def __init__(self, *args: Any, fixed_training: bool | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fixed_training = fixed_training
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        if self.fixed_training is not None:
+            training = self.fixed_training
+        return super().call(inputs, training=training, mask=mask)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "fixed_training": self.fixed_training}
 
 
 def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
-    """BatchNorm named ``name`` called with ``training=train_bn`` (False = frozen moving stats,
-    None = Keras default behaviour)."""
-    layer = BatchNorm(name=name, epsilon=1e-3, momentum=0.99)
+    """BatchNorm named ``name`` pinned to ``training=train_bn`` (False = frozen moving stats,
+    True = always batch statistics, None = Keras default behaviour)."""
+    layer = BatchNorm(name=name, epsilon=1e-3, momentum=0.99, fixed_training=train_bn)
     if train_bn is None:
         return layer(x)
     return layer(x, training=train_bn)

@@ -99,3 +99,23 @@ def test_detection_layer_matches_numpy(min_confidence):
     if min_confidence:
         real = out[..., 4] > 0
         assert np.all(out[..., 5][real] >= min_confidence)
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_batch_norm_mode_is_pinned_by_train_bn(train_bn):
+    """TRAIN_BN holds whatever ``training`` the enclosing model is called with (Keras 3 would
+    otherwise let model(x, training=True) unfreeze a BN built with training=False)."""
+    import keras
+
+    from mrcnn.backbone import batch_norm
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, batch_norm(inputs, "bn_test", train_bn))
+    layer = model.get_layer("bn_test")
+    x = np.random.default_rng(0).uniform(5, 15, (8, 4)).astype(np.float32)
+    before = keras.ops.convert_to_numpy(layer.moving_mean).copy()
+    a = keras.ops.convert_to_numpy(model(x, training=True))
+    b = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    moved = not np.allclose(keras.ops.convert_to_numpy(layer.moving_mean), before)
+    assert moved == train_bn
