@@ -227,7 +227,7 @@ class Config:
                       f"image size must be a multiple of 64 (IMAGE_SHAPE {h}x{w} from IMAGE_MAX_DIM/IMAGE_MIN_DIM);"
                       f" try {max(64, round(h / 64) * 64)}")
         if self.IMAGE_RESIZE_MODE == "pad64":
-            err.check(self.IMAGE_MIN_DIM % 64 == 0, f"IMAGE_MIN_DIM must be a multiple of 64 in pad64 mode")
+            err.check(self.IMAGE_MIN_DIM % 64 == 0, "IMAGE_MIN_DIM must be a multiple of 64 in pad64 mode")
         err.check(self.IMAGE_MIN_DIM >= 1 and self.IMAGE_MIN_DIM <= self.IMAGE_MAX_DIM
                   or self.IMAGE_RESIZE_MODE in ("crop", "none"),
                   f"IMAGE_MIN_DIM ({self.IMAGE_MIN_DIM}) must be between 1 and IMAGE_MAX_DIM ({self.IMAGE_MAX_DIM})")
