@@ -1,0 +1,125 @@
+"""Config: Matterport defaults and derived values, display(), validation and overrides."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mrcnn.config import Config, ConfigError, parse_value
+
+
+class TinyConfig(Config):
+    NAME = "tiny"
+    NUM_CLASSES = 2
+    IMAGE_MIN_DIM = 128
+    IMAGE_MAX_DIM = 128
+
+
+def test_matterport_defaults_and_derived_values():
+    c = Config()
+    assert c.BATCH_SIZE == 2 and c.IMAGES_PER_GPU == 2 and c.GPU_COUNT == 1
+    assert c.IMAGE_SHAPE.tolist() == [1024, 1024, 3]
+    assert c.IMAGE_META_SIZE == 13  # 12 + NUM_CLASSES (1)
+    assert c.BACKBONE == "resnet101" and c.RPN_ANCHOR_SCALES == (32, 64, 128, 256, 512)
+    assert c.DETECTION_MIN_CONFIDENCE == 0.7 and c.MASK_SHAPE == [28, 28]
+    np.testing.assert_array_equal(c.BBOX_STD_DEV, [0.1, 0.1, 0.2, 0.2])
+
+
+def test_crop_mode_uses_min_dim_for_image_shape():
+    class Crop(TinyConfig):
+        IMAGE_RESIZE_MODE = "crop"
+        IMAGE_MIN_DIM = 64
+
+    assert Crop().IMAGE_SHAPE.tolist() == [64, 64, 3]
+
+
+def test_display_prints_sorted_attributes_padded_to_30(capsys):
+    TinyConfig().display()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip() and ":" not in line[:15]]
+    names = [line[:30].strip() for line in lines]
+    assert names == sorted(names)
+    assert any(line.startswith("NAME" + " " * 26 + " tiny") for line in lines)
+    assert "IMAGE_META_SIZE" in names and "display" not in names
+
+
+def test_validate_accepts_a_sane_config():
+    assert TinyConfig().validate().NAME == "tiny"
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("IMAGE_MAX_DIM", 100, "multiple of 64"),
+        ("BACKBONE", "resnet18", "BACKBONE"),
+        ("TRAIN_ROIS_PER_IMAGE", 5000, "POST_NMS_ROIS_TRAINING"),
+        ("DETECTION_MIN_CONFIDENCE", 1.5, "DETECTION_MIN_CONFIDENCE"),
+        ("NUM_CLASSES", 1, "NUM_CLASSES"),
+        ("MASK_SHAPE", [30, 30], "MASK_SHAPE"),
+        ("IMAGE_RESIZE_MODE", "stretch", "IMAGE_RESIZE_MODE"),
+    ],
+)
+def test_validate_refuses_bad_values_with_one_line(key, value, words):
+    c = TinyConfig()
+    c.set(key, value)
+    with pytest.raises(ConfigError) as info:
+        c.validate()
+    message = str(info.value)
+    assert words in message and "\n" not in message
+
+
+def test_overrides_parse_types_and_recompute_derived_values():
+    c = TinyConfig().apply_overrides(["IMAGE_MAX_DIM=256", "IMAGES_PER_GPU=3", "BACKBONE=resnet50",
+                                      "LEARNING_RATE=0.01", "LOSS_WEIGHTS={mrcnn_mask_loss=2.0}"])
+    assert c.IMAGE_SHAPE.tolist() == [256, 256, 3] and c.BATCH_SIZE == 3
+    assert c.BACKBONE == "resnet50" and c.LEARNING_RATE == 0.01
+    assert c.LOSS_WEIGHTS["mrcnn_mask_loss"] == 2.0 and c.LOSS_WEIGHTS["rpn_class_loss"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("NOT_A_KEY=1", "unknown config key"),
+        ("IMAGE_MAX_DIM=big", "expects an integer"),
+        ("IMAGE_MAX_DIM=1.5", "expects an integer"),
+        ("USE_MINI_MASK=1", "true or false"),
+        ("BATCH_SIZE=4", "derived"),
+        ("LOSS_WEIGHTS={foo=1.0}", "no entry"),
+        ("IMAGE_MAX_DIM", "KEY=VALUE"),
+    ],
+)
+def test_overrides_refuse_unknown_keys_and_wrong_types(override, words):
+    with pytest.raises(ConfigError, match=words):
+        TinyConfig().apply_overrides([override])
+
+
+def test_toml_preset_and_errors(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('BACKBONE = "resnet50"\n[rpn]\nRPN_ANCHOR_SCALES = [8, 16, 32, 64, 128]\n')
+    c = TinyConfig().load_toml(good)
+    assert c.BACKBONE == "resnet50" and c.RPN_ANCHOR_SCALES == (8, 16, 32, 64, 128)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("NOPE = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'NOPE' \(in .*bad.toml\)"):
+        TinyConfig().load_toml(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("= = =")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        TinyConfig().load_toml(broken)
+    with pytest.raises(ConfigError, match="not found"):
+        TinyConfig().load_toml(tmp_path / "missing.toml")
+
+
+def test_save_writes_json_snapshot(tmp_path):
+    path = tmp_path / "config.json"
+    TinyConfig().save(path)
+    data = json.loads(path.read_text())
+    assert data["NAME"] == "tiny" and data["IMAGE_SHAPE"] == [128, 128, 3]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("resnet50") == "resnet50"
+    assert parse_value("None") is None
