@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Quality benchmark: train Mask R-CNN from random weights for a fixed wall-clock budget, then
+score the validation split with the ISIC 2018 metrics, exactly as ``lesions.py --mode evaluate``.
+
+::
+
+    python benchmarks/quality.py                                  # HAM10000, 30 min, configs/ham10000_cpu.toml
+    python benchmarks/quality.py --budget-min 2 --max-val 100     # a quick check
+    python benchmarks/quality.py --dataset isic2018 --config isic2018 --set IMAGES_PER_GPU=4
+
+What it does:
+
+1. reads ``--dataset`` through the toolkit (:class:`lesions.LesionDataset` via
+   :func:`lesions.scan_and_split`: ISIC 2018 layout, or ``images/`` + ``masks/`` with the
+   ``split`` column of ``metadata.csv``), builds the ``--config`` preset (+ ``--set``);
+2. trains all layers from random initialisation on the train split (flips + 90-degree rotations
+   by default) until ``--budget-min`` minutes of wall clock have passed since training started
+   (:class:`benchmarks.budget.TimeBudget`, which also drives the learning-rate ``--schedule``);
+   the checkpoint of the interrupted epoch is written as usual;
+3. evaluates that checkpoint on the validation split (all of it, or a seeded sample of
+   ``--max-val`` images) with :func:`lesions.load_inference_model` and
+   :func:`lesions.evaluate_model`, the code behind ``--mode evaluate`` (prediction PNGs,
+   ``scores.csv`` and ``summary.json`` land in ``<run>/evaluation/``);
+4. prints ONE JSON line on stdout (all progress goes to stderr) and appends it to ``--record``.
+
+The JSON has: budget and time actually trained, steps, epochs (passes over the train split),
+the official metrics (``threshold_jaccard``, ``jaccard``, ``dice``, ``sensitivity``,
+``specificity``, ``accuracy``, ``map50``, ``map``), ``seconds_per_image`` of evaluation, how
+many images fell back to the best box or got an empty mask, and ``other_load_share``: the share
+of the machine's CPU capacity that *other* processes used while training (from /proc/stat minus
+/proc/self/stat) -- a fair measurement has it near 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+if str(REPO_DIR) not in sys.path:
+    sys.path.insert(0, str(REPO_DIR))
+
+import lesions  # noqa: E402  (light: TensorFlow is imported when the model is built)
+from benchmarks.budget import SCHEDULES, CpuMeter  # noqa: E402
+
+DEFAULT_DATASET = REPO_DIR.parent / "shared" / "data" / "ham10000_200"
+DEFAULT_CONFIG = "ham10000_cpu"
+AUGMENTATIONS = ("flips", "default", "none")
+METRIC_KEYS = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy", "map50", "map")
+
+
+# -------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options."""
+    p = argparse.ArgumentParser(prog="quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(DEFAULT_DATASET), help="ISIC 2018 or images/+masks/ folder"
+                   " (default: ../shared/data/ham10000_200)")
+    p.add_argument("--budget-min", type=float, default=30.0, help="training wall clock in minutes (default 30)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="preset in configs/ or a TOML file (default ham10000_cpu)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config value")
+    p.add_argument("--max-val", type=int, default=0, metavar="N",
+                   help="evaluate on a seeded sample of N validation images (0 = all)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning rate over the budget, from LEARNING_RATE (default cosine)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="flips",
+                   help="flips: h/v flips + 90-degree rotations (default); default: mrcnn.data's"
+                        " (adds scale/shift and colour); none")
+    p.add_argument("--layers", default="all", help="layers to train (default all: random initialisation)")
+    p.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps (tests)")
+    p.add_argument("--top1", action="store_true", help="lesion mask = best instance only (default: union of"
+                   " the instances above DETECTION_MIN_CONFIDENCE, best box as fallback)")
+    p.add_argument("--weights", metavar="CHECKPOINT", help="skip training: evaluate this checkpoint"
+                   " (e.g. another mask rule with --top1)")
+    p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
+    p.add_argument("--record", metavar="FILE", help="also append the JSON line to FILE")
+    p.add_argument("--label", default="", help="free text stored in the JSON (what this run tries)")
+    return p
+
+
+def config_args(args: argparse.Namespace, weights: Path | None = None) -> argparse.Namespace:
+    """The namespace lesions.py's helpers expect (config, set, dataset, weights, logs, ...)."""
+    return argparse.Namespace(config=args.config, set=list(args.set), dataset=args.dataset, logs=args.logs,
+                              weights=str(weights) if weights else None, top1=args.top1, crop=False, tta=False)
+
+
+# -------------------------------------------------------------------------------------------
+# Training
+
+
+def augmentation(kind: str, seed: int | None) -> Any:
+    """The albumentations transform for ``--augment``."""
+    if kind == "none":
+        return None
+    if kind == "default":
+        from mrcnn.data import default_augmentation
+
+        return default_augmentation(seed)
+    import albumentations as A
+
+    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)], seed=seed)
+
+
+def new_run_dir(logs: Path) -> Path:
+    """A fresh ``logs/quality-YYYYmmddTHHMMSS[-n]`` folder name (not created)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    run, n = logs / f"quality-{stamp}", 1
+    while run.exists():
+        n += 1
+        run = logs / f"quality-{stamp}-{n}"
+    return run
+
+
+def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, train_set: Any,
+                     run_dir: Path) -> dict[str, Any]:
+    """Build the training model and train until the budget is spent; facts about the run."""
+    from benchmarks.time_budget import TimeBudget
+    from mrcnn import model as modellib
+
+    model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(run_dir.parent))
+    model.log_dir = str(run_dir)
+    model.checkpoint_path = str(run_dir / f"mask_rcnn_{config.NAME.lower()}_{{epoch:04d}}.h5")
+    budget = TimeBudget(args.budget_min * 60.0, base_lr=config.LEARNING_RATE, schedule=args.schedule,
+                        warmup_steps=args.warmup_steps, max_steps=args.max_steps)
+    meter = CpuMeter().start()
+    budget.start = time.time()
+    model.train(train_set, None, learning_rate=config.LEARNING_RATE, epochs=100_000, layers=args.layers,
+                augmentation=augmentation(args.augment, config.SEED), custom_callbacks=[budget])
+    load = meter.stop()
+    checkpoints = lesions.checkpoints_in(run_dir)
+    if not checkpoints:
+        raise RuntimeError(f"training wrote no checkpoint into {run_dir}")
+    return {"train_seconds": round(time.time() - budget.start, 1), "steps": budget.steps,
+            "keras_epochs": checkpoint_epoch(checkpoints[-1]), "final_loss": round(budget.last_logs.get("loss", float("nan")), 4),
+            "final_lr": budget.last_lr, "checkpoint": checkpoints[-1], **budget.steady_step_times(), **load}
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """``mask_rcnn_lesion_0003.h5`` -> 3 (the epochs begun, the last one cut by the budget)."""
+    return int(lesions.CHECKPOINT_RE.match(path.name).group(1))
+
+
+# -------------------------------------------------------------------------------------------
+# Evaluation (lesions.py --mode evaluate's code)
+
+
+def sample_pairs(pairs: list, max_val: int, seed: int = 0) -> list:
+    """All ``pairs``, or a seeded sample of ``max_val`` of them (kept in id order)."""
+    if not max_val or max_val >= len(pairs):
+        return list(pairs)
+    chosen = set(random.Random(seed).sample(range(len(pairs)), max_val))
+    return [p for i, p in enumerate(pairs) if i in chosen]
+
+
+def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, pairs: list, out_dir: Path) -> dict[str, Any]:
+    """Load ``checkpoint`` as ``--mode evaluate`` does and score ``pairs``; metrics and timing."""
+    from mrcnn.imaging import read_image
+
+    eval_args = config_args(args, checkpoint)
+    model, _, _, min_confidence = lesions.load_inference_model(eval_args)
+    model.detect([read_image(pairs[0].image_path)], verbose=0)  # trace once, outside the timing
+    truth = {p.image_id: p.mask_path for p in pairs}
+    meter = CpuMeter().start()
+    started = time.time()
+    summary = lesions.evaluate_model(model, pairs, out_dir, min_confidence, eval_args, truth, tta=False)
+    seconds = time.time() - started
+    load = meter.stop()
+    out = {key: _round(summary.get(key)) for key in METRIC_KEYS}
+    out.update(n_val=len(summary["rows"]), eval_problems=len(summary["problems"]),
+               seconds_per_image=round(seconds / max(len(pairs), 1), 4), eval_seconds=round(seconds, 1),
+               eval_other_load_share=load["other_load_share"], min_confidence=min_confidence)
+    out.update(mask_counts(out_dir / "predictions" / "summary.json"))
+    return out
+
+
+def mask_counts(summary_path: Path) -> dict[str, int]:
+    """How many images used the best-box fallback and how many got an empty mask."""
+    records = json.loads(summary_path.read_text())["images"]
+    return {"fallback_images": sum(1 for r in records if r.get("fallback")),
+            "empty_masks": sum(1 for r in records if not r.get("lesion_area_px"))}
+
+
+def _round(value: Any) -> Any:
+    return round(float(value), 5) if isinstance(value, (int, float)) else value
+
+
+# -------------------------------------------------------------------------------------------
+# Main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON record."""
+    started = time.time()
+    config = lesions.build_config(config_args(args))
+    report, train_ids, val_ids = lesions.scan_and_split(Path(args.dataset), config)
+    if not val_ids:
+        raise lesions.CliError(f"dataset {args.dataset} has no validation images")
+    lesions.resolve_steps(config, len(train_ids), len(val_ids))
+    config.VALIDATION_STEPS = 0  # no validation loss: every second of the budget trains
+    train_set, = lesions.make_datasets(report, train_ids)
+    run_dir = new_run_dir(Path(args.logs))
+    run_dir.mkdir(parents=True)
+    from mrcnn import lesion_data
+
+    lesion_data.write_split(run_dir / "split.json", train_ids, val_ids, {"dataset": str(args.dataset)})
+    setup_seconds = time.time() - started
+    if args.weights:
+        trained = {"checkpoint": Path(args.weights), "steps": 0, "keras_epochs": None, "train_seconds": 0.0}
+    else:
+        trained = train_for_budget(args, config, train_set, run_dir)
+    by_id = {p.image_id: p for p in report.pairs}
+    pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
+    scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
+    images_seen = trained["steps"] * config.BATCH_SIZE
+    return {"label": args.label, "budget_min": args.budget_min, "train_seconds": trained["train_seconds"],
+            "steps": trained["steps"], "epochs": round(images_seen / len(train_ids), 3),
+            "keras_epochs": trained["keras_epochs"], "batch_size": config.BATCH_SIZE, "n_train": len(train_ids),
+            **scores, "other_load_share": trained.get("other_load_share"),
+            "own_cpu_share": trained.get("own_cpu_share"), "cpus": trained.get("cpus"),
+            "step_seconds": trained.get("step_seconds"), "step_cpu_seconds": trained.get("step_cpu_seconds"),
+            "final_loss": trained.get("final_loss"), "final_lr": trained.get("final_lr"), "top1": args.top1,
+            "setup_seconds": round(setup_seconds, 1), "config": args.config, "set": args.set,
+            "schedule": args.schedule, "augment": args.augment, "dataset": str(args.dataset),
+            "checkpoint": str(trained["checkpoint"]), "run_dir": str(run_dir),
+            "total_seconds": round(time.time() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark with progress on stderr; print the JSON line on stdout."""
+    args = build_parser().parse_args(argv)
+    if args.budget_min <= 0:
+        build_parser().error("--budget-min must be > 0")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            record = run(args)
+    except Exception as exc:  # noqa: BLE001 - user mistakes as one line, bugs with a traceback
+        if lesions.is_user_error(exc):
+            print(f"quality: error: {lesions.one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+    line = json.dumps(record)
+    print(line, flush=True)
+    if args.record:
+        with open(args.record, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

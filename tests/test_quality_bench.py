@@ -1,0 +1,105 @@
+"""Smoke test of benchmarks/quality.py: a few seconds of training on a tiny synthetic dataset in
+the plain ``images/`` + ``masks/`` + ``metadata.csv`` layout, then the JSON line is checked.
+
+Also unit tests of the budget helpers (learning-rate schedule, /proc CPU meter).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.budget import CpuMeter, budget_learning_rate
+from mrcnn.synthetic import encode_pair, image_id, make_lesion_image
+
+REPO = Path(__file__).resolve().parents[1]
+QUALITY = REPO / "benchmarks" / "quality.py"
+TINY = REPO / "tests" / "data" / "tiny.toml"
+KEYS = ("budget_min", "train_seconds", "steps", "epochs", "threshold_jaccard", "jaccard", "dice", "sensitivity",
+        "specificity", "accuracy", "seconds_per_image", "other_load_share", "own_cpu_share", "n_val", "n_train",
+        "fallback_images", "empty_masks", "checkpoint")
+
+
+def write_plain_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: tuple[int, int] = (64, 80)) -> None:
+    """Synthetic lesions as ``images/<id>.jpg``, ``masks/<id>_segmentation.png`` and a split column."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for index in range(n_train + n_val):
+        image, masks = make_lesion_image(np.random.default_rng([3, index]), *size)
+        jpg, png = encode_pair(image, masks)
+        name = image_id(index)
+        (root / "images" / f"{name}.jpg").write_bytes(jpg)
+        (root / "masks" / f"{name}_segmentation.png").write_bytes(png)
+        rows.append({"image_id": name, "dx": "nv", "split": "train" if index < n_train else "val"})
+    with open(root / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image_id", "dx", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
+    data = tmp_path / "data"
+    write_plain_dataset(data)
+    record = tmp_path / "results.jsonl"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(QUALITY), "--dataset", str(data), "--config", str(TINY), "--budget-min", "0.2",
+         "--set", "STEPS_PER_EPOCH=1000", "--warmup-steps", "2", "--logs", str(tmp_path / "logs"),
+         "--record", str(record), "--label", "smoke"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout[-2000:]  # progress goes to stderr
+    result = json.loads(lines[0])
+    assert json.loads(record.read_text().strip()) == result
+    for key in KEYS:
+        assert key in result, key
+    assert result["label"] == "smoke" and result["budget_min"] == 0.2
+    assert result["n_train"] == 6 and result["n_val"] == 2
+    assert result["steps"] >= 1 and result["epochs"] == pytest.approx(result["steps"] / 6, abs=1e-3)
+    assert result["train_seconds"] > 0 and result["keras_epochs"] == 1  # (one step can outlast 12 s under load)
+    for key in ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy"):
+        assert 0.0 <= result[key] <= 1.0, (key, result[key])
+    assert result["threshold_jaccard"] <= result["jaccard"] + 1e-9
+    assert result["seconds_per_image"] > 0
+    assert 0.0 <= result["other_load_share"] <= 1.0 and 0.0 < result["own_cpu_share"] <= 1.0
+    assert 0 <= result["empty_masks"] <= 2 and 0 <= result["fallback_images"] <= 2
+    assert Path(result["checkpoint"]).is_file()
+    evaluation = Path(result["run_dir"]) / "evaluation"
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert summary["jaccard"] == pytest.approx(result["jaccard"], abs=1e-5)  # the --mode evaluate files
+    assert len(list((evaluation / "predictions").glob("*_segmentation.png"))) == 2
+
+
+def test_learning_rate_schedules():
+    assert budget_learning_rate(0.01, 0.5, 1000, "constant") == 0.01
+    assert budget_learning_rate(0.01, 0.0, 1000, "cosine") == pytest.approx(0.01)
+    assert budget_learning_rate(0.01, 1.0, 1000, "cosine") == pytest.approx(0.0005)
+    assert budget_learning_rate(0.01, 0.5, 1000, "cosine") == pytest.approx(0.01 * (0.05 + 0.95 * 0.5))
+    assert budget_learning_rate(0.01, 0.79, 1000, "step") == 0.01
+    assert budget_learning_rate(0.01, 0.81, 1000, "step") == pytest.approx(0.001)
+    assert budget_learning_rate(0.01, 0.0, 0, "constant", warmup_steps=10) == pytest.approx(0.001)
+    assert budget_learning_rate(0.01, 0.0, 9, "constant", warmup_steps=10) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        budget_learning_rate(0.01, 0.5, 0, "linear")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc")
+def test_cpu_meter_sees_own_work():
+    meter = CpuMeter().start()
+    x = 0.0
+    for i in range(3_000_000):
+        x += math.sqrt(i)
+    result = meter.stop()
+    assert result["cpus"] >= 1 and result["seconds"] > 0
+    assert 0.0 < result["own_cpu_share"] <= 1.0
+    assert 0.0 <= result["other_load_share"] <= 1.0
