@@ -237,9 +237,11 @@ class SampleSource:
         epoch, pos = divmod(int(index), n)
         if not self.shuffle:
             return int(self.image_ids[pos])
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, 2**31 + epoch]).permutation(self.image_ids)}
-        return int(self._orders[epoch][pos])
+        order = self._orders.get(epoch)  # one cached pass; worker threads may race, results stay equal
+        if order is None:
+            order = np.random.default_rng([self.seed, 2**31 + epoch]).permutation(self.image_ids)
+            self._orders = {epoch: order}
+        return int(order[pos])
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
@@ -278,6 +280,7 @@ def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None
         sample = source(int(index))
         return [sample[name] for name in names]
 
+    @tf.autograph.experimental.do_not_convert
     def load_tensor(index):
         values = tf.numpy_function(load, [index], [specs[n].dtype for n in names], stateful=False)
         return {n: tf.ensure_shape(v, specs[n].shape) for n, v in zip(names, values, strict=True)}

@@ -77,11 +77,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class SafeCSVLogger(keras.callbacks.Callback):
-    """Per-epoch rows (1-based ``epoch`` then sorted keys) in ``path``, rewritten atomically."""
+    """Per-epoch rows (1-based ``epoch`` then sorted keys) in ``path``, rewritten atomically.
 
-    def __init__(self, path: str, first_epoch: int = 0) -> None:
+    Rows after ``first_epoch`` (left by an abandoned run) are replaced; diverged epochs are not written.
+    """
+
+    def __init__(self, path: str, first_epoch: int = 0, guard: NonFiniteGuard | None = None) -> None:
         super().__init__()
         self.path = path
+        self.guard = guard
         self.first_epoch = int(first_epoch)
         self.rows: list[dict[str, str]] = []
 
@@ -92,6 +96,8 @@ class SafeCSVLogger(keras.callbacks.Callback):
                 self.rows = [r for r in csv.DictReader(f) if int(r.get("epoch", 0) or 0) <= self.first_epoch]
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard is not None and self.guard.diverged:
+            return  # the epoch has no checkpoint either; the error message has the numbers
         row = {"epoch": str(epoch + 1)}
         row.update({k: f"{v:.6g}" for k, v in sorted(_floats(logs).items())})
         self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]

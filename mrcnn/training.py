@@ -284,10 +284,12 @@ def build_training_model(config) -> TrainingModel:
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, output_rois, then the
     scalar losses rpn_class_loss, rpn_bbox_loss, mrcnn_class_loss, mrcnn_bbox_loss,
     mrcnn_mask_loss. Built under ``mixed_float16`` when MIXED_PRECISION, inside a
-    MirroredStrategy scope when GPU_COUNT > 1.
+    MirroredStrategy scope when GPU_COUNT > 1. With config.SEED the initial weights are reproducible.
     """
     from mrcnn.inference_graph import dtype_policy
 
+    if _seed(config) is not None:
+        keras.utils.set_random_seed(_seed(config))  # reproducible initial weights
     with dtype_policy(config), distribution_strategy(config).scope():
         return _build_graph(config)
 
@@ -364,7 +366,7 @@ def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_s
 
 def _callbacks(model, custom_callbacks, guard: NonFiniteGuard) -> list:
     return [guard,
-            SafeCSVLogger(os.path.join(model.log_dir, "training.csv"), first_epoch=model.epoch),
+            SafeCSVLogger(os.path.join(model.log_dir, "training.csv"), first_epoch=model.epoch, guard=guard),
             ScalarSummaries(model.log_dir),
             EpochCheckpoint(model, guard),
             *(custom_callbacks or [])]
