@@ -621,12 +621,15 @@ def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
     The dataset settings (demo size, split fraction and seed) come from the checkpoint's run
     config, so evaluation sees exactly the images training held out.
     """
-    weights = resolve_model_weights(args.weights, Path(args.logs))
+    try:
+        weights: Path | None = resolve_model_weights(args.weights, Path(args.logs))
+    except CliError:
+        weights = None  # the dataset is checked first; this error comes again when the model loads
     config = build_config(args, saved_run_config(weights)[0])
     root = dataset_root(args, config)
     report, _, val_ids = scan_and_split(root, config)
-    split_file = weights.parent / "split.json"
-    if split_file.is_file():
+    split_file = weights.parent / "split.json" if weights else None
+    if split_file is not None and split_file.is_file():
         usable = {p.image_id for p in report.pairs}
         val_ids = [i for i in json.loads(split_file.read_text()).get("val", []) if i in usable]
         print(f"  using the validation split of the training run ({split_file}): {len(val_ids)} images")
