@@ -119,7 +119,9 @@ def test_config_presets_are_valid():
     sys.path.insert(0, str(REPO))
     import lesions
 
-    for name in ("demo", "isic2018"):
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+    assert {"demo", "isic2018"} <= set(names)
+    for name in names:
         config = lesions.LesionConfig()
         config.load_toml(lesions.resolve_config_path(name))
         config.validate()
