@@ -748,6 +748,8 @@ def check_mode_options(args: argparse.Namespace) -> None:
             raise CliError(f"--{option.replace('_', '-')} does not apply to --mode {args.mode}")
     if args.grid < 0:
         raise CliError(f"--grid N needs N >= 0, got {args.grid}")
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise CliError(f"--output {args.output} exists and is not a folder")
 
 
 def is_user_error(exc: BaseException) -> bool:
