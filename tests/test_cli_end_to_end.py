@@ -85,7 +85,7 @@ def test_predict_one_file_into_a_new_default_folder(trained):
 
 def test_predict_glob_with_options_skips_and_counts(trained):
     work, run, _ = trained
-    folder = work / "mixed input"  # a space in the path on purpose
+    folder = work / "mixed input ü"  # a space and a non-ASCII letter in the path on purpose
     folder.mkdir()
     for name in ("ISIC_0000000.jpg", "ISIC_0000001.jpg"):
         shutil.copy(work / IMAGES / name, folder / name)
