@@ -381,7 +381,7 @@ def stages(config: LesionConfig, start_epoch: int) -> list[tuple[str, int, float
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """--mode train: scan and split the data, then heads and all-layers stages."""
+    """--mode train: scan and split the data, then heads and all-layers stages (or k folds)."""
     logs = Path(args.logs)
     weights_kind, weights_path = resolve_train_weights(args.weights, logs, LesionConfig.NAME)
     # Resuming (--weights last|PATH of our checkpoint): the run's saved config is the base.
@@ -390,25 +390,32 @@ def run_train(args: argparse.Namespace) -> int:
     print_config(config, config_origin(args, saved_from))
     root = dataset_root(args, config)
     report, train_ids, val_ids = scan_and_split(root, config)
+    if args.folds:
+        return run_kfold(args, config, report, root, (weights_kind, weights_path))
     if not val_ids:
         raise CliError(f"dataset {root} leaves no validation image (raise VALIDATION_FRACTION or add images)")
+    train_one(config, report, train_ids, val_ids, (weights_kind, weights_path), logs, {"dataset": str(root)})
+    return 0
+
+
+def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: list[str], val_ids: list[str],
+              weights: tuple[str, Path | None], logs: Path, split_info: dict) -> Path:
+    """Build the training model, load ``weights``, run the remaining stages; returns the run folder."""
     resolve_steps(config, len(train_ids), len(val_ids))
     train_set, val_set = make_datasets(report, train_ids, val_ids)
-
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
 
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(logs))
-    load_weights(model, weights_kind, weights_path)
+    load_weights(model, *weights)
     start = int(getattr(model, "epoch", 0) or 0)
     log_dir = Path(model.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    lesion_data.write_split(log_dir / "split.json", train_ids, val_ids,
-                            {"dataset": str(root), "scan": report.to_dict()})
+    lesion_data.write_split(log_dir / "split.json", train_ids, val_ids, split_info | {"scan": report.to_dict()})
     todo = stages(config, start)
     if not todo:
         print(f"Nothing to do: the checkpoint is at epoch {start} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
-        return 0
+        return log_dir
     augmentation = _augmentation(config)
     started = time.time()
     for layers, final_epoch, learning_rate in todo:
@@ -417,7 +424,74 @@ def run_train(args: argparse.Namespace) -> int:
         model.train(train_set, val_set, learning_rate=learning_rate, epochs=final_epoch, layers=layers,
                     augmentation=augmentation)
     report_training(log_dir, time.time() - started)
+    return log_dir
+
+
+def run_kfold(args: argparse.Namespace, config: LesionConfig, report: lesion_data.ScanReport, root: Path,
+              weights: tuple[str, Path | None]) -> int:
+    """--folds K --fold I|all: train and evaluate fold I (or every fold, then mean and std)."""
+    import copy
+
+    from mrcnn import evaluation
+
+    logs = Path(args.logs)
+    base_name = re.sub(r"_fold\d+$", "", str(config.NAME))
+    folds = lesion_data.kfold_split([p.image_id for p in report.pairs], args.folds, config.SEED)
+    wanted = range(args.folds) if args.fold == "all" else [int(args.fold)]
+    summaries = []
+    for i in wanted:
+        train_ids, val_ids = folds[i]
+        fold_config = copy.deepcopy(config)
+        fold_config.set("NAME", f"{base_name}_fold{i}")
+        fold_weights = weights
+        if weights[0] == "last":  # resume this fold's own run
+            fold_weights = ("last", find_last_checkpoint(logs, fold_config.NAME))
+        print(f"\n=== Fold {i} of {args.folds} (0-based): {len(train_ids)} train, {len(val_ids)} validation ===")
+        log_dir = train_one(fold_config, report, train_ids, val_ids, fold_weights, logs,
+                            {"dataset": str(root), "folds": args.folds, "fold": i, "seed": config.SEED,
+                             "all_folds": [f[1] for f in folds]})
+        summaries.append(evaluate_fold(args, log_dir, report, val_ids))
+        print("\n".join(evaluation.summary_lines({f"fold {i}": summaries[-1]})))
+    if len(summaries) > 1:
+        write_kfold_summary(logs, base_name, summaries)
     return 0
+
+
+def evaluate_fold(args: argparse.Namespace, log_dir: Path, report: lesion_data.ScanReport,
+                  val_ids: list[str]) -> dict:
+    """Evaluate the newest checkpoint of ``log_dir`` on the fold's validation ids."""
+    eval_args = copy_args(args, weights=str(checkpoints_in(log_dir)[-1]), tta=False, top1=False, crop=False)
+    model, _, _, min_confidence = load_inference_model(eval_args)
+    wanted = set(val_ids)
+    pairs = [p for p in report.pairs if p.image_id in wanted]
+    truth = {p.image_id: p.mask_path for p in pairs}
+    summary = evaluate_model(model, pairs, log_dir / "evaluation", min_confidence, eval_args, truth, tta=False)
+    print(f"  fold evaluation: {log_dir / 'evaluation' / 'summary.json'}")
+    return {k: v for k, v in summary.items() if k not in ("rows", "problems")}
+
+
+def copy_args(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    """A copy of ``args`` with some attributes changed."""
+    return argparse.Namespace(**(vars(args) | changes))
+
+
+def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:
+    """``logs/<name>_kfold_<stamp>.json``: per-fold summaries and mean/std; prints the table."""
+    import datetime
+
+    from mrcnn import evaluation
+
+    stats = lesion_data.mean_and_std(summaries, evaluation.HEADLINE[1:])
+    path = logs / f"{name}_kfold_{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
+    predict_io.write_json_atomic(path, evaluation.json_safe({"folds": len(summaries), "mean_std": stats,
+                                                             "per_fold": {str(i): s for i, s in
+                                                                          enumerate(summaries)}}))
+    print(f"\nk-fold cross-validation over {len(summaries)} folds (mean ± std):")
+    for key, value in stats.items():
+        if value["mean"] is not None:
+            print(f"  {key:18}  {value['mean']:.4f} ± {value['std']:.4f}")
+    print(f"  summary: {path}")
+    return path
 
 
 def _augmentation(config: LesionConfig) -> Any:
@@ -721,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: start weights (default coco if weights/mask_rcnn_coco.h5 exists, else none);"
                         " predict/evaluate: model (default: newest checkpoint under --logs)")
     p.add_argument("--logs", default=str(DEFAULT_LOGS), metavar="DIR", help="checkpoints and logs (default: logs)")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="train: k-fold cross-validation with K folds (deterministic by SEED)")
+    p.add_argument("--fold", default=None, metavar="I|all",
+                   help="train with --folds: train and evaluate fold I (0-based) or all folds (default all)")
     p.add_argument("--image", metavar="PATH|DIR|GLOB", help="predict: image file, folder or glob")
     p.add_argument("--output", metavar="DIR", help="predict/evaluate: output folder (default: a new folder"
                                                    " under predictions/ or evaluations/)")
@@ -739,17 +817,31 @@ def build_parser() -> argparse.ArgumentParser:
 def check_mode_options(args: argparse.Namespace) -> None:
     """Refuse options that do not belong to the chosen mode (one line)."""
     allowed = {
-        "train": set(),
+        "train": {"folds", "fold"},
         "predict": {"image", "output", "top1", "crop", "tta"},
         "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first"},
     }[args.mode]
-    for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid", "worst_first"):
+    for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid", "worst_first",
+                   "folds", "fold"):
         if getattr(args, option) and option not in allowed:
             raise CliError(f"--{option.replace('_', '-')} does not apply to --mode {args.mode}")
+    check_fold_options(args)
     if args.grid < 0:
         raise CliError(f"--grid N needs N >= 0, got {args.grid}")
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise CliError(f"--output {args.output} exists and is not a folder")
+
+
+def check_fold_options(args: argparse.Namespace) -> None:
+    """--folds K >= 2; --fold is 'all' or 0..K-1 and needs --folds."""
+    if args.fold is not None and not args.folds:
+        raise CliError("--fold needs --folds K")
+    if args.folds:
+        if args.folds < 2:
+            raise CliError(f"--folds K needs K >= 2, got {args.folds}")
+        args.fold = args.fold or "all"
+        if args.fold != "all" and not (args.fold.isdigit() and int(args.fold) < args.folds):
+            raise CliError(f"--fold must be 'all' or a number from 0 to {args.folds - 1}, got {args.fold!r}")
 
 
 def is_user_error(exc: BaseException) -> bool:

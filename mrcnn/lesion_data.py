@@ -353,3 +353,37 @@ def ensure_demo_data(root: str | Path, n_images: int, seed: int, size: tuple[int
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# -------------------------------------------------------------------------------------------
+# k-fold cross-validation
+
+
+def kfold_split(ids: list[str], k: int, seed: int | None) -> list[tuple[list[str], list[str]]]:
+    """``k`` deterministic (train ids, val ids) folds: every id is validated exactly once.
+
+    The sorted ids are shuffled with ``random.Random(seed)`` and dealt round-robin into ``k``
+    folds, so fold sizes differ by at most one. Raises ValueError when ``k`` is out of range.
+    """
+    ids = sorted(set(ids))
+    if not 2 <= k <= len(ids):
+        raise DatasetLayoutError(f"--folds {k} needs 2 <= K <= the number of images ({len(ids)})")
+    order = list(ids)
+    random.Random(0 if seed is None else seed).shuffle(order)
+    folds = [sorted(order[i::k]) for i in range(k)]
+    return [(sorted(i for j, f in enumerate(folds) if j != n for i in f), folds[n]) for n in range(k)]
+
+
+def mean_and_std(summaries: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+    """``{key: {"mean": m, "std": s}}`` over the folds' summaries (population std; None if absent)."""
+    import math
+
+    out: dict[str, dict[str, float | None]] = {}
+    for key in keys:
+        values = [float(s[key]) for s in summaries if s.get(key) is not None and not math.isnan(float(s[key]))]
+        if not values:
+            out[key] = {"mean": None, "std": None}
+            continue
+        mean = sum(values) / len(values)
+        out[key] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
+    return out
