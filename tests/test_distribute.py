@@ -1,0 +1,237 @@
+"""GPU features, tested on CPU: mixed precision, and MirroredStrategy over two logical CPUs.
+
+* ``MIXED_PRECISION``: the training model builds under ``mixed_float16`` (float16 convolutions,
+  float32 losses and outputs, a LossScaleOptimizer), one step gives finite losses and changes
+  the weights, and an inference model built the same way detects.
+* ``GPU_COUNT = 2``: in a subprocess (logical devices must be configured before TensorFlow
+  starts, and must not leak into other tests) two logical CPU devices stand in for two GPUs.
+  One ``fit`` step under the MirroredStrategy must give the same loss and the same weight update
+  (lr 1, so update = -clipped gradient) as one device with the same global batch. The two images
+  of the batch are identical and ROI sampling is made deterministic (ROI_POSITIVE_RATIO 1: every
+  positive proposal kept, no negatives drawn), so per-replica means equal the pooled means and
+  any difference comes from the distribution (gradient all-reduce, loss scaling by replicas).
+  Gradient clipping is off here: Keras 3 clips each replica's gradient before the all-reduce,
+  so with an active GRADIENT_CLIP_NORM the two runs legitimately differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrcnn.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone(image, stage5: bool = True, train_bn: bool | None = False) -> list:
+    """Five strided 3x3 convs standing in for ResNet (C1..C5, strides 2..32): CPU float16
+    convolution gradients are slow (Eigen fallback, ~1000x float32), so the mixed-precision step
+    keeps the float16 layers it differentiates small."""
+    from keras import layers as KL
+
+    x, outputs = image, []
+    for i, channels in enumerate((8, 16, 16, 32, 32)):
+        x = KL.Conv2D(channels, 3, strides=2, padding="same", activation="relu", name=f"tiny_c{i + 1}")(x)
+        outputs.append(x)
+    return outputs
+
+
+def tiny_backbone_shapes(image_shape) -> np.ndarray:
+    """Feature map sizes of tiny_backbone's P2..P6 (strides 4..64)."""
+    return np.array([[math.ceil(image_shape[0] / s), math.ceil(image_shape[1] / s)] for s in (4, 8, 16, 32, 64)])
+
+
+class SmallConfig(Config):
+    """A 64 px model (tiny backbone, real FPN/RPN/heads) that trains a step in seconds on CPU."""
+
+    NAME = "small"
+    NUM_CLASSES = 2
+    GPU_COUNT = 1
+    IMAGES_PER_GPU = 1
+    BACKBONE = staticmethod(tiny_backbone)
+    COMPUTE_BACKBONE_SHAPE = staticmethod(tiny_backbone_shapes)
+    TOP_DOWN_PYRAMID_SIZE = 32
+    IMAGE_MIN_DIM = 64
+    IMAGE_MAX_DIM = 64
+    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
+    PRE_NMS_LIMIT = 256
+    POST_NMS_ROIS_TRAINING = 64
+    POST_NMS_ROIS_INFERENCE = 32
+    TRAIN_ROIS_PER_IMAGE = 64
+    DETECTION_MAX_INSTANCES = 8
+    DETECTION_MIN_CONFIDENCE = 0.0
+    MAX_GT_INSTANCES = 2
+    FPN_CLASSIF_FC_LAYERS_SIZE = 64
+    SEED = 5
+
+
+def lesion_image(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image with one large dark rectangle-ish lesion (many proposals overlap it) and its mask."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(190, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((size, size, 1), bool)
+    mask[6:size - 5, 5:size - 6] = True
+    image[mask[:, :, 0]] = rng.normal(80, 8, (int(mask.sum()), 3)).clip(0, 255).astype(np.uint8)
+    return image, mask
+
+
+def training_inputs(config, copies: int) -> dict[str, np.ndarray]:
+    """``copies`` identical training samples stacked into one batch (dict keyed by INPUT_NAMES)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import ArrayDataset
+
+    from mrcnn.data import INPUT_NAMES, build_training_sample, get_training_anchors
+
+    dataset = ArrayDataset([lesion_image()])
+    sample = build_training_sample(dataset, config, 0, get_training_anchors(config), rng=np.random.default_rng(0))
+    return {name: np.stack([sample[name]] * copies) for name in INPUT_NAMES}
+
+
+# -------------------------------------------------------------------------------------------
+# Mixed precision
+
+class MixedConfig(SmallConfig):
+    MIXED_PRECISION = True
+    TRAIN_ROIS_PER_IMAGE = 8
+    ROI_POSITIVE_RATIO = 0.25
+
+
+#: Layers trained in the mixed-precision step: RPN and box head (no float16 mask-conv gradients).
+MIXED_TRAINABLE = r"(rpn\_.*)|(mrcnn\_class.*)|(mrcnn\_bbox.*)"
+
+
+def test_mixed_precision_builds_trains_a_step_and_detects(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from mrcnn.model import MaskRCNN
+    from mrcnn.training import compile_training_model, set_trainable
+
+    policy_before = keras.config.dtype_policy().name
+    config = MixedConfig().validate()
+    model = MaskRCNN("training", config, str(tmp_path))
+    km = model.keras_model
+    assert keras.config.dtype_policy().name == policy_before  # the global policy is restored
+    assert km.get_layer("fpn_p2").compute_dtype == "float16"
+    assert km.get_layer("fpn_p2").variable_dtype == "float32"
+    assert all(out.dtype == "float32" for out in km.outputs[-5:])  # losses
+    assert km.outputs[6].dtype == "float32"  # mrcnn_mask
+
+    set_trainable(model, MIXED_TRAINABLE)
+    compile_training_model(km, 0.01, config)
+    assert isinstance(km.optimizer, keras.optimizers.LossScaleOptimizer)
+    before = [np.array(w) for w in km.get_layer("mrcnn_class_logits").get_weights()]
+    batch = {k: tf.constant(v) for k, v in training_inputs(config, 1).items()}
+    step = tf.function(km.train_step)
+    for _ in range(4):  # dynamic loss scaling may skip the first steps (float16 overflow)
+        losses = {k: float(v) for k, v in step(batch).items()}
+        assert set(losses) >= {"loss", "rpn_class_loss", "mrcnn_mask_loss"}
+        assert all(math.isfinite(v) for v in losses.values()), losses
+        after = km.get_layer("mrcnn_class_logits").get_weights()
+        if any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
+            break
+    else:
+        pytest.fail("4 mixed-precision steps left the weights unchanged")
+    assert all(np.isfinite(w).all() for w in after)
+
+    infer = MaskRCNN("inference", config, str(tmp_path))
+    assert infer.keras_model.get_layer("fpn_p2").compute_dtype == "float16"
+    results = infer.detect([lesion_image(seed=1)[0]])
+    assert results[0]["masks"].shape[:2] == (64, 64)
+    assert np.isfinite(results[0]["scores"]).all() and results[0]["scores"].dtype == np.float32
+
+
+# -------------------------------------------------------------------------------------------
+# MirroredStrategy over two logical CPUs (subprocess)
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path[:0] = [{repo!r}, {tests!r}]
+    from test_distribute import SmallConfig, training_inputs
+    from mrcnn.model import MaskRCNN
+    from mrcnn.training import compile_training_model, set_trainable
+
+    class OneDevice(SmallConfig):
+        IMAGES_PER_GPU = 2
+        ROI_POSITIVE_RATIO = 1.0
+        GRADIENT_CLIP_NORM = None
+
+    class TwoDevices(OneDevice):
+        GPU_COUNT = 2
+        IMAGES_PER_GPU = 1
+
+    def step(config, weights=None):
+        model = MaskRCNN("training", config, {model_dir!r})
+        km = model.keras_model
+        if weights is not None:
+            km.set_weights(weights)
+        start = [np.array(w) for w in km.get_weights()]
+        set_trainable(model, "all")
+        compile_training_model(km, 1.0, config)  # lr 1, first SGD step: update = -clipped gradient
+        batch = {{k: tf.constant(v) for k, v in training_inputs(config, 2).items()}}
+        ds = tf.data.Dataset.from_tensors(batch).repeat()
+        logs = km.fit(ds, steps_per_epoch=1, epochs=1, verbose=0).history
+        delta = [np.array(w) - s for w, s in zip(km.get_weights(), start)]
+        return km, start, {{k: float(v[0]) for k, v in logs.items()}}, delta
+
+    one = OneDevice().validate()
+    two = TwoDevices().validate()
+    km1, start, logs1, delta1 = step(one)
+    km2, _, logs2, delta2 = step(two, start)
+    flat1 = np.concatenate([d.ravel() for d in delta1])
+    flat2 = np.concatenate([d.ravel() for d in delta2])
+    worst = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
+                for a, b in zip(delta1, delta2) if np.abs(a).max() > 0)
+    print("RESULT" + json.dumps({{
+        "strategy": type(km2.distribute_strategy).__name__,
+        "replicas": km2.distribute_strategy.num_replicas_in_sync,
+        "devices": [d.name for d in tf.config.list_logical_devices("CPU")],
+        "logs1": logs1, "logs2": logs2,
+        "update_norm": float(np.linalg.norm(flat1)),
+        "update_rel_diff": float(np.linalg.norm(flat1 - flat2) / np.linalg.norm(flat1)),
+        "worst_tensor_rel_diff": worst,
+        "changed_tensors": int(sum(np.abs(d).max() > 0 for d in delta1)),
+    }}))
+""")
+
+
+@pytest.fixture(scope="module")
+def mirrored_result(tmp_path_factory) -> dict:
+    """Run MIRRORED_SCRIPT in a fresh interpreter and return its RESULT dict."""
+    script = MIRRORED_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent),
+                                    model_dir=str(tmp_path_factory.mktemp("mirrored")))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def test_mirrored_strategy_uses_two_logical_devices(mirrored_result):
+    assert mirrored_result["strategy"] == "MirroredStrategy"
+    assert mirrored_result["replicas"] == 2
+    assert len(mirrored_result["devices"]) == 2
+
+
+def test_mirrored_step_matches_one_device_with_the_same_global_batch(mirrored_result):
+    logs1, logs2 = mirrored_result["logs1"], mirrored_result["logs2"]
+    assert set(logs1) == set(logs2)
+    for name, value in logs1.items():
+        assert math.isfinite(value)
+        assert logs2[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert mirrored_result["changed_tensors"] > 20
+    assert mirrored_result["update_norm"] > 0
+    assert mirrored_result["update_rel_diff"] < 1e-3, mirrored_result
+    assert mirrored_result["worst_tensor_rel_diff"] < 1e-2, mirrored_result
