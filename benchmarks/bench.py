@@ -41,7 +41,6 @@ MEASUREMENTS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "train1024_b1": ("train", 1024, 1, {}),
     "data1024": ("data", 1024, 1, {}),
     "data1024_aug": ("data", 1024, 1, {"augment": True}),
-    "data1024_cache": ("data", 1024, 1, {"cache": True}),
 }
 #: Our measurement -> the peer harness's (mode, size, batch).
 PEER_WORKLOADS = {"infer512": ("infer", 512, 1), "infer1024": ("infer", 1024, 1),

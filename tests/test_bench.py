@@ -1,0 +1,75 @@
+"""benchmarks/: the noisy-iteration filter, percentiles, measurement selection and ratio lines."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.timing import Sample, percentile, time_loop
+
+
+def fake_sampler(others: list[float]):
+    """A ``sample`` function for time_loop: calls fn, returns 1 s with the next 'others' share."""
+    shares = itertools.cycle(others)
+
+    def sample(fn):
+        fn()
+        return Sample(1.0, next(shares), 1.9)
+    return sample
+
+
+def test_time_loop_discards_iterations_with_other_load():
+    calls = []
+    loop = time_loop(lambda: calls.append(1), warmup=2, runs=3, max_others_cores=0.15,
+                     max_loop_s=60, sample=fake_sampler([0.0, 0.9, 0.1, 1.5, 0.05]))
+    assert loop.clean and loop.discarded == 2 and len(loop.kept) == 3
+    assert [s.others_cores for s in loop.kept] == [0.0, 0.1, 0.05]
+    assert len(calls) == 2 + 5  # warm-up (first call included) + timed
+    summary = loop.summary()
+    assert summary["median_s"] == 1.0 and summary["others_cores"] == 0.05 and summary["clean"] is True
+
+
+def test_time_loop_gives_up_after_its_budget_and_says_so():
+    loop = time_loop(lambda: None, warmup=1, runs=3, max_others_cores=0.15, max_loop_s=0.0,
+                     sample=fake_sampler([0.9, 0.5, 0.7, 0.2]))
+    assert not loop.clean
+    assert sorted(s.others_cores for s in loop.kept) == [0.5, 0.7, 0.9]
+
+
+def test_percentile_matches_numpy_linear_rule():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 10) == pytest.approx(1.4)
+    assert percentile(values, 90) == pytest.approx(7.6)
+
+
+def test_selected_accepts_names_with_or_without_underscores():
+    assert bench.selected("") == list(bench.MEASUREMENTS)
+    assert bench.selected("infer512, train512b2") == ["infer512", "train512_b2"]
+    with pytest.raises(SystemExit):
+        bench.selected("infer9999")
+
+
+def test_ratio_records_pair_matching_workloads():
+    ours = [{"peer": "lesions", "name": "infer512_graph", "mode": "infer", "size": 512, "batch": 1,
+             "median_s": 0.5, "others_cores": 0.01},
+            {"peer": "lesions", "name": "train512_b2", "mode": "train", "size": 512, "batch": 2,
+             "median_s": 3.0, "peak_rss_mb": 4000.0}]
+    peers = [{"peer": "tf-model-garden", "mode": "infer", "size": 512, "batch": 1, "median_s": 0.663, "clean": True},
+             {"peer": "tf-model-garden", "mode": "train", "size": 512, "batch": 2, "median_s": 4.156,
+              "peak_rss_mb": 4710.0},
+             {"peer": "torchvision", "mode": "infer", "size": 1024, "batch": 1, "median_s": 3.1}]
+    ratios = bench.ratio_records(ours, peers, "stored")
+    assert [(r["name"], r["ratio"]) for r in ratios] == [("infer512_graph", "lesions/tf-model-garden"),
+                                                        ("train512_b2", "lesions/tf-model-garden")]
+    assert ratios[0]["time_ratio"] == pytest.approx(0.5 / 0.663, abs=1e-3)
+    assert ratios[1]["rss_ratio"] == pytest.approx(4000 / 4710, abs=1e-3)
+
+
+def test_peers_are_skipped_with_a_reason_when_their_venvs_are_absent(tmp_path):
+    args = bench.parse_args(["--peers", "--peers-venvs", str(tmp_path / "none"), "--peers-dir", str(tmp_path)])
+    missing = bench.missing_peer_venvs(args)
+    assert set(missing) == {"tf-model-garden", "torchvision"}
+    assert all("not found" in why for why in missing.values())
