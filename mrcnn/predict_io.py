@@ -112,22 +112,11 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
     return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an RGB (H, W, 3) or single-channel (H, W) uint8 array."""
-    import cv2
-
-    array = np.ascontiguousarray(image)
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buffer = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError("PNG encoding failed")
-    return buffer.tobytes()
-
-
 def write_png_atomic(path: str | Path, image: np.ndarray) -> Path:
-    """Encode ``image`` as PNG and write it atomically."""
-    return write_bytes_atomic(path, encode_png(image))
+    """Write an RGB (H, W, 3) or single-channel (H, W) uint8 image as PNG, atomically."""
+    from mrcnn.visualize import write_png  # local: matplotlib is not needed to list inputs
+
+    return write_png(path, image)
 
 
 # -------------------------------------------------------------------------------------------
