@@ -12,6 +12,7 @@ import contextlib
 from typing import Any, Iterator
 
 import keras
+import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn.backbone import build_backbone_and_fpn
@@ -21,13 +22,39 @@ from mrcnn.rpn import ProposalLayer, apply_rpn, build_rpn_model
 
 
 class DetectionBoxes(KL.Layer):
-    """detections [B, D, 6] -> boxes [B, D, 4] (y1, x1, y2, x2), normalised."""
+    """detections [B, D, 6] -> boxes [B, n, 4] (y1, x1, y2, x2), normalised, of the first n rows.
+
+    n is the largest number of real detections (class id > 0) of any image in the batch, at least
+    1: detections are sorted and zero-padded, so the mask head skips the padded slots (with
+    DETECTION_MIN_CONFIDENCE 0.7 usually most of the 100; 1.03 GFLOP each).
+    """
 
     def call(self, detections: Any) -> Any:
-        return detections[..., :4]
+        count = tf.reduce_max(tf.reduce_sum(tf.cast(detections[..., 4] > 0, tf.int32), axis=1))
+        return detections[:, : tf.maximum(count, 1), :4]
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
-        return tuple(input_shape[:-1]) + (4,)
+        return (input_shape[0], None, 4)
+
+
+class PadRois(KL.Layer):
+    """[B, n, ...] -> [B, size, ...]: zero rows appended (n <= size)."""
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, x: Any) -> Any:
+        pad = self.size - tf.shape(x)[1]
+        paddings = tf.concat([[[0, 0], [0, pad]], tf.zeros([tf.rank(x) - 2, 2], tf.int32)], axis=0)
+        return tf.ensure_shape(tf.pad(x, paddings), (x.shape[0], self.size, *x.shape[2:]))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        return (input_shape[0], self.size, *input_shape[2:])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "size": self.size}
 
 
 @contextlib.contextmanager
@@ -77,5 +104,6 @@ def build_inference_model(config: Any) -> keras.Model:
         detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
         mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
                                           config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+        mrcnn_mask = PadRois(config.DETECTION_MAX_INSTANCES, name="mrcnn_mask_padded")(mrcnn_mask)
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")
