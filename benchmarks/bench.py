@@ -47,6 +47,8 @@ PEER_WORKLOADS = {"infer512": ("infer", 512, 1), "infer1024": ("infer", 1024, 1)
                   "train512_b1": ("train", 512, 1), "train512_b2": ("train", 512, 2)}
 #: Peer name in its JSON lines -> (script, venv folder name).
 PEER_SCRIPTS = {"tf-model-garden": ("tfmg_bench.py", "venv-tf"), "torchvision": ("torchvision_bench.py", "venv-torch")}
+#: Peer lines that run the same model (keras-hub RetinaNet, also in the harness, does not).
+COMPARABLE_PEERS = ("tf-model-garden", "torchvision", "torchvision-nopaste")
 WORKER_TIMEOUT_S = 900
 
 
@@ -180,7 +182,7 @@ def ratio_records(ours: Iterable[dict[str, Any]], peers: Iterable[dict[str, Any]
     ours = [r for r in ours if r.get("peer") == "lesions" and "median_s" in r]
     out = []
     for peer in peers:
-        if "median_s" not in peer or peer.get("peer") == "lesions":
+        if "median_s" not in peer or peer.get("peer") not in COMPARABLE_PEERS:
             continue
         for rec in ours:
             if _key(rec) != _key(peer) or rec.get("quick"):
