@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
     images_seen = trained["steps"] * config.BATCH_SIZE
-    return {"label": args.label, "budget_min": args.budget_min, "train_seconds": trained["train_seconds"],
+    return {"label": args.label, "budget_min": None if args.weights else args.budget_min, "train_seconds": trained["train_seconds"],
             "steps": trained["steps"], "epochs": round(images_seen / len(train_ids), 3),
             "keras_epochs": trained["keras_epochs"], "batch_size": config.BATCH_SIZE, "n_train": len(train_ids),
             **scores, "other_load_share": trained.get("other_load_share"),
