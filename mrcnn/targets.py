@@ -206,6 +206,7 @@ class DetectionTargetLayer(keras.layers.Layer):
     """
 
     def __init__(self, config, **kwargs) -> None:
+        kwargs.setdefault("dtype", "float32")  # boxes stay float32 under mixed precision
         super().__init__(**kwargs)
         self.config = config
 

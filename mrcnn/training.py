@@ -188,10 +188,26 @@ class TrainingModel(keras.Model):
         self.optimizer.apply(grads, variables)
         return self._record(total, terms)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds a distributed model from the MEAN over replicas of the first batch, which
+        fails on the bool gt masks (AddN); build from the first replica's share instead."""
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, it in iterator:
+                data_batch = _first_replica(self.distribute_strategy, next(it))
+                break
+        return super()._maybe_symbolic_build(data_batch=data_batch)
+
     def test_step(self, data):
         outputs = self(self._model_inputs(data), training=False)
         terms = self._loss_terms(outputs)
         return self._record(tf.add_n(list(terms.values())), terms)
+
+
+def _first_replica(strategy, batch):
+    """The first replica's part of a (possibly) distributed batch."""
+    def local(x):
+        return strategy.experimental_local_results(x)[0] if isinstance(x, tf.distribute.DistributedValues) else x
+    return tf.nest.map_structure(local, batch)
 
 
 def _training_inputs(config) -> list:
@@ -236,13 +252,13 @@ def _build_graph(config) -> TrainingModel:
     check_image_shape(config)
     inputs = _training_inputs(config)
     image, meta, rpn_match, rpn_bbox_target, gt_class_ids, gt_boxes_px, gt_masks = inputs
-    gt_boxes = NormBoxes(name="input_gt_boxes_norm")([gt_boxes_px, image])
+    gt_boxes = NormBoxes(name="input_gt_boxes_norm", dtype="float32")([gt_boxes_px, image])
     rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(image, config)
-    anchors = ConstantAnchors(_normalised_training_anchors(config), name="anchors")(image)
+    anchors = ConstantAnchors(_normalised_training_anchors(config), name="anchors", dtype="float32")(image)
     rpn_class_logits, rpn_class, rpn_bbox = apply_rpn(build_rpn_for_config(config), rpn_feature_maps)
     rpn_rois = ProposalLayer(config.POST_NMS_ROIS_TRAINING, config.RPN_NMS_THRESHOLD, config,
                              name="ROI")([rpn_class, rpn_bbox, anchors])
-    active_class_ids = MetaActiveClasses(name="active_class_ids")(meta)
+    active_class_ids = MetaActiveClasses(name="active_class_ids", dtype="float32")(meta)
     rois, target_class_ids, target_bbox, target_mask = DetectionTargetLayer(config, name="proposal_targets")(
         [rpn_rois, gt_class_ids, gt_boxes, gt_masks])
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
@@ -251,10 +267,10 @@ def _build_graph(config) -> TrainingModel:
     mask_rois = rois
     if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
-        mask_rois = FirstRois(positives, name="positive_rois")(rois)
+        mask_rois = FirstRois(positives, name="positive_rois", dtype="float32")(rois)
     mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
                                       config.NUM_CLASSES, train_bn=config.TRAIN_BN)
-    output_rois = Identity(name="output_rois")(rois)
+    output_rois = Identity(name="output_rois", dtype="float32")(rois)
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,
                                 mrcnn_mask)
