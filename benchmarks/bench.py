@@ -1,6 +1,6 @@
 """Speed benchmark of the lesions Mask R-CNN, optionally side by side with the peer harness.
 
-    python benchmarks/bench.py                       # all measurements (~10 min on 2 idle cores)
+    python benchmarks/bench.py                       # all measurements (~15 min on 2 idle cores)
     python benchmarks/bench.py --only infer512,train512_b2
     python benchmarks/bench.py --quick               # tiny sizes, a smoke test (~2 min)
     python benchmarks/bench.py --peers               # + TF Model Garden / torchvision (their venvs)
