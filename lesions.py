@@ -256,16 +256,42 @@ def scan_and_split(root: Path, config: LesionConfig) -> tuple[lesion_data.ScanRe
     return report, train, val
 
 
-def make_datasets(report: lesion_data.ScanReport, *id_lists: list[str]) -> list[LesionDataset]:
-    """One prepared LesionDataset per list of ids."""
+def make_datasets(report: lesion_data.ScanReport, *id_lists: list[str],
+                  cache_dir: Path | None = None) -> list[LesionDataset]:
+    """One prepared LesionDataset per list of ids; with ``cache_dir`` they share a preprocessing cache."""
     by_id = {p.image_id: p for p in report.pairs}
+    cache = None
+    if cache_dir is not None:
+        from mrcnn.preprocess_cache import PreprocessCache
+
+        cache = PreprocessCache(cache_dir)
     datasets = []
     for ids in id_lists:
         dataset = LesionDataset()
         dataset.add_pairs([by_id[i] for i in ids])
         dataset.prepare()
+        if cache is not None:
+            dataset.preprocess_cache = cache
         datasets.append(dataset)
     return datasets
+
+
+def preprocess_cache_dir(args: argparse.Namespace, root: Path) -> Path | None:
+    """The preprocessing cache folder (``--cache-dir``, default ``<dataset>/cache``); None when off or not writable."""
+    if getattr(args, "no_cache", False):
+        print("Preprocessing cache: off (--no-cache); every image is decoded and resized each epoch")
+        return None
+    folder = Path(args.cache_dir) if getattr(args, "cache_dir", None) else root / "cache"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        print(f"Preprocessing cache: {folder}/ is not writable, training without it (use --cache-dir DIR)")
+        return None
+    print(f"Preprocessing cache: {folder}/ (resized images are reused; --no-cache turns it off)")
+    return folder
 
 
 # ===========================================================================================
@@ -394,15 +420,19 @@ def run_train(args: argparse.Namespace) -> int:
         return run_kfold(args, config, report, root, (weights_kind, weights_path))
     if not val_ids:
         raise CliError(f"dataset {root} leaves no validation image (raise VALIDATION_FRACTION or add images)")
-    train_one(config, report, train_ids, val_ids, (weights_kind, weights_path), logs, {"dataset": str(root)})
+    train_one(config, report, train_ids, val_ids, (weights_kind, weights_path), logs, {"dataset": str(root)},
+              preprocess_cache_dir(args, root))
     return 0
 
 
 def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: list[str], val_ids: list[str],
-              weights: tuple[str, Path | None], logs: Path, split_info: dict) -> Path:
-    """Build the training model, load ``weights``, run the remaining stages; returns the run folder."""
+              weights: tuple[str, Path | None], logs: Path, split_info: dict, cache_dir: Path | None = None) -> Path:
+    """Build the training model, load ``weights``, run the remaining stages; returns the run folder.
+
+    With ``cache_dir`` the decoded and resized images are kept there (:mod:`mrcnn.preprocess_cache`).
+    """
     resolve_steps(config, len(train_ids), len(val_ids))
-    train_set, val_set = make_datasets(report, train_ids, val_ids)
+    train_set, val_set = make_datasets(report, train_ids, val_ids, cache_dir=cache_dir)
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
 
@@ -423,6 +453,9 @@ def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: l
               f" at learning rate {learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
         model.train(train_set, val_set, learning_rate=learning_rate, epochs=final_epoch, layers=layers,
                     augmentation=augmentation)
+    cache = getattr(train_set, "preprocess_cache", None)
+    if cache is not None:
+        print(f"Preprocessing cache: {cache.summary()}")
     report_training(log_dir, time.time() - started)
     return log_dir
 
@@ -439,6 +472,7 @@ def run_kfold(args: argparse.Namespace, config: LesionConfig, report: lesion_dat
     folds = lesion_data.kfold_split([p.image_id for p in report.pairs], args.folds, config.SEED)
     wanted = range(args.folds) if args.fold == "all" else [int(args.fold)]
     summaries = []
+    cache_dir = preprocess_cache_dir(args, root)
     for i in wanted:
         train_ids, val_ids = folds[i]
         fold_config = copy.deepcopy(config)
@@ -449,7 +483,7 @@ def run_kfold(args: argparse.Namespace, config: LesionConfig, report: lesion_dat
         print(f"\n=== Fold {i} of {args.folds} (0-based): {len(train_ids)} train, {len(val_ids)} validation ===")
         log_dir = train_one(fold_config, report, train_ids, val_ids, fold_weights, logs,
                             {"dataset": str(root), "folds": args.folds, "fold": i, "seed": config.SEED,
-                             "all_folds": [f[1] for f in folds]})
+                             "all_folds": [f[1] for f in folds]}, cache_dir)
         summaries.append(evaluate_fold(args, log_dir, report, val_ids))
         print("\n".join(evaluation.summary_lines({f"fold {i}": summaries[-1]})))
     if len(summaries) > 1:
@@ -799,6 +833,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: k-fold cross-validation with K folds (deterministic by SEED)")
     p.add_argument("--fold", default=None, metavar="I|all",
                    help="train with --folds: train and evaluate fold I (0-based) or all folds (default all)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train: decode and resize every image each epoch (no preprocessing cache)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="train: preprocessing cache folder (default: <dataset>/cache)")
     p.add_argument("--image", metavar="PATH|DIR|GLOB", help="predict: image file, folder or glob")
     p.add_argument("--output", metavar="DIR", help="predict/evaluate: output folder (default: a new folder"
                                                    " under predictions/ or evaluations/)")
@@ -817,12 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
 def check_mode_options(args: argparse.Namespace) -> None:
     """Refuse options that do not belong to the chosen mode (one line)."""
     allowed = {
-        "train": {"folds", "fold"},
+        "train": {"folds", "fold", "no_cache", "cache_dir"},
         "predict": {"image", "output", "top1", "crop", "tta"},
         "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first"},
     }[args.mode]
     for option in ("image", "output", "top1", "crop", "tta", "images", "masks", "pred", "grid", "worst_first",
-                   "folds", "fold"):
+                   "folds", "fold", "no_cache", "cache_dir"):
         if getattr(args, option) and option not in allowed:
             raise CliError(f"--{option.replace('_', '-')} does not apply to --mode {args.mode}")
     check_fold_options(args)

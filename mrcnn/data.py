@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn.boxes import compute_backbone_shapes, extract_bboxes, generate_pyramid_anchors
-from mrcnn.imaging import compose_image_meta, minimize_mask, mold_image, resize_image, resize_mask
+from mrcnn.imaging import compose_image_meta, minimize_mask, mold_image
+from mrcnn.preprocess_cache import resize_sample
 from mrcnn.targets import build_rpn_targets
 
 logger = logging.getLogger(__name__)
@@ -123,21 +124,19 @@ def load_image_gt(dataset, config, image_id: int, augmentation: Any = None, use_
     Returns (image uint8 [H, W, 3], image_meta float64 [12 + NUM_CLASSES], class_ids int32 [N],
     bbox int32 [N, 4] (y1, x1, y2, x2, y2/x2 exclusive), mask bool [H, W, N] or, with
     ``use_mini_mask``, [mh, mw, N] cropped to each box). Instances left empty by resizing or
-    augmentation are dropped. ``seed`` makes the augmentation reproducible.
+    augmentation are dropped. ``seed`` makes the augmentation reproducible. With
+    ``dataset.preprocess_cache`` set (a :class:`mrcnn.preprocess_cache.PreprocessCache`), the
+    decoded and resized image and masks come from that cache; augmentation still runs after it.
     """
-    image = dataset.load_image(image_id)
-    mask, class_ids = dataset.load_mask(image_id)
-    original_shape = image.shape
-    image, window, scale, padding, crop = resize_image(
-        image, min_dim=config.IMAGE_MIN_DIM, min_scale=config.IMAGE_MIN_SCALE, max_dim=config.IMAGE_MAX_DIM,
-        mode=config.IMAGE_RESIZE_MODE)
-    mask = np.asarray(mask, dtype=bool).reshape(mask.shape[0], mask.shape[1], -1)
-    mask = resize_mask(mask, scale, padding, crop) if mask.shape[0] else np.zeros(image.shape[:2] + (0,), bool)
+    cache = getattr(dataset, "preprocess_cache", None)  # opt-in: mrcnn.preprocess_cache.PreprocessCache
+    resized = cache.load(dataset, config, image_id) if cache is not None else resize_sample(dataset, config, image_id)
+    image, mask, original_shape, window, scale = (resized.image, resized.mask, resized.original_shape,
+                                                  resized.window, resized.scale)
     if augmentation is not None:
         image, mask = augment(augmentation, image, mask, seed)
     keep = mask.any(axis=(0, 1))
     mask = mask[:, :, keep]
-    class_ids = np.asarray(class_ids, dtype=np.int32).reshape(-1)[keep]
+    class_ids = resized.class_ids[keep]
     bbox = extract_bboxes(mask).astype(np.int32).reshape(-1, 4)
     if use_mini_mask:
         mask = minimize_mask(bbox, mask, config.MINI_MASK_SHAPE)
