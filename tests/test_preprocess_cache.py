@@ -244,3 +244,26 @@ def test_the_cli_uses_dataset_cache_by_default_and_no_cache_turns_it_off(data, t
     assert lesions.preprocess_cache_dir(args, root) == tmp_path / "elsewhere"
     assert lesions.main(["--mode", "predict", "--image", "x.jpg", "--no-cache"]) == 2
     assert "--no-cache does not apply to --mode predict" in capsys.readouterr().err
+
+
+def test_the_tf_data_pipeline_gives_the_same_batches_with_the_cache(data):
+    from mrcnn.data import make_dataset as make_tf_dataset
+
+    dataset, cache = data
+    config = SmallConfig()
+    config.IMAGE_MIN_DIM = config.IMAGE_MAX_DIM = 128
+    config.__init__()  # recompute IMAGE_SHAPE
+
+    def batches():
+        ds = make_tf_dataset(dataset, config, shuffle=True, seed=5, batch_size=1, parallel=4)
+        return [{k: v.numpy() for k, v in b.items()} for b in ds.take(6)]
+
+    plain = batches()
+    dataset.preprocess_cache = cache
+    for _ in range(2):  # parallel workers build the entries, then read them
+        for x, y in zip(plain, batches(), strict=True):
+            for name in x:
+                np.testing.assert_array_equal(x[name], y[name])
+    # two workers may build the same entry at once: both write atomically, one file remains
+    assert cache.stats["missing"] >= 3 and cache.stats["corrupt"] == 0 and cache.stats["hit"] >= 6
+    assert len(entries(cache.root)) == 3 and not list(cache.root.rglob("*.tmp"))
