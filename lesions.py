@@ -625,6 +625,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if not args.image:
         raise CliError("--mode predict needs --image PATH (a file, a folder or a glob)")
     paths, skipped, single = predict_io.list_images(args.image, "--image")
+    paths, duplicates = predict_io.drop_duplicate_ids(paths)
+    for name in duplicates:
+        print(f"  skipped {name}: an image with the same id came first (its outputs would be overwritten)")
     if single:
         from mrcnn.imaging import read_image
 
@@ -636,14 +639,16 @@ def run_predict(args: argparse.Namespace) -> int:
         from mrcnn.predict_io import write_summary
 
         meta = {"weights": str(weights), "min_confidence": min_confidence, "top1": args.top1, "tta": args.tta,
-                "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable}
+                "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable,
+                "duplicate_ids": duplicates}
         summary = write_summary(out_dir, records, meta)
     finally:
         if created:
             predict_io.remove_empty_dirs(out_dir)
     found = sum(1 for r in records if r["instances"])
     print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
-          f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s).")
+          f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s)"
+          + (f" and {len(duplicates)} duplicate id(s)." if duplicates else "."))
     print(f"  masks and overlays: {out_dir}/")
     print(f"  summary:            {summary}")
     return 0

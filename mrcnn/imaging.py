@@ -294,8 +294,12 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.nan_to_num(x)), 0, 255).astype(np.uint8)
 
 
-def _open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, raising ImageReadError with a one-line reason."""
+def _open_image(path: str | Path, upright: bool = True) -> Image.Image:
+    """Open and fully decode an image file, raising ImageReadError with a one-line reason.
+
+    With ``upright`` the EXIF orientation is applied (photos); without it the stored pixel grid is
+    returned as is (masks, see :func:`read_mask`).
+    """
     p = Path(path)
     if not p.exists():
         raise ImageReadError(f"{p}: file not found")
@@ -306,7 +310,7 @@ def _open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(p) as img:
             img.load()
-            return _upright(img, p)
+            return _upright(img, p) if upright else img.copy()
     except UnidentifiedImageError:
         raise ImageReadError(f"{p}: not a recognised image file") from None
     except PermissionError:
@@ -359,11 +363,35 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file -> bool [H, W]: lesion where the (grey or RGB->grey) value > 127."""
-    img = _open_image(path)
+    """Read a mask file -> bool [H, W]: lesion where the value is above half the mask's value range.
+
+    The mask is taken as stored: an EXIF orientation tag in a mask file is ignored, because ISIC
+    masks are drawn in the displayed orientation of their image (whose EXIF rotation
+    :func:`read_image` applies), so image and mask stay aligned. Colour masks are converted to
+    grey. Threshold: > 127 for 8-bit values (0/255, or a mask saved as JPEG with compression
+    noise), > 0 for 0/1 label masks (maximum 1), > 32767 for 16-bit masks with values above 255.
+    """
+    img = _open_image(path, upright=False)
     if img.mode in ("1", "L"):
         values = np.asarray(img.convert("L"))
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img)
     else:
-        rgb = _pil_to_rgb(img)
-        values = np.asarray(Image.fromarray(rgb).convert("L"))
-    return values > 127
+        values = np.asarray(_pil_to_grey(img, path))
+    return binarize_mask(values)
+
+
+def _pil_to_grey(img: Image.Image, path: str | Path) -> Image.Image:
+    """A colour / palette / alpha mask -> 8-bit grey (alpha dropped)."""
+    try:
+        return Image.fromarray(_pil_to_rgb(img)).convert("L")
+    except (OSError, ValueError) as e:
+        raise ImageReadError(f"{path}: cannot convert mask mode {img.mode} to grey ({e})") from None
+
+
+def binarize_mask(values: np.ndarray) -> np.ndarray:
+    """Grey mask values -> bool: above half of the range the values use (1, 255 or 65535)."""
+    values = np.asarray(values)
+    top = float(np.max(values, initial=0))
+    scale = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0
+    return values > scale / 2

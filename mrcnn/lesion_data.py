@@ -8,8 +8,9 @@ Two folder layouts are recognised (the first one found wins):
   ``metadata.csv`` whose ``image_id`` and ``split`` (``train``/``val``) columns fix the split
   (as in HAM10000 exports).
 
-:func:`scan_dataset` pairs images with masks without decoding whole images (only headers and a
-1/8-scale JPEG decode), so it stays fast and light on thousands of files. Everything that cannot be
+:func:`scan_dataset` pairs images with masks without decoding whole images (headers, a 1/8-scale
+JPEG decode, PNG chunk checksums), so it stays fast and light on thousands of files and on very
+large images. Everything that cannot be
 used is counted in a :class:`ScanReport` with the first few names, for the user to see before
 training starts. :func:`split_ids` makes a deterministic train/validation split.
 """
@@ -125,10 +126,12 @@ def is_image_name(path: str | Path) -> bool:
 
 
 def mask_id(path: Path) -> str | None:
-    """``ISIC_0000000_segmentation.png`` -> ``ISIC_0000000``; None for other names."""
-    name = path.name
-    if name.lower().endswith(MASK_SUFFIX):
-        return name[: -len(MASK_SUFFIX)]
+    """``ISIC_0000000_segmentation.png`` -> ``ISIC_0000000`` (any image extension, e.g. a mask
+    saved as ``_segmentation.jpg``); None for other names."""
+    path = Path(path)
+    tail = MASK_SUFFIX[: -len(".png")]
+    if is_image_name(path) and path.stem.lower().endswith(tail):
+        return path.stem[: -len(tail)]
     return None
 
 
@@ -136,11 +139,24 @@ def mask_id(path: Path) -> str | None:
 # Cheap file checks (no full decode of large images)
 
 
-def image_size(path: Path, decode: bool = True) -> tuple[int, int] | None:
-    """(height, width) as displayed (EXIF rotation applied), or None when the file is unreadable.
+def image_size(path: Path, decode: bool = True, exif: bool = True) -> tuple[int, int] | None:
+    """(height, width), or None when the file is unreadable; never decodes a large image in full.
 
-    With ``decode`` a JPEG is also decoded at 1/8 scale, which finds truncated files cheaply.
+    With ``exif`` the size is the displayed one (EXIF rotation applied, as ``mrcnn.imaging.read_image``
+    does for photos); without it, the stored one (masks: ``mrcnn.imaging.read_mask`` ignores EXIF).
+    With ``decode`` the file is also checked for truncation without holding it in memory: a JPEG
+    is decoded at 1/8 scale, a PNG has every chunk read and its checksum verified (no
+    decompression), other formats are decoded.
     """
+    stored = stored_and_displayed_size(path, decode)
+    if stored is None:
+        return None
+    return stored[1] if exif else stored[0]
+
+
+def stored_and_displayed_size(path: Path, decode: bool = True
+                              ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((h, w) as stored, (h, w) as displayed after the EXIF rotation), or None when unreadable."""
     from PIL import Image  # local: keeps ``import lesions`` fast
 
     try:
@@ -148,19 +164,46 @@ def image_size(path: Path, decode: bool = True) -> tuple[int, int] | None:
             return None
         with Image.open(path) as im:
             width, height = im.size
-            try:
-                orientation = im.getexif().get(0x0112, 1)
-            except Exception:  # noqa: BLE001 - a broken EXIF block is not fatal
-                orientation = 1
-            if decode:
-                if im.format == "JPEG":
-                    im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                im.load()
+            orientation = _orientation(im)
+            is_png = im.format == "PNG"
+            if decode and not is_png:
+                _check_decodes(im)
+        if decode and is_png:  # verify() must come straight after open
+            with Image.open(path) as im:
+                _check_decodes(im)
     except Exception:  # noqa: BLE001 - PIL raises many kinds for broken files
         return None
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return height, width
+    stored = (height, width)
+    return stored, (stored[::-1] if orientation in (5, 6, 7, 8) else stored)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation tag of an open Pillow image (1 = as stored), without decoding it.
+
+    Pillow's ``getexif()`` decodes a whole PNG to look for an eXIf chunk after the pixel data, so
+    for a PNG only an eXIf chunk before the pixels (where the PNG specification puts it) counts.
+    """
+    from PIL import Image
+
+    try:
+        if im.format == "PNG":
+            exif = Image.Exif()
+            exif.load(im.info.get("exif") or b"")
+            return int(exif.get(0x0112, 1))
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not fatal
+        return 1
+
+
+def _check_decodes(im) -> None:
+    """Raise when ``im`` (a just-opened Pillow image) is truncated or corrupt; memory stays small."""
+    if im.format == "PNG":
+        im.verify()  # reads every chunk and checks its CRC up to IEND: catches truncation
+    elif im.format == "JPEG":
+        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+        im.load()
+    else:
+        im.load()
 
 
 # -------------------------------------------------------------------------------------------
@@ -204,8 +247,9 @@ def pair_folders(image_dir: str | Path, mask_dir: str | Path, check_files: bool 
                  root: str | Path | None = None, layout: str = "folders") -> ScanReport:
     """Pair ``image_dir/<id>.<ext>`` with ``mask_dir/<id>_segmentation.png``; report the rest.
 
-    With ``check_files`` every image and mask is opened (header, 1/8-scale JPEG decode) and
-    unreadable ones or size mismatches are skipped and counted.
+    With ``check_files`` every image and mask is opened (header, 1/8-scale JPEG decode, PNG
+    checksums) and unreadable ones or size mismatches are skipped and counted. The image's size
+    is its displayed one (EXIF rotation applied), the mask's the stored one.
     """
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
     for folder, what in ((image_dir, "image"), (mask_dir, "mask")):
@@ -228,16 +272,18 @@ def pair_folders(image_dir: str | Path, mask_dir: str | Path, check_files: bool 
 
 def _pair_is_usable(image_id: str, image_path: Path, mask_path: Path, report: ScanReport) -> bool:
     """Check both files open and agree in size; record the problem otherwise."""
-    img = image_size(image_path, decode=True)
-    if img is None:
+    sizes = stored_and_displayed_size(image_path, decode=True)
+    if sizes is None:
         report.unreadable.append(image_path.name)
         return False
-    msk = image_size(mask_path, decode=False)
+    stored, img = sizes
+    msk = image_size(mask_path, decode=True, exif=False)  # masks are used as stored (see read_mask)
     if msk is None:
         report.unreadable.append(mask_path.name)
         return False
     if img != msk:
-        report.size_mismatch.append(f"{image_id} ({img[1]}x{img[0]} vs {msk[1]}x{msk[0]})")
+        hint = "; the mask matches the image before its EXIF rotation" if msk == stored else ""
+        report.size_mismatch.append(f"{image_id} ({img[1]}x{img[0]} vs {msk[1]}x{msk[0]}{hint})")
         return False
     return True
 

@@ -63,6 +63,25 @@ def list_images(spec: str, label: str = "input") -> tuple[list[Path], list[str],
     return images, skipped, False
 
 
+def drop_duplicate_ids(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """(paths with distinct ids, later files whose id was already taken).
+
+    The id is the file stem, which names the outputs (``<id>_segmentation.png``): of ``x.jpg``
+    and ``x.png`` (or ``a/x.jpg`` and ``b/x.jpg`` from a glob) the first in order is kept, as the
+    dataset scan does, instead of the second silently overwriting the first one's files.
+    """
+    kept: list[Path] = []
+    duplicates: list[str] = []
+    seen: set[str] = set()
+    for path in paths:
+        if path.stem in seen:
+            duplicates.append(str(path.name) if path.parent == kept[0].parent else str(path))
+            continue
+        seen.add(path.stem)
+        kept.append(path)
+    return kept, duplicates
+
+
 def make_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
     """``requested``, or a new timestamped folder under ``parent``; returns (path, created now)."""
     if requested:
