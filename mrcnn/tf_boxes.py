@@ -6,7 +6,14 @@ Pixel boxes have exclusive y2/x2; normalised boxes use the (h-1, w-1) scale with
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
+
+#: Largest log size change applied by a delta (a box may grow at most 1000/16 = 62.5x per side),
+#: as torchvision and detectron2 clamp: keeps exp() finite when an untrained head emits large
+#: values, instead of inf/NaN boxes. Trained models stay far below it.
+MAX_LOG_SCALE = math.log(1000.0 / 16)
 
 
 def _centre_size(boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -17,14 +24,17 @@ def _centre_size(boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.
 
 
 def apply_box_deltas_graph(boxes: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
-    """Refine boxes [N, 4] (y1, x1, y2, x2) by deltas [N, 4] (dy, dx, log dh, log dw) -> [N, 4]."""
+    """Refine boxes [N, 4] (y1, x1, y2, x2) by deltas [N, 4] (dy, dx, log dh, log dw) -> [N, 4].
+
+    log dh and log dw are capped at MAX_LOG_SCALE (Matterport does not cap: inf boxes there).
+    """
     boxes = tf.cast(boxes, tf.float32)
     deltas = tf.cast(deltas, tf.float32)
     cy, cx, h, w = _centre_size(boxes)
     cy = cy + deltas[:, 0] * h
     cx = cx + deltas[:, 1] * w
-    h = h * tf.exp(deltas[:, 2])
-    w = w * tf.exp(deltas[:, 3])
+    h = h * tf.exp(tf.minimum(deltas[:, 2], MAX_LOG_SCALE))
+    w = w * tf.exp(tf.minimum(deltas[:, 3], MAX_LOG_SCALE))
     y1 = cy - 0.5 * h
     x1 = cx - 0.5 * w
     return tf.stack([y1, x1, y1 + h, x1 + w], axis=1, name="apply_box_deltas_out")

@@ -24,6 +24,14 @@ def test_apply_box_deltas_graph_hand():
     np.testing.assert_allclose(T.box_refinement_graph(boxes, out).numpy(), deltas.numpy(), atol=1e-6)
 
 
+def test_apply_box_deltas_graph_caps_the_size_change():
+    """A huge log-size delta (untrained head) gives a finite box grown 62.5x, not inf/NaN."""
+    boxes = tf.constant([[0, 0, 16, 16]], tf.float32)
+    out = T.apply_box_deltas_graph(boxes, tf.constant([[0, 0, 500.0, 3.0]], tf.float32)).numpy()
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], [8 - 500, 8 - 8 * np.exp(3.0), 8 + 500, 8 + 8 * np.exp(3.0)], rtol=1e-5)
+
+
 def test_clip_boxes_graph_hand_and_static_shape():
     boxes = tf.constant([[-0.2, 0.1, 0.5, 1.3], [0.3, 0.3, 0.4, 0.4], [1.2, 1.2, 1.5, 1.5]])
     window = tf.constant([0.0, 0.0, 1.0, 1.0])
