@@ -252,6 +252,10 @@ class Config:
         err.check(self.DETECTION_MAX_INSTANCES <= self.POST_NMS_ROIS_INFERENCE,
                   f"DETECTION_MAX_INSTANCES ({self.DETECTION_MAX_INSTANCES}) cannot exceed"
                   f" POST_NMS_ROIS_INFERENCE ({self.POST_NMS_ROIS_INFERENCE})")
+        if not callable(self.BACKBONE):
+            err.check(list(self.BACKBONE_STRIDES) == [4, 8, 16, 32, 64],
+                      f"BACKBONE_STRIDES must be [4, 8, 16, 32, 64] for the ResNet-FPN backbones (P2..P6),"
+                      f" got {list(self.BACKBONE_STRIDES)}")
         ms = list(self.MASK_SHAPE)
         err.check(len(ms) == 2 and ms[0] == ms[1] and ms[0] == 2 * self.MASK_POOL_SIZE,
                   f"MASK_SHAPE must be [2*MASK_POOL_SIZE]*2 (the head upsamples once); got {ms} with"

@@ -58,6 +58,16 @@ def test_validate_accepts_a_sane_config():
         ("NUM_CLASSES", 1, "NUM_CLASSES"),
         ("MASK_SHAPE", [30, 30], "MASK_SHAPE"),
         ("IMAGE_RESIZE_MODE", "stretch", "IMAGE_RESIZE_MODE"),
+        ("IMAGE_MIN_DIM", 256, "IMAGE_MIN_DIM"),
+        ("IMAGE_MAX_DIM", 0, "IMAGE_MAX_DIM"),
+        ("DETECTION_MAX_INSTANCES", 5000, "POST_NMS_ROIS_INFERENCE"),
+        ("ROI_POSITIVE_RATIO", 0.0, "(0, 1]"),
+        ("ROI_POSITIVE_RATIO", 1.5, "(0, 1]"),
+        ("TRAIN_ROIS_PER_IMAGE", 1, "at least one positive ROI"),
+        ("BACKBONE_STRIDES", [4, 8, 16, 32, 128], "BACKBONE_STRIDES"),
+        ("RPN_ANCHOR_SCALES", [32, 64], "one scale per pyramid level"),
+        ("LEARNING_RATE", float("nan"), "LEARNING_RATE"),
+        ("DETECTION_NMS_THRESHOLD", -0.1, "DETECTION_NMS_THRESHOLD"),
     ],
 )
 def test_validate_refuses_bad_values_with_one_line(key, value, words):
