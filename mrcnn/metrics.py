@@ -156,12 +156,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask image as bool [H, W] (grey value > 128 is lesion; colour images are converted to grey)."""
+    """Read a mask image as bool [H, W] (grey value > 128 is lesion, or > 0 in a 0/1 label mask; colour images
+    are converted to grey)."""
     with Image.open(path) as image:
         image.load()
         if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
             image = image.convert("L")
-        return np.asarray(image) > PIXEL_THRESHOLD
+        values = np.asarray(image)
+        if values.max(initial=0) == 1:  # a 0/1 label mask: > 128 would make it empty
+            return values > 0
+        return values > PIXEL_THRESHOLD
 
 
 def truth_id(path: Path) -> str:

@@ -403,7 +403,11 @@ def test_a_dataset_of_only_bad_pairs_is_one_line_exit_2(tmp_path, monkeypatch, c
     assert len(err) == 1 and "no usable image/mask pair" in err[0] and "unreadable" in err[0], err
 
 
-def test_mask_binarisation_rules():
+def test_mask_binarisation_rules(tmp_path):
+    from mrcnn import metrics
+
+    Image.fromarray(lesion().astype(np.uint8)).save(tmp_path / "labels.png")  # evaluate's truth: 0/1 too
+    assert np.array_equal(metrics.load_mask(tmp_path / "labels.png"), lesion())
     assert imaging.binarize_mask(np.array([0, 1], np.uint8)).tolist() == [False, True]
     assert imaging.binarize_mask(np.array([0, 127, 128, 255], np.uint8)).tolist() == [False, False, True, True]
     assert imaging.binarize_mask(np.array([0, 200, 40000], np.uint16)).tolist() == [False, False, True]
