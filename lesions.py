@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -912,7 +913,7 @@ def resume_hint(argv: list[str]) -> str:
         if word.startswith("--weights="):
             continue
         words.append(word)
-    return "python lesions.py " + " ".join(words + ["--weights", "last"])
+    return shlex.join(["python", "lesions.py", *words, "--weights", "last"])  # quoted: paths may have spaces
 
 
 MODES = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate}

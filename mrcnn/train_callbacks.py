@@ -2,7 +2,8 @@
 
 * :class:`NonFiniteGuard` stops training at the first NaN/Inf loss and remembers where.
 * :class:`EpochCheckpoint` writes ``mask_rcnn_<name>_NNNN.h5`` after every good epoch
-  (atomically, through ``MaskRCNN.save_weights``) and keeps ``MaskRCNN.epoch`` current.
+  (atomically, through ``MaskRCNN.save_weights``; a Ctrl-C arriving meanwhile is held until the
+  file is complete) and keeps ``MaskRCNN.epoch`` current.
 * :class:`SafeCSVLogger` keeps ``training.csv`` (one row per epoch: losses and val_ losses),
   rewritten atomically so an interrupted run never leaves a torn file; rows of a resumed run
   replace rows of the same epochs.
@@ -11,9 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import math
 import os
+import signal
+import threading
 
 import keras
 import numpy as np
@@ -68,12 +73,39 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.mrcnn_model = mrcnn_model
         self.guard = guard
 
+    def on_train_begin(self, logs=None):
+        # Temporary files of writes a killed run never finished (never loadable: not named *.h5).
+        pattern = os.path.basename(self.mrcnn_model.checkpoint_path).replace("{epoch:04d}", "*") + ".tmp"
+        for stale in glob.glob(os.path.join(glob.escape(self.mrcnn_model.log_dir), pattern)):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and self.guard.diverged:
             return
         path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
-        self.mrcnn_model.save_weights(path)
-        self.mrcnn_model.epoch = epoch + 1
+        with sigint_deferred():  # the epoch is complete: finish its checkpoint, then stop
+            self.mrcnn_model.save_weights(path)
+            self.mrcnn_model.epoch = epoch + 1
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block; raise KeyboardInterrupt after it.
+
+    Only in the main thread (where Python delivers signals); elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class SafeCSVLogger(keras.callbacks.Callback):

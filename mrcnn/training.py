@@ -388,6 +388,15 @@ def _callbacks(model, custom_callbacks, guard: NonFiniteGuard) -> list:
             *(custom_callbacks or [])]
 
 
+def interrupted_message(model, epochs: int) -> str:
+    """What a Ctrl-C during :func:`train` kept, and how to resume (Python; lesions.py prints its own command)."""
+    kept = (f"the checkpoints up to epoch {model.epoch} are kept in {model.log_dir}" if model.epoch
+            else f"no epoch was complete, so {model.log_dir} has no checkpoint")
+    return (f"Training interrupted during epoch {model.epoch + 1}; {kept}.\n"
+            f"To resume in Python: model.load_weights(model.find_last()), then model.train(...) with the same "
+            f"arguments (epochs={epochs}); with lesions.py: the same command with --weights last.")
+
+
 def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, layers: str,
           augmentation: Any = None, custom_callbacks: list | None = None,
           no_augmentation_sources: list[str] | None = None, verbose: int = 1):
@@ -398,11 +407,27 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
     TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic).
     Raises TrainingDivergedError (last good checkpoint kept) if a loss becomes NaN/Inf;
-    re-raises KeyboardInterrupt after saying how to resume. Returns the Keras History.
+    re-raises KeyboardInterrupt after saying how to resume (:func:`interrupted_message`; a Ctrl-C
+    during a checkpoint write first finishes that file). Returns the Keras History.
     """
     if model.mode != "training":
         raise ValueError("train needs a model created in 'training' mode")
     check_augmentation(augmentation)
+    try:
+        history, guard = _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation,
+                              custom_callbacks, no_augmentation_sources, verbose)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted_message(model, epochs)}", flush=True)
+        raise
+    if guard.diverged:
+        raise TrainingDivergedError(guard.message + f"; last good checkpoint kept in {model.log_dir}")
+    model.epoch = max(model.epoch, epochs)
+    return history
+
+
+def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation, custom_callbacks,
+         no_augmentation_sources, verbose):
+    """The body of :func:`train` (set up, then Keras fit); returns (history, guard)."""
     config = model.config
     if _seed(config) is not None:
         keras.utils.set_random_seed(_seed(config) + model.epoch)
@@ -415,17 +440,8 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\nCheckpoint Path: {model.checkpoint_path}")
     compile_training_model(model.keras_model, learning_rate, config)
     guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
-    try:
-        history = model.keras_model.fit(
-            train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
-            validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
-            callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
-    except KeyboardInterrupt:
-        print(f"\nTraining interrupted during epoch {model.epoch + 1}. Completed epochs are saved in "
-              f"{model.log_dir}.\nTo resume: model.load_weights(model.find_last()) then model.train(..., "
-              f"epochs={epochs}) (CLI: add --resume).")
-        raise
-    if guard.diverged:
-        raise TrainingDivergedError(guard.message + f"; last good checkpoint kept in {model.log_dir}")
-    model.epoch = max(model.epoch, epochs)
-    return history
+    history = model.keras_model.fit(
+        train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
+        validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
+        callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
+    return history, guard

@@ -10,6 +10,7 @@ e.g. ``/conv1/conv1/kernel:0`` and ``/rpn_model/rpn_conv_shared/kernel:0``. Neve
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -27,6 +28,10 @@ _WEIGHT_ORDER = ("kernel", "depthwise_kernel", "bias", "gamma", "beta", "moving_
 KERAS2_LAYOUT_VERSION = "2.2.4"
 #: HDF5 attributes above this many bytes are split into name0, name1, ... (as Keras 2 does).
 _MAX_ATTR_BYTES = 64512
+#: Test-only fault hook (tests/test_kill_resume.py): when this environment variable equals the base
+#: name of the file being saved, the process SIGKILLs itself half-way through writing the temporary
+#: file, exactly as a crash mid-write would. Unset in normal use.
+KILL_DURING_SAVE_ENV = "MRCNN_TEST_KILL_DURING_SAVE"
 
 
 class WeightsError(ValueError):
@@ -249,15 +254,20 @@ def _write_str_list(attrs: h5py.AttributeManager, name: str, values: list[str]) 
 def save_weights(keras_model: keras.Model, filepath: str) -> None:
     """Write every top-level layer's weights in the Keras-2 weights-only layout, atomically.
 
-    The file is written to ``filepath + ".tmp"``, flushed, then renamed over ``filepath``.
+    The file is written to ``filepath + ".tmp"``, flushed, then renamed over ``filepath``: a crash
+    or kill at any moment leaves the previous file (or none) under ``filepath``, never a torn one.
     """
     tmp = str(filepath) + ".tmp"
+    die_at = len(keras_model.layers) // 2 if os.environ.get(KILL_DURING_SAVE_ENV) == os.path.basename(filepath) else -1
     try:
         with h5py.File(tmp, "w") as f:
             _write_str_list(f.attrs, "layer_names", [layer.name for layer in keras_model.layers])
             f.attrs["backend"] = np.bytes_(b"tensorflow")  # fixed-length: Keras 2 calls .decode() on it
             f.attrs["keras_version"] = np.bytes_(KERAS2_LAYOUT_VERSION.encode())
-            for layer in keras_model.layers:
+            for i, layer in enumerate(keras_model.layers):
+                if i == die_at:  # test hook, see KILL_DURING_SAVE_ENV
+                    f.flush()
+                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
                 group = f.create_group(layer.name)
                 entries = layer_weight_entries(layer) if layer.weights else []
                 if entries:
