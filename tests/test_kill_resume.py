@@ -246,3 +246,33 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(work):
                     r"non-finite \S.*\(loss=.*rpn_class_loss=.*\); last good checkpoint kept in ", lines[0]), lines[0]
     after = checkpoint_epochs(logs)
     assert {epoch: (sha256(path), path.stat().st_mtime_ns) for epoch, path in after.items()} == before
+
+
+def test_gradients_are_clipped_to_the_configured_norm():
+    """The training optimiser (mrcnn.training.make_optimizer) clips at GRADIENT_CLIP_NORM: a huge
+    gradient moves one weight tensor by exactly lr * clip in the first SGD step; a small one is not
+    changed; with two tensors neither moves further (whether the norm is per tensor or global)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from mrcnn.config import Config
+    from mrcnn.training import make_optimizer
+
+    config = Config()
+    clip, lr = float(config.GRADIENT_CLIP_NORM), 0.1
+    assert clip == 5.0
+
+    def first_update(*grads: np.ndarray) -> list[np.ndarray]:
+        variables = [tf.Variable(np.zeros_like(g)) for g in grads]
+        make_optimizer(config, lr).apply([tf.constant(g) for g in grads], variables)
+        return [v.numpy() for v in variables]
+
+    big = np.full((3, 4), 100.0, np.float32)
+    (update,) = first_update(big)
+    assert np.linalg.norm(update) == pytest.approx(lr * clip, rel=1e-5)
+    assert np.allclose(update / np.linalg.norm(update), -big / np.linalg.norm(big), atol=1e-6)  # direction kept
+    small = np.full((2, 2), 0.01, np.float32)
+    (update,) = first_update(small)
+    assert np.allclose(update, -lr * small, rtol=1e-5)
+    updates = first_update(big, 3 * big[:2])
+    assert all(np.linalg.norm(u) <= lr * clip * (1 + 1e-5) for u in updates)
