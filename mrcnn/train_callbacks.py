@@ -24,6 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.weights import fsync_path
+
 
 class TrainingDivergedError(RuntimeError):
     """A training loss became NaN or Inf; the message names the step and the losses."""
@@ -139,6 +141,7 @@ class SafeCSVLogger(keras.callbacks.Callback):
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(self.rows)
+        fsync_path(tmp)
         os.replace(tmp, self.path)
 
 

@@ -254,8 +254,8 @@ def _write_str_list(attrs: h5py.AttributeManager, name: str, values: list[str]) 
 def save_weights(keras_model: keras.Model, filepath: str) -> None:
     """Write every top-level layer's weights in the Keras-2 weights-only layout, atomically.
 
-    The file is written to ``filepath + ".tmp"``, flushed, then renamed over ``filepath``: a crash
-    or kill at any moment leaves the previous file (or none) under ``filepath``, never a torn one.
+    The file is written to ``filepath + ".tmp"``, synced to disk, then renamed over ``filepath``: a
+    crash or kill at any moment leaves the previous file (or none) under ``filepath``, never a torn one.
     """
     tmp = str(filepath) + ".tmp"
     die_at = len(keras_model.layers) // 2 if os.environ.get(KILL_DURING_SAVE_ENV) == os.path.basename(filepath) else -1
@@ -277,10 +277,27 @@ def save_weights(keras_model: keras.Model, filepath: str) -> None:
                 for name, variable in entries:
                     group.create_dataset(name, data=np.asarray(keras.ops.convert_to_numpy(variable)))
             f.flush()
+        fsync_path(tmp)  # the data is on disk before the new name points at it (power loss, OS crash)
         os.replace(tmp, filepath)
+        fsync_path(os.path.dirname(os.path.abspath(filepath)))  # ... and the rename itself
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str) -> None:
+    """Flush a file's data, or a folder's entries, to disk; quietly nothing where the OS cannot
+    (e.g. folders on Windows). Used before and after renaming a finished temporary file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _short_list(names: list[str], limit: int = 5) -> str:

@@ -276,3 +276,36 @@ def test_gradients_are_clipped_to_the_configured_norm():
     assert np.allclose(update, -lr * small, rtol=1e-5)
     updates = first_update(big, 3 * big[:2])
     assert all(np.linalg.norm(u) <= lr * clip * (1 + 1e-5) for u in updates)
+
+
+def test_ctrl_c_during_a_checkpoint_write_finishes_that_file_first(tmp_path):
+    """EpochCheckpoint: stale temp files of a killed write go at train start; a Ctrl-C arriving while
+    a finished epoch is being saved lets the file complete, then stops training."""
+    import keras
+
+    from mrcnn import weights
+    from mrcnn.train_callbacks import EpochCheckpoint
+
+    keras_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+
+    class Model:  # the part of MaskRCNN that EpochCheckpoint uses
+        log_dir = str(tmp_path)
+        checkpoint_path = str(tmp_path / "mask_rcnn_x_{epoch:04d}.h5")
+        epoch = 0
+
+        def save_weights(self, path: str) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the file is being written
+            time.sleep(0.05)
+            weights.save_weights(keras_model, path)
+
+    stale = tmp_path / "mask_rcnn_x_0007.h5.tmp"
+    stale.write_bytes(b"torn")
+    model = Model()
+    callback = EpochCheckpoint(model)
+    callback.on_train_begin()
+    assert not stale.exists()
+    with pytest.raises(KeyboardInterrupt):
+        callback.on_epoch_end(0)
+    assert model.epoch == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["mask_rcnn_x_0001.h5"]
+    assert list(weights.read_weight_file(str(tmp_path / "mask_rcnn_x_0001.h5"))) == ["dense"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
