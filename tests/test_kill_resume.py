@@ -309,3 +309,10 @@ def test_ctrl_c_during_a_checkpoint_write_finishes_that_file_first(tmp_path):
     assert model.epoch == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["mask_rcnn_x_0001.h5"]
     assert list(weights.read_weight_file(str(tmp_path / "mask_rcnn_x_0001.h5"))) == ["dense"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_command_is_shell_quoted():
+    import lesions
+
+    assert lesions.resume_hint(["--mode", "train", "--dataset", "my lesions/ü", "--weights=coco"]) == (
+        "python lesions.py --mode train --dataset 'my lesions/ü' --weights last")
