@@ -116,6 +116,57 @@ def resnet_graph(input_image: Any, architecture: str, stage5: bool = True,
     return [c1, c2, c3, c4, c5]
 
 
+# -------------------------------------------------------------------------------------------
+# Basic-block ResNets (ResNet-18/34 layout) for training from scratch on small images.
+# Not Matterport's: their layers have their own names (``bres*``), so Matterport/COCO HDF5 files
+# loaded by name simply skip them. No pretrained weights exist for them here.
+
+#: Blocks per stage (C2..C5) of the basic-block ResNets.
+BASIC_BLOCK_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+#: Every BACKBONE name the graph builders accept.
+BACKBONE_NAMES = tuple(STAGE4_IDENTITY_BLOCKS) + tuple(BASIC_BLOCK_STAGES)
+
+
+def basic_block(x: Any, filters: int, stage: int, block: str, strides: int = 1,
+                train_bn: bool | None = False) -> Any:
+    """3x3 (stride here) -> BN -> ReLU -> 3x3 -> BN, plus shortcut (1x1 projection + BN when the
+    stride or channel count changes), ReLU. Names ``bres{stage}{block}_conv{1,2,proj}``."""
+    conv, bn = f"bres{stage}{block}_conv", f"bbn{stage}{block}_"
+    y = _conv_bn(x, filters, 3, conv + "1", bn + "1", train_bn, strides=strides, padding="same")
+    y = _conv_bn(y, filters, 3, conv + "2", bn + "2", train_bn, padding="same", relu=False)
+    if strides != 1 or int(x.shape[-1]) != filters:
+        shortcut = _conv_bn(x, filters, 1, conv + "proj", bn + "proj", train_bn, strides=strides, relu=False)
+    else:
+        shortcut = x
+    y = KL.Add()([y, shortcut])
+    return KL.Activation("relu", name=f"bres{stage}{block}_out")(y)
+
+
+def basic_resnet_graph(input_image: Any, architecture: str, stage5: bool = True,
+                       train_bn: bool | None = False, width: int = 64) -> list[Any]:
+    """Basic-block ResNet body ("resnet18" / "resnet34"), same strides as :func:`resnet_graph`.
+
+    input_image [B, H, W, C] -> [C1, C2, C3, C4, C5]; C2..C5 have width, 2, 4 and 8 x width
+    channels (64 -> 64/128/256/512 as torchvision's ResNet-18/34) at strides 4, 8, 16, 32.
+    """
+    if architecture not in BASIC_BLOCK_STAGES:
+        raise ValueError(f"architecture must be one of {sorted(BASIC_BLOCK_STAGES)}, got {architecture!r}")
+    x = _conv_bn(input_image, width, 7, "bconv1", "bbn_conv1", train_bn, strides=2, padding="same")
+    c1 = x = KL.MaxPooling2D((3, 3), strides=(2, 2), padding="same")(x)
+    outputs = [c1]
+    for i, blocks in enumerate(BASIC_BLOCK_STAGES[architecture]):
+        stage = i + 2
+        if stage == 5 and not stage5:
+            outputs.append(None)
+            break
+        for b in range(blocks):
+            x = basic_block(x, width * 2 ** i, stage, chr(ord("a") + b),
+                            strides=2 if (b == 0 and stage > 2) else 1, train_bn=train_bn)
+        outputs.append(x)
+    return outputs
+
+
 def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any]:
     """Top-down feature pyramid. C2..C5 -> [P2, P3, P4, P5, P6], all ``pyramid_size`` channels.
 
@@ -139,15 +190,19 @@ def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any
 def build_backbone_and_fpn(input_image: Any, config: Any) -> tuple[list[Any], list[Any]]:
     """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]).
 
-    ``config.BACKBONE`` may be "resnet50", "resnet101" or a callable with resnet_graph's signature.
+    ``config.BACKBONE`` may be "resnet50", "resnet101", "resnet18", "resnet34" (basic blocks,
+    ``config.BACKBONE_WIDTH`` channels in stage 2) or a callable with resnet_graph's signature.
     """
     if callable(config.BACKBONE):
         _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
+    elif config.BACKBONE in BASIC_BLOCK_STAGES:
+        _, c2, c3, c4, c5 = basic_resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=config.TRAIN_BN,
+                                               width=getattr(config, "BACKBONE_WIDTH", 64))
     else:
         _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=config.TRAIN_BN)
     p2, p3, p4, p5, p6 = build_fpn(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 
 
-__all__ = ["resnet_graph", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block", "BatchNorm",
+__all__ = ["resnet_graph", "basic_resnet_graph", "basic_block", "BACKBONE_NAMES", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block", "BatchNorm",
            "identity_block", "conv_block"]

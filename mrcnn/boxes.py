@@ -178,6 +178,6 @@ def compute_backbone_shapes(config: Any, image_shape: Sequence[int]) -> np.ndarr
     """[[ceil(H / s), ceil(W / s)] for s in BACKBONE_STRIDES] (int64 [5, 2]) for an image shape."""
     if callable(config.BACKBONE):
         return config.COMPUTE_BACKBONE_SHAPE(image_shape)
-    assert config.BACKBONE in ("resnet50", "resnet101"), f"unknown BACKBONE {config.BACKBONE!r}"
+    assert config.BACKBONE in ("resnet50", "resnet101", "resnet18", "resnet34"), f"unknown BACKBONE {config.BACKBONE!r}"
     return np.array([[int(math.ceil(image_shape[0] / s)), int(math.ceil(image_shape[1] / s))]
                      for s in config.BACKBONE_STRIDES])

@@ -104,6 +104,12 @@ class Config:
     #: Run the mask head in training only on the positive-ROI slot
     #: (``int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO)`` ROIs): same loss, far less work.
     TRAIN_MASKS_ON_POSITIVES_ONLY = True
+    #: Channels of stage 2 of the basic-block backbones (BACKBONE "resnet18" / "resnet34"; doubled
+    #: per stage). Must stay 64 for resnet50/101 (Matterport's fixed widths).
+    BACKBONE_WIDTH = 64
+    #: Mask head: number of 3x3 convs and their channels (Matterport: 4 x 256).
+    MASK_HEAD_CONV_LAYERS = 4
+    MASK_HEAD_CHANNELS = 256
 
     def __init__(self) -> None:
         self.BATCH_SIZE = self.IMAGES_PER_GPU * self.GPU_COUNT
@@ -206,7 +212,7 @@ class Config:
                     "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                     "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",
                     "MASK_POOL_SIZE", "RPN_TRAIN_ANCHORS_PER_IMAGE", "RPN_ANCHOR_STRIDE", "TOP_DOWN_PYRAMID_SIZE",
-                    "FPN_CLASSIF_FC_LAYERS_SIZE"):
+                    "FPN_CLASSIF_FC_LAYERS_SIZE", "BACKBONE_WIDTH", "MASK_HEAD_CONV_LAYERS", "MASK_HEAD_CHANNELS"):
             value = getattr(self, key)
             err.check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
                       f"{key} must be a positive integer, got {value!r}")
@@ -214,8 +220,12 @@ class Config:
                   f"NUM_CLASSES counts the background too and must be >= 2, got {self.NUM_CLASSES}")
         err.check(self.VALIDATION_STEPS >= 0, f"VALIDATION_STEPS must be >= 0, got {self.VALIDATION_STEPS}")
         if not callable(self.BACKBONE):
-            err.check(self.BACKBONE in ("resnet50", "resnet101"),
-                      f"BACKBONE must be 'resnet50', 'resnet101' or a callable, got {self.BACKBONE!r}")
+            err.check(self.BACKBONE in ("resnet50", "resnet101", "resnet18", "resnet34"),
+                      f"BACKBONE must be 'resnet50', 'resnet101', 'resnet18', 'resnet34' or a callable,"
+                      f" got {self.BACKBONE!r}")
+            err.check(self.BACKBONE in ("resnet18", "resnet34") or self.BACKBONE_WIDTH == 64,
+                      f"BACKBONE_WIDTH applies to resnet18/resnet34 only; {self.BACKBONE} has fixed widths"
+                      f" (got {self.BACKBONE_WIDTH})")
         else:
             err.check(callable(self.COMPUTE_BACKBONE_SHAPE),
                       "COMPUTE_BACKBONE_SHAPE must be a callable when BACKBONE is a callable")

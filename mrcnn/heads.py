@@ -152,12 +152,16 @@ def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any
 
 
 def build_fpn_mask_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
-                         num_classes: int, train_bn: bool | None = False) -> Any:
-    """Mask head. rois [B, N, 4] normalised -> per-class mask probabilities [B, N, 2*pool, 2*pool, C]."""
+                         num_classes: int, train_bn: bool | None = False, conv_layers: int = 4,
+                         channels: int = 256) -> Any:
+    """Mask head. rois [B, N, 4] normalised -> per-class mask probabilities [B, N, 2*pool, 2*pool, C].
+
+    ``conv_layers`` 3x3 convs of ``channels`` (and the deconv's channels): Matterport's 4 x 256
+    by default (config MASK_HEAD_CONV_LAYERS / MASK_HEAD_CHANNELS)."""
     x = PyramidROIAlign((pool_size, pool_size), name="roi_align_mask")([rois, image_meta, *feature_maps])
     x = FoldRois()(x)                                                   # [B*N, 14, 14, 256]
-    for i in range(1, 5):
-        x = _conv_bn_relu(x, 256, 3, f"mrcnn_mask_conv{i}", f"mrcnn_mask_bn{i}", train_bn, "same")
-    x = MatmulConv2DTranspose(256, (2, 2), strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
+    for i in range(1, conv_layers + 1):
+        x = _conv_bn_relu(x, channels, 3, f"mrcnn_mask_conv{i}", f"mrcnn_mask_bn{i}", train_bn, "same")
+    x = MatmulConv2DTranspose(channels, (2, 2), strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
     x = KL.Conv2D(num_classes, (1, 1), strides=1, activation="sigmoid", name="mrcnn_mask", dtype="float32")(x)
     return UnfoldRois(name="mrcnn_mask_rois", dtype="float32")([x, rois])

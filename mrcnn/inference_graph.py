@@ -103,7 +103,9 @@ def build_inference_model(config: Any) -> keras.Model:
             [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
         detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
         mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
-                                          config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+                                          config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                                          conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
+                                          channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
         mrcnn_mask = PadRois(config.DETECTION_MAX_INSTANCES, name="mrcnn_mask_padded")(mrcnn_mask)
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

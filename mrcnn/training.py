@@ -269,7 +269,9 @@ def _build_graph(config) -> TrainingModel:
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
         mask_rois = FirstRois(positives, name="positive_rois", dtype="float32")(rois)
     mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
-                                      config.NUM_CLASSES, train_bn=config.TRAIN_BN)
+                                      config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                                      conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
+                                      channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
     output_rois = Identity(name="output_rois", dtype="float32")(rois)
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,

@@ -52,7 +52,9 @@ def test_validate_accepts_a_sane_config():
     "key, value, words",
     [
         ("IMAGE_MAX_DIM", 100, "multiple of 64"),
-        ("BACKBONE", "resnet18", "BACKBONE"),
+        ("BACKBONE", "resnet152", "BACKBONE"),
+        ("BACKBONE_WIDTH", 32, "BACKBONE_WIDTH"),
+        ("MASK_HEAD_CONV_LAYERS", 0, "MASK_HEAD_CONV_LAYERS"),
         ("TRAIN_ROIS_PER_IMAGE", 5000, "POST_NMS_ROIS_TRAINING"),
         ("DETECTION_MIN_CONFIDENCE", 1.5, "DETECTION_MIN_CONFIDENCE"),
         ("NUM_CLASSES", 1, "NUM_CLASSES"),

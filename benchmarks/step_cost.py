@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""CPU cost of one training step for several config variants, in one process (no evaluation).
+
+::
+
+    python benchmarks/step_cost.py --steps 8 --variant "" --variant "BACKBONE=resnet18" \
+        --variant "BACKBONE=resnet18,MASK_HEAD_CHANNELS=64"
+
+Each variant is the preset (``--config``, default ham10000_cpu) plus ``--set`` plus the
+variant's comma-separated KEY=VALUE pairs. Two real training batches of the HAM10000 train
+split are loaded once per variant (no augmentation) and the model is trained on them repeatedly
+with ``fit``; the first step (tracing) is dropped. Prints one JSON line per variant: own CPU
+seconds and wall seconds per step, per image, parameters, and other processes' load share.
+CPU seconds per step are much less sensitive than wall time to what else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+if str(REPO_DIR) not in sys.path:
+    sys.path.insert(0, str(REPO_DIR))
+
+import lesions  # noqa: E402
+from benchmarks.budget import CpuMeter  # noqa: E402
+from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATASET, config_args  # noqa: E402
+
+
+def measure(args: argparse.Namespace, variant: str) -> dict:
+    """Train ``args.steps`` + 1 steps of one variant on two fixed batches; cost per step."""
+    import keras
+    import tensorflow as tf
+
+    from benchmarks.time_budget import TimeBudget
+    from mrcnn import model as modellib
+    from mrcnn.data import make_dataset
+    from mrcnn.training import compile_training_model
+
+    sets = list(args.set) + [s for s in variant.split(",") if s.strip()]
+    ns = config_args(argparse.Namespace(config=args.config, set=sets, dataset=args.dataset, logs="", top1=False))
+    config = lesions.build_config(ns)
+    report, train_ids, _ = lesions.scan_and_split(Path(args.dataset), config)
+    train_set, = lesions.make_datasets(report, train_ids[:64])
+    keras.utils.set_random_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = modellib.MaskRCNN(mode="training", config=config, model_dir=tmp)
+    batches = list(make_dataset(train_set, config, shuffle=False).take(2))
+    data = tf.data.Dataset.from_tensor_slices([0, 1]).repeat().map(
+        lambda i: tf.nest.map_structure(lambda a, b: tf.where(i == 0, a, b), batches[0], batches[1]))
+    compile_training_model(model.keras_model, config.LEARNING_RATE, config)
+    budget = TimeBudget(1e9, max_steps=args.steps + 1)
+    meter = CpuMeter().start()
+    model.keras_model.fit(data, epochs=1, steps_per_epoch=args.steps + 1, callbacks=[budget], verbose=0)
+    load = meter.stop()
+    times = budget.steady_step_times()
+    return {"variant": variant, "set": sets, "steps": args.steps, "batch_size": config.BATCH_SIZE,
+            "step_cpu_seconds": times["step_cpu_seconds"], "step_seconds": times["step_seconds"],
+            "cpu_seconds_per_image": round(times["step_cpu_seconds"] / config.BATCH_SIZE, 4),
+            "params": int(model.keras_model.count_params()), "other_load_share": load["other_load_share"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="step_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default=str(DEFAULT_DATASET))
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
+    p.add_argument("--variant", action="append", default=[], help="comma-separated KEY=VALUE (\"\" = preset)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after one tracing step)")
+    p.add_argument("--record", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    for variant in args.variant or [""]:
+        with contextlib.redirect_stdout(sys.stderr):
+            record = measure(args, variant)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.record:
+            with open(args.record, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
