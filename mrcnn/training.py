@@ -185,7 +185,7 @@ class TrainingModel(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        self.optimizer.apply(_sum_before_clipping(grads, replicas, self.mrcnn_config), variables)
         return self._record(total, terms)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -201,6 +201,23 @@ class TrainingModel(keras.Model):
         outputs = self(self._model_inputs(data), training=False)
         terms = self._loss_terms(outputs)
         return self._record(tf.add_n(list(terms.values())), terms)
+
+
+def _sum_before_clipping(grads: list, replicas: int, config) -> list:
+    """Make the optimiser clip the gradient of the whole global batch, as one device would.
+
+    Keras 3 clips each replica's gradient before it sums them over replicas. With several
+    replicas and clipping on, sum here first and hand every replica sum / N: Keras then clips
+    sum / N at GRADIENT_CLIP_NORM / N (see make_optimizer) and sums N equal copies, which is
+    exactly clip(sum, GRADIENT_CLIP_NORM), per variable or global alike (clipping is positively
+    homogeneous). One device, or clipping off: unchanged.
+    """
+    if replicas == 1 or config.GRADIENT_CLIP_NORM is None:
+        return grads
+    context = tf.distribute.get_replica_context()
+    present = [g for g in grads if g is not None]
+    summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+    return [None if g is None else next(summed) / replicas for g in grads]
 
 
 def _first_replica(strategy, batch):
@@ -349,9 +366,19 @@ def set_trainable(model, layer_regex: str, verbose: int = 0) -> list[str]:
 
 
 def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
-    """SGD(learning_rate, LEARNING_MOMENTUM, clipnorm=GRADIENT_CLIP_NORM); loss-scaled when mixed."""
+    """SGD with LEARNING_MOMENTUM, gradients clipped to GRADIENT_CLIP_NORM; loss-scaled when MIXED_PRECISION.
+
+    GRADIENT_CLIP_MODE "per_variable" clips each variable's gradient (Keras 3 ``clipnorm``),
+    "global" their joint norm (``global_clipnorm``: Matterport's Keras 2 ``clipnorm``). Under a
+    strategy with N replicas the threshold is divided by N: see :func:`_sum_before_clipping`.
+    """
+    clip = config.GRADIENT_CLIP_NORM
+    if clip is not None:
+        clip = clip / tf.distribute.get_strategy().num_replicas_in_sync
+    per_variable = getattr(config, "GRADIENT_CLIP_MODE", "per_variable") == "per_variable"
     optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
-                                     clipnorm=config.GRADIENT_CLIP_NORM)
+                                     clipnorm=clip if per_variable else None,
+                                     global_clipnorm=None if per_variable else clip)
     if getattr(config, "MIXED_PRECISION", False):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

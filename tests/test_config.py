@@ -67,6 +67,7 @@ def test_validate_accepts_a_sane_config():
         ("ROI_POSITIVE_RATIO", 1.5, "(0, 1]"),
         ("TRAIN_ROIS_PER_IMAGE", 1, "at least one positive ROI"),
         ("BACKBONE_STRIDES", [4, 8, 16, 32, 128], "BACKBONE_STRIDES"),
+        ("GRADIENT_CLIP_MODE", "layerwise", "per_variable or global"),
         ("RPN_ANCHOR_SCALES", [32, 64], "one scale per pyramid level"),
         ("LEARNING_RATE", float("nan"), "LEARNING_RATE"),
         ("DETECTION_NMS_THRESHOLD", -0.1, "DETECTION_NMS_THRESHOLD"),

@@ -10,8 +10,10 @@
   of the batch are identical and ROI sampling is made deterministic (ROI_POSITIVE_RATIO 1: every
   positive proposal kept, no negatives drawn), so per-replica means equal the pooled means and
   any difference comes from the distribution (gradient all-reduce, loss scaling by replicas).
-  Gradient clipping is off here: Keras 3 clips each replica's gradient before the all-reduce,
-  so with an active GRADIENT_CLIP_NORM the two runs legitimately differ.
+  Clipping is on and binds (GRADIENT_CLIP_NORM 0.5, far below the first gradient's norm): both
+  runs must clip the *global* batch gradient to that global norm, so the update's norm is 0.5
+  (Keras 3 alone would clip each replica's gradient before the all-reduce: mrcnn.training
+  sums first).
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     class OneDevice(SmallConfig):
         IMAGES_PER_GPU = 2
         ROI_POSITIVE_RATIO = 1.0
-        GRADIENT_CLIP_NORM = None
+        GRADIENT_CLIP_NORM = 0.5
+        GRADIENT_CLIP_MODE = "global"  # the update's norm is then exactly 0.5
 
     class TwoDevices(OneDevice):
         GPU_COUNT = 2
@@ -201,6 +204,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         "devices": [d.name for d in tf.config.list_logical_devices("CPU")],
         "logs1": logs1, "logs2": logs2,
         "update_norm": float(np.linalg.norm(flat1)),
+        "update_norm_two": float(np.linalg.norm(flat2)),
         "update_rel_diff": float(np.linalg.norm(flat1 - flat2) / np.linalg.norm(flat1)),
         "worst_tensor_rel_diff": worst,
         "changed_tensors": int(sum(np.abs(d).max() > 0 for d in delta1)),
@@ -232,6 +236,7 @@ def test_mirrored_step_matches_one_device_with_the_same_global_batch(mirrored_re
         assert math.isfinite(value)
         assert logs2[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert mirrored_result["changed_tensors"] > 20
-    assert mirrored_result["update_norm"] > 0
+    assert mirrored_result["update_norm"] == pytest.approx(0.5, rel=1e-4), "global-norm clipping at 0.5"
+    assert mirrored_result["update_norm_two"] == pytest.approx(0.5, rel=1e-4), "clipped after the all-reduce"
     assert mirrored_result["update_rel_diff"] < 1e-3, mirrored_result
     assert mirrored_result["worst_tensor_rel_diff"] < 1e-2, mirrored_result

@@ -276,6 +276,14 @@ def test_gradients_are_clipped_to_the_configured_norm():
     assert np.allclose(update, -lr * small, rtol=1e-5)
     updates = first_update(big, 3 * big[:2])
     assert all(np.linalg.norm(u) <= lr * clip * (1 + 1e-5) for u in updates)
+    # GRADIENT_CLIP_MODE: per_variable (default) clips each tensor to the norm; global their joint norm
+    assert [np.linalg.norm(u) for u in updates] == pytest.approx([lr * clip, lr * clip], rel=1e-5)
+    config.GRADIENT_CLIP_MODE = "global"
+    updates = first_update(big, 3 * big[:2])
+    joint = np.sqrt(sum(np.sum(u ** 2) for u in updates))
+    assert joint == pytest.approx(lr * clip, rel=1e-5)
+    big_norm, other_norm = np.linalg.norm(big), np.linalg.norm(3 * big[:2])
+    assert np.linalg.norm(updates[0]) / np.linalg.norm(updates[1]) == pytest.approx(big_norm / other_norm, rel=1e-5)
 
 
 def test_ctrl_c_during_a_checkpoint_write_finishes_that_file_first(tmp_path):
