@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flips: h/v flips + 90-degree rotations (default); default: mrcnn.data's"
                         " (adds scale/shift and colour); none")
     p.add_argument("--layers", default="all", help="layers to train (default all: random initialisation)")
-    p.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps (tests)")
+    p.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps (the"
+                   " schedule then ends there too)")
+    p.add_argument("--cpu-budget-s", type=float, default=None, metavar="S",
+                   help="also stop when this process has used S CPU seconds (the schedule ends there too):"
+                        " compares settings at equal compute on a shared machine; the wall budget still applies")
     p.add_argument("--top1", action="store_true", help="lesion mask = best instance only (default: union of"
                    " the instances above DETECTION_MIN_CONFIDENCE, best box as fallback)")
     p.add_argument("--weights", metavar="CHECKPOINT", help="skip training: evaluate this checkpoint"
@@ -132,7 +136,7 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
     model.log_dir = str(run_dir)
     model.checkpoint_path = str(run_dir / f"mask_rcnn_{config.NAME.lower()}_{{epoch:04d}}.h5")
     budget = TimeBudget(args.budget_min * 60.0, base_lr=config.LEARNING_RATE, schedule=args.schedule,
-                        warmup_steps=args.warmup_steps, max_steps=args.max_steps)
+                        warmup_steps=args.warmup_steps, max_steps=args.max_steps, cpu_seconds=args.cpu_budget_s)
     meter = CpuMeter().start()
     budget.start = time.time()
     model.train(train_set, None, learning_rate=config.LEARNING_RATE, epochs=100_000, layers=args.layers,
@@ -143,7 +147,7 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
         raise RuntimeError(f"training wrote no checkpoint into {run_dir}")
     return {"train_seconds": round(time.time() - budget.start, 1), "steps": budget.steps,
             "keras_epochs": checkpoint_epoch(checkpoints[-1]), "final_loss": round(budget.last_logs.get("loss", float("nan")), 4),
-            "final_lr": budget.last_lr, "checkpoint": checkpoints[-1], **budget.steady_step_times(), **load}
+            "final_lr": budget.last_lr, "train_cpu_seconds": round(budget.cpu_used(), 1), "checkpoint": checkpoints[-1], **budget.steady_step_times(), **load}
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -228,7 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "keras_epochs": trained["keras_epochs"], "batch_size": config.BATCH_SIZE, "n_train": len(train_ids),
             **scores, "other_load_share": trained.get("other_load_share"),
             "own_cpu_share": trained.get("own_cpu_share"), "cpus": trained.get("cpus"),
-            "step_seconds": trained.get("step_seconds"), "step_cpu_seconds": trained.get("step_cpu_seconds"),
+            "cpu_budget_s": args.cpu_budget_s, "train_cpu_seconds": trained.get("train_cpu_seconds"),
+            "warmup_steps": args.warmup_steps, "step_seconds": trained.get("step_seconds"), "step_cpu_seconds": trained.get("step_cpu_seconds"),
             "final_loss": trained.get("final_loss"), "final_lr": trained.get("final_lr"), "top1": args.top1,
             "setup_seconds": round(setup_seconds, 1), "config": args.config, "set": args.set,
             "schedule": args.schedule, "augment": args.augment, "dataset": str(args.dataset),

@@ -28,7 +28,8 @@ class TimeBudget(keras.callbacks.Callback):
     """
 
     def __init__(self, seconds: float, start: float | None = None, base_lr: float | None = None,
-                 schedule: str = "constant", warmup_steps: int = 0, max_steps: int | None = None) -> None:
+                 schedule: str = "constant", warmup_steps: int = 0, max_steps: int | None = None,
+                 cpu_seconds: float | None = None) -> None:
         super().__init__()
         self.seconds = float(seconds)
         self.start = start
@@ -36,6 +37,9 @@ class TimeBudget(keras.callbacks.Callback):
         self.schedule = schedule
         self.warmup_steps = int(warmup_steps)
         self.max_steps = max_steps
+        self.cpu_seconds = None if cpu_seconds is None else float(cpu_seconds)
+        self.start_ticks = own_ticks()
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.steps = 0
         self.first_step_end: float | None = None
         self.first_step_ticks = 0
@@ -47,6 +51,20 @@ class TimeBudget(keras.callbacks.Callback):
         """Seconds since the budget's start."""
         return time.time() - (self.start if self.start is not None else time.time())
 
+    def cpu_used(self) -> float:
+        """This process's CPU seconds since the callback was made (all threads)."""
+        return (own_ticks() - self.start_ticks) / self.hz
+
+    def fraction(self) -> float:
+        """Share of the budget spent: the largest of wall clock, CPU seconds (``cpu_seconds``) and
+        steps (``max_steps``), so the learning-rate schedule ends where training will stop."""
+        parts = [self.elapsed() / self.seconds]
+        if self.cpu_seconds:
+            parts.append(self.cpu_used() / self.cpu_seconds)
+        if self.max_steps:
+            parts.append(self.steps / self.max_steps)
+        return max(parts)
+
     def on_train_begin(self, logs=None):
         if self.start is None:
             self.start = time.time()
@@ -54,7 +72,7 @@ class TimeBudget(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None):
         if self.base_lr is None:
             return
-        rate = budget_learning_rate(self.base_lr, self.elapsed() / self.seconds, self.steps, self.schedule,
+        rate = budget_learning_rate(self.base_lr, self.fraction(), self.steps, self.schedule,
                                     self.warmup_steps)
         if rate != self.last_lr:
             self.model.optimizer.learning_rate = rate
@@ -71,9 +89,15 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def should_stop(self, now: float) -> bool:
-        """True when the next step would likely end after the budget (or max_steps is reached)."""
+        """True when the next step would likely end after the budget (or max_steps is reached, or
+        the next step would likely overrun ``cpu_seconds`` of this process's CPU time)."""
         if self.max_steps is not None and self.steps >= self.max_steps:
             return True
+        if self.cpu_seconds and self.first_step_end is not None:
+            used = self.cpu_used()
+            per_step = (own_ticks() - self.first_step_ticks) / self.hz / max(self.steps - 1, 1)
+            if used + (per_step if self.steps > 1 else 0.0) >= self.cpu_seconds:
+                return True
         elapsed = now - self.start
         step_time = 0.0
         if self.steps > 1 and self.first_step_end is not None:  # the first step includes tracing

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,22 @@ def test_cpu_meter_sees_own_work():
     assert result["cpus"] >= 1 and result["seconds"] > 0
     assert 0.0 < result["own_cpu_share"] <= 1.0
     assert 0.0 <= result["other_load_share"] <= 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc")
+def test_time_budget_schedule_follows_steps_or_cpu_seconds():
+    from benchmarks.time_budget import TimeBudget
+
+    budget = TimeBudget(1e6, max_steps=10)
+    budget.start, budget.steps = time.time(), 5
+    assert budget.fraction() == pytest.approx(0.5, abs=1e-3)  # the step cap drives the schedule
+    budget.steps = 10
+    assert budget.should_stop(budget.start)
+    spent = TimeBudget(1e6, cpu_seconds=0.01)
+    spent.start = time.time()
+    x = 0.0
+    for i in range(3_000_000):
+        x += math.sqrt(i)
+    assert spent.cpu_used() > 0.01 and spent.fraction() > 1.0
+    spent.first_step_end, spent.first_step_ticks, spent.steps = spent.start, spent.start_ticks, 1
+    assert spent.should_stop(spent.start)  # CPU budget spent: stop even though the wall budget is not
