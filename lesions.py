@@ -46,6 +46,8 @@ IMAGENET_URL = ("https://github.com/fchollet/deep-learning-models/releases/downl
 #: Layers whose shape depends on NUM_CLASSES: not taken from COCO weights.
 COCO_EXCLUDE = ["mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask"]
 CHECKPOINT_RE = re.compile(r"^mask_rcnn_.*_(\d{4,})\.h5$")
+#: A training run's folder: ``<config NAME, lower case><YYYYmmddTHHMM>`` (Matterport's naming).
+RUN_FOLDER_RE = re.compile(r"^(.+?)(\d{8}T\d{4})$")
 #: Exception class names that are the user's mistake (one line, exit 2), wherever they come from.
 USER_ERRORS = {"CliError", "ConfigError", "ImageReadError", "WeightsError", "DatasetLayoutError", "InputError",
                "FileNotFoundError", "NotADirectoryError", "IsADirectoryError"}
@@ -306,12 +308,20 @@ def checkpoints_in(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def find_last_checkpoint(logs: Path, name: str = "lesion") -> Path:
-    """Newest checkpoint of the newest run under ``logs`` (run folders start with ``name``)."""
+def find_last_checkpoint(logs: Path, name: str | None = "lesion") -> Path:
+    """Newest checkpoint of the newest run under ``logs``.
+
+    Run folders are ``<NAME><YYYYmmddTHHMM>``; with ``name`` only that config NAME's runs count
+    (training resumes its own run), with None every run does (predict/evaluate: whatever was
+    trained last, e.g. after ``--set NAME=isic_b``). Newest = latest time stamp.
+    """
     if logs.is_dir():
-        runs = sorted((d for d in logs.iterdir() if d.is_dir() and d.name.startswith(name.lower())),
-                      key=lambda d: d.name, reverse=True)
-        for run in runs:
+        runs = []
+        for folder in logs.iterdir():
+            match = RUN_FOLDER_RE.match(folder.name)
+            if folder.is_dir() and match and (name is None or match.group(1) == name.lower()):
+                runs.append((match.group(2), folder.name, folder))
+        for _, _, run in sorted(runs, reverse=True):
             found = checkpoints_in(run)
             if found:
                 return found[-1]
@@ -349,7 +359,7 @@ def resolve_train_weights(choice: str | None, logs: Path, name: str) -> tuple[st
 def resolve_model_weights(choice: str | None, logs: Path) -> Path:
     """Weights for predict/evaluate: a file, or (default, ``last``) the newest checkpoint."""
     if choice in (None, "last"):
-        return find_last_checkpoint(logs)
+        return find_last_checkpoint(logs, name=None)
     if choice in ("coco", "imagenet", "none"):
         raise CliError(f"--weights {choice} is not a lesion model; train first and use --weights last or PATH")
     path = Path(choice)

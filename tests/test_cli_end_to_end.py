@@ -208,3 +208,13 @@ def test_find_last_checkpoint_skips_runs_without_checkpoints(tmp_path):
     assert lesions.find_last_checkpoint(tmp_path).name == "mask_rcnn_lesion_0010.h5"
     (new / "mask_rcnn_lesion_0003.h5").write_bytes(b"")
     assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
+    # another config NAME trained later: predict (name None) takes it, training resumes its own
+    other = tmp_path / "isic_b20260303T0000"
+    other.mkdir()
+    (other / "mask_rcnn_isic_b_0001.h5").write_bytes(b"")
+    assert lesions.find_last_checkpoint(tmp_path, name=None) == other / "mask_rcnn_isic_b_0001.h5"
+    assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
+    assert lesions.resolve_model_weights(None, tmp_path) == other / "mask_rcnn_isic_b_0001.h5"
+    (tmp_path / "lesion_fold120260404T0000").mkdir()  # a k-fold run is not the 'lesion' run
+    (tmp_path / "lesion_fold120260404T0000" / "mask_rcnn_lesion_fold1_0001.h5").write_bytes(b"")
+    assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
