@@ -179,118 +179,35 @@ def test_heads_resume_all_in_new_process_and_nan_guard(tiny_model):
 
 # -------------------------------------------------------------------------------------------
 # Learning works: random init -> useful lesion masks on held-out synthetic images
+# (tests/learning_check.py holds the run; `python tests/learning_check.py --mutation all` breaks
+# each loss and target in turn and shows that these assertions catch it).
 
-class LearnConfig(Config):
-    """ResNet-50 at 128 px, small heads, anchors for lesions filling much of the image."""
-    NAME = "learn"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    BACKBONE = "resnet50"
-    IMAGE_MIN_DIM = 128
-    IMAGE_MAX_DIM = 128
-    RPN_ANCHOR_SCALES = (16, 32, 64, 96, 128)
-    RPN_TRAIN_ANCHORS_PER_IMAGE = 64
-    PRE_NMS_LIMIT = 500
-    POST_NMS_ROIS_TRAINING = 100
-    POST_NMS_ROIS_INFERENCE = 50
-    TRAIN_ROIS_PER_IMAGE = 16
-    MAX_GT_INSTANCES = 2
-    TOP_DOWN_PYRAMID_SIZE = 64
-    FPN_CLASSIF_FC_LAYERS_SIZE = 128
-    MASK_POOL_SIZE = 7
-    MASK_SHAPE = [14, 14]
-    MINI_MASK_SHAPE = (28, 28)
-    STEPS_PER_EPOCH = 60
-    VALIDATION_STEPS = 0
-    DETECTION_MIN_CONFIDENCE = 0.0
-    DETECTION_MAX_INSTANCES = 10
-    SEED = 2  # fixes the initial weights, data order and augmentation
-
-
-def synthetic_lesions(n: int, seed: int, size: int = 128):
-    """n (image uint8 [size, size, 3], mask bool [size, size, 1]): a rotated dark noisy ellipse on noisy skin."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    pairs = []
-    for _ in range(n):
-        skin = rng.uniform(150, 230, 3)
-        image = (skin + rng.normal(0, 12, (size, size, 3))).clip(0, 255)
-        cy, cx = rng.uniform(40, 88, 2) * size / 128
-        ry, rx = rng.uniform(18, 45, 2) * size / 128
-        theta = rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u = dy * np.cos(theta) + dx * np.sin(theta)
-        v = -dy * np.sin(theta) + dx * np.cos(theta)
-        mask = (u / ry) ** 2 + (v / rx) ** 2 <= 1
-        colour = skin * rng.uniform(0.25, 0.6)
-        image[mask] = (colour + rng.normal(0, 15, (mask.sum(), 3))).clip(0, 255)
-        pairs.append((image.astype(np.uint8), mask[:, :, None]))
-    return pairs
-
-
-def predicted_lesion(result: dict, shape) -> np.ndarray:
-    """Union of detections scoring >= 0.5, else the best detection; empty if none."""
-    scores, masks = result["scores"], result["masks"]
-    if len(scores) == 0:
-        return np.zeros(shape, bool)
-    keep = scores >= 0.5
-    if not keep.any():
-        keep = scores == scores.max()
-    return masks[:, :, keep].any(axis=-1)
-
-
-#: Measured on the shared 2-core machine, 180 steps from random init, SEED 2 / 1 / 2 (rerun):
-#: mean Jaccard 0.82 / 0.53 / 0.53, and 0.69 in the full-suite run (threads make float sums differ, and training from scratch amplifies
-#: that), total loss 8.3 -> 1.4, 7.1 -> 1.8, 14.3 -> 1.5 (first / last 10 % of steps). A pipeline with a
-#: broken loss or target does not produce lesion masks, so 0.45 separates the cases with margin.
-MIN_JACCARD = 0.45
-MAX_LOSS_RATIO = 0.35
+#: Measured (tests/learning_check.py, 180 steps from random init, 2 busy cores, 2026-11-22 and
+#: 2026-12-05): mean held-out Jaccard 0.82, 0.53, 0.53, 0.69, 0.83 (thread-order nondeterminism),
+#: 0.67 and 0.75 with op determinism on (runs identical for ~110 steps, then drift), and once 0.0:
+#: the classifier ended scoring every ROI as background. Total loss ~7.8 -> ~1.5 (first / last
+#: decile). Broken losses and targets (learning_check.py --mutation ...) fail the checks: see the
+#: issue 3 note. So a failing first run is retried once with another SEED, and the second must pass.
+RETRY_SEED = 7
 
 
 @pytest.mark.slow
 def test_learning_works_from_random_init(tmp_path):
-    import keras
+    from learning_check import LearnConfig, deciles, failures, run_learning
 
-    from mrcnn.data import default_augmentation
-    from mrcnn.model import MaskRCNN
-
-    curve: list[float] = []
-
-    class StepLosses(keras.callbacks.Callback):
-        """Per-step total loss, recovered from Keras' running epoch mean."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.previous = 0.0
-
-        def on_train_batch_end(self, batch, logs=None):
-            mean = float(logs["loss"])
-            curve.append((batch + 1) * mean - batch * self.previous)
-            self.previous = mean
-
-    model = MaskRCNN("training", LearnConfig(), str(tmp_path))
-    train_set = array_dataset(synthetic_lesions(200, seed=0))
-    model.train(train_set, None, 0.01, 3, "all", augmentation=default_augmentation(1),
-                custom_callbacks=[StepLosses()])
-
-    inference = MaskRCNN("inference", LearnConfig(), str(tmp_path))
-    inference.load_weights(model.find_last(), by_name=True)
-    scores = []
-    for image, mask in synthetic_lesions(20, seed=99):
-        pred = predicted_lesion(inference.detect([image])[0], mask.shape[:2])
-        truth = mask[:, :, 0]
-        scores.append((truth & pred).sum() / max((truth | pred).sum(), 1))
-
-    tenth = max(len(curve) // 10, 1)
-    first, last = float(np.mean(curve[:tenth])), float(np.mean(curve[-tenth:]))
-    deciles = [round(float(np.mean(curve[i:i + tenth])), 3) for i in range(0, len(curve), tenth)]
-    jaccard = float(np.mean(scores))
-    print(f"\nLEARNING loss per decile of {len(curve)} steps: {deciles}; mean Jaccard {jaccard:.3f} "
-          f"(min {min(scores):.2f})")
-    assert all(math.isfinite(v) for v in curve)
-    assert last < MAX_LOSS_RATIO * first, f"loss did not fall clearly: {deciles}"
-    if max(scores) == 0.0:
-        # Known flake (issue 3, open): from random init some runs end with the classifier scoring
-        # every ROI as background, so detect() returns nothing on any image (seen once in CI-like
-        # runs after the loss fell normally). The loss assertions above still hold hard.
-        pytest.xfail(f"no lesion detected on any held-out image after training; loss {deciles}")
-    assert jaccard >= MIN_JACCARD, f"mean Jaccard {jaccard:.3f} < {MIN_JACCARD}; per image {np.round(scores, 2)}"
+    config = LearnConfig()
+    for attempt in (1, 2):
+        result = run_learning(tmp_path / f"attempt{attempt}", config)
+        curves, scores = result["curves"], result["scores"]
+        print(f"\nLEARNING (SEED {config.SEED}) loss per decile of {len(curves['loss'])} steps: "
+              f"{deciles(curves['loss'])}; mean Jaccard {result['jaccard']:.3f} (min {min(scores):.2f}, "
+              f"images with a detection {result['detected']}/{len(scores)})")
+        for name in LOSS_NAMES:
+            print(f"  {name}: {deciles(curves[name])}")
+        problems = failures(result)
+        if not problems:
+            return
+        print("  failed: " + "; ".join(problems))
+        config = LearnConfig()
+        config.SEED = RETRY_SEED
+    pytest.fail("learning failed with two seeds: " + "; ".join(problems))
