@@ -129,7 +129,19 @@ def record(name: str, mode: str, size: int, batch: int, plan: Plan, loop: LoopRe
            "params": params, "warmup": plan.loops(mode)[0], "threads": plan.threads, "quick": plan.quick}
     rec.update(extra)
     rec["versions"] = {"tensorflow": tf.__version__, "keras": keras.__version__}
+    rec["cpu"] = cpu_model()
     return rec
+
+
+def cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo and the core count (the lent machine changes between runs)."""
+    name = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    return f"{name} x{os.cpu_count()}"
 
 
 # -------------------------------------------------------------------------------------------
