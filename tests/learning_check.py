@@ -101,16 +101,17 @@ def deciles(curve: list[float]) -> list[float]:
 
 #: Bounds checked by :func:`failures` (and so by the learning test): measured runs are listed in
 #: tests/test_training.py next to the test.
-MIN_JACCARD = 0.45
+MIN_JACCARD = 0.55
 MAX_LOSS_RATIO = 0.35
-#: Each of the five losses must end below this fraction of its first-decile value: a loss that is
-#: constant, zero or fed wrong targets does not fall like that.
-MAX_EACH_LOSS_RATIO = 0.8
+#: Each of the five losses must end (last decile) below this fraction of its highest decile: a loss
+#: that is zero, constant or fed wrong targets does not fall like that. (The peak, not the first
+#: decile: the mask loss starts low while few proposals are positive, then rises.)
+MAX_EACH_LOSS_RATIO = 0.6
 
 
 def failures(result: dict) -> list[str]:
-    """What a run got wrong (empty list: it learned): finite losses, total and each loss falling
-    clearly (last decile vs first), mean held-out Jaccard >= MIN_JACCARD."""
+    """What a run got wrong (empty list: it learned): finite losses, the total falling clearly
+    (last decile vs first), each loss falling from its peak decile, mean held-out Jaccard >= MIN_JACCARD."""
     curves = result["curves"]
     table = {name: deciles(values) for name, values in curves.items()}
     problems = []
@@ -119,8 +120,8 @@ def failures(result: dict) -> list[str]:
     if not table["loss"][-1] < MAX_LOSS_RATIO * table["loss"][0]:
         problems.append(f"total loss did not fall below {MAX_LOSS_RATIO} of its start: {table['loss']}")
     for name in LOSS_NAMES:
-        if not table[name][-1] < MAX_EACH_LOSS_RATIO * table[name][0]:
-            problems.append(f"{name} did not fall below {MAX_EACH_LOSS_RATIO} of its start: {table[name]}")
+        if not table[name][-1] < MAX_EACH_LOSS_RATIO * max(table[name]):
+            problems.append(f"{name} did not fall below {MAX_EACH_LOSS_RATIO} of its peak: {table[name]}")
     if not result["jaccard"] >= MIN_JACCARD:
         problems.append(f"mean Jaccard {result['jaccard']:.3f} < {MIN_JACCARD} "
                         f"(per image {[round(v, 2) for v in result['scores']]})")
