@@ -254,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quality: error: {lesions.one_line(exc)}", file=sys.stderr)
             return 2
         raise
+    emit_record(record, args.record)
+    return 0
+
+
+def emit_record(record: dict[str, Any], record_path: str | None) -> None:
+    """Print ``record`` as one JSON line on stdout; also append it to ``record_path`` if given."""
     line = json.dumps(record)
     print(line, flush=True)
-    if args.record:
-        with open(args.record, "a", encoding="utf-8") as handle:
+    if record_path:
+        with open(record_path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ if str(REPO_DIR) not in sys.path:
 
 import lesions  # noqa: E402
 from benchmarks.budget import CpuMeter  # noqa: E402
-from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATASET, config_args  # noqa: E402
+from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATASET, config_args, emit_record  # noqa: E402
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict:
@@ -77,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variant or [""]:
         with contextlib.redirect_stdout(sys.stderr):
             record = measure(args, variant)
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.record:
-            with open(args.record, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+        emit_record(record, args.record)
     return 0
 
 
