@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " compares settings at equal compute on a shared machine; the wall budget still applies")
     p.add_argument("--top1", action="store_true", help="lesion mask = best instance only (default: union of"
                    " the instances above DETECTION_MIN_CONFIDENCE, best box as fallback)")
+    p.add_argument("--tta", action="store_true", help="also score with test-time augmentation (flips and a"
+                   " rotation, as --mode evaluate --tta): adds a \"tta\" object with the same metrics")
     p.add_argument("--weights", metavar="CHECKPOINT", help="skip training: evaluate this checkpoint"
                    " (e.g. another mask rule with --top1)")
     p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
@@ -168,22 +170,33 @@ def sample_pairs(pairs: list, max_val: int, seed: int = 0) -> list:
 
 
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, pairs: list, out_dir: Path) -> dict[str, Any]:
-    """Load ``checkpoint`` as ``--mode evaluate`` does and score ``pairs``; metrics and timing."""
+    """Load ``checkpoint`` as ``--mode evaluate`` does and score ``pairs``; metrics and timing
+    (with ``--tta`` also a ``"tta"`` object: the same, with test-time augmentation, in out_dir/tta)."""
     from mrcnn.imaging import read_image
 
     eval_args = config_args(args, checkpoint)
-    model, _, _, min_confidence = lesions.load_inference_model(eval_args)
+    model, config, _, min_confidence = lesions.load_inference_model(eval_args)
     model.detect([read_image(pairs[0].image_path)], verbose=0)  # trace once, outside the timing
+    out = score_model(model, pairs, out_dir, min_confidence, eval_args, tta=False)
+    out.update(min_confidence=min_confidence, mask_threshold=config.DETECTION_MASK_THRESHOLD)
+    if args.tta:
+        out["tta"] = score_model(model, pairs, out_dir / "tta", min_confidence, eval_args, tta=True)
+    return out
+
+
+def score_model(model: Any, pairs: list, out_dir: Path, min_confidence: float, eval_args: argparse.Namespace,
+                tta: bool) -> dict[str, Any]:
+    """``lesions.evaluate_model`` on ``pairs`` into ``out_dir``: metrics, counts, seconds per image, load."""
     truth = {p.image_id: p.mask_path for p in pairs}
     meter = CpuMeter().start()
     started = time.time()
-    summary = lesions.evaluate_model(model, pairs, out_dir, min_confidence, eval_args, truth, tta=False)
+    summary = lesions.evaluate_model(model, pairs, out_dir, min_confidence, eval_args, truth, tta=tta)
     seconds = time.time() - started
     load = meter.stop()
     out = {key: _round(summary.get(key)) for key in METRIC_KEYS}
     out.update(n_val=len(summary["rows"]), eval_problems=len(summary["problems"]),
                seconds_per_image=round(seconds / max(len(pairs), 1), 4), eval_seconds=round(seconds, 1),
-               eval_other_load_share=load["other_load_share"], min_confidence=min_confidence)
+               eval_other_load_share=load["other_load_share"])
     out.update(mask_counts(out_dir / "predictions" / "summary.json"))
     return out
 

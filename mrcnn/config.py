@@ -86,6 +86,9 @@ class Config:
     DETECTION_MAX_INSTANCES = 100
     DETECTION_MIN_CONFIDENCE = 0.7
     DETECTION_NMS_THRESHOLD = 0.3
+    # A pixel of a detection's mask is lesion where the head's probability, resized into the box,
+    # is >= this (Matterport: 0.5). Lower it for a model that under-segments (configs/ham10000_cpu).
+    DETECTION_MASK_THRESHOLD = 0.5
 
     # Optimisation --------------------------------------------------------------------------
     LEARNING_RATE = 0.001
@@ -257,6 +260,8 @@ class Config:
         for key in ("RPN_NMS_THRESHOLD", "DETECTION_NMS_THRESHOLD", "DETECTION_MIN_CONFIDENCE"):
             value = getattr(self, key)
             err.check(0.0 <= value <= 1.0, f"{key} must be in [0, 1], got {value}")
+        err.check(0.0 < self.DETECTION_MASK_THRESHOLD <= 1.0,
+                  f"DETECTION_MASK_THRESHOLD must be in (0, 1], got {self.DETECTION_MASK_THRESHOLD}")
         err.check(0.0 < self.ROI_POSITIVE_RATIO <= 1.0,
                   f"ROI_POSITIVE_RATIO must be in (0, 1], got {self.ROI_POSITIVE_RATIO}")
         err.check(int(self.TRAIN_ROIS_PER_IMAGE * self.ROI_POSITIVE_RATIO) >= 1,

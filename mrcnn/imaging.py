@@ -201,10 +201,11 @@ def expand_mask(bbox: np.ndarray, mini_mask: np.ndarray, image_shape: Sequence[i
     return mask
 
 
-def unmold_mask(mask: np.ndarray, bbox: Sequence[int], image_shape: Sequence[int]) -> np.ndarray:
-    """Float mask [mh, mw] (e.g. 28x28) -> bool [H, W]: resized into bbox (y1, x1, y2, x2), >= 0.5."""
+def unmold_mask(mask: np.ndarray, bbox: Sequence[int], image_shape: Sequence[int],
+                threshold: float = 0.5) -> np.ndarray:
+    """Float mask [mh, mw] (e.g. 28x28) -> bool [H, W]: resized into bbox (y1, x1, y2, x2), >= threshold."""
     y1, x1, y2, x2 = (int(v) for v in bbox)
-    m = resize(mask, (y2 - y1, x2 - x1)) >= 0.5
+    m = resize(mask, (y2 - y1, x2 - x1)) >= threshold
     full = np.zeros(tuple(image_shape[:2]), dtype=bool)
     full[y1:y2, x1:x2] = m
     return full

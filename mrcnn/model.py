@@ -202,17 +202,17 @@ class MaskRCNN:
         return [self._result(detections[i], masks[i], molded[i].shape, molded[i].shape, (0, 0, h, w))
                 for i in range(len(molded))]
 
-    @staticmethod
-    def _result(detections: np.ndarray, masks: np.ndarray, original_shape: Sequence[int],
+    def _result(self, detections: np.ndarray, masks: np.ndarray, original_shape: Sequence[int],
                 molded_shape: Sequence[int], window: Sequence[int]) -> dict[str, np.ndarray]:
-        rois, class_ids, scores, full_masks = unmold_detections(detections, masks, original_shape,
-                                                                molded_shape, window)
+        rois, class_ids, scores, full_masks = unmold_detections(detections, masks, original_shape, molded_shape,
+                                                                window, self.config.DETECTION_MASK_THRESHOLD)
         return {"rois": rois, "class_ids": class_ids, "scores": scores, "masks": full_masks}
 
     def unmold_detections(self, detections: np.ndarray, mrcnn_mask: np.ndarray, original_image_shape: Sequence[int],
                           image_shape: Sequence[int], window: Sequence[int]) -> tuple[np.ndarray, ...]:
         """Matterport's method: see :func:`mrcnn.postprocess.unmold_detections`."""
-        return unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape, window)
+        return unmold_detections(detections, mrcnn_mask, original_image_shape, image_shape, window,
+                                 self.config.DETECTION_MASK_THRESHOLD)
 
     def run_graph(self, images: Sequence[np.ndarray], outputs: Sequence[tuple[str, Any]],
                   image_metas: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -60,9 +60,10 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out, mask.min(), mask.max(), out=out)
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape: Sequence[int],
+                threshold: float = 0.5) -> np.ndarray:
     """Float masks [N, mh, mw] -> bool [H, W, N]: each resized into its box (y1, x1, y2, x2, pixels,
-    y2/x2 exclusive, non-empty) and thresholded at 0.5.
+    y2/x2 exclusive, non-empty) and kept where >= ``threshold``.
 
     Same result as ``mrcnn.imaging.unmold_mask`` per mask (scikit-image's order-1 "constant"
     resize), computed with numpy gathers instead of one scipy zoom per mask: about 9x less CPU
@@ -71,18 +72,18 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_shape: Sequence[int]
     height, width = int(image_shape[0]), int(image_shape[1])
     full = np.zeros((height, width, len(boxes)), dtype=bool)
     for k, (mask, (y1, x1, y2, x2)) in enumerate(zip(masks, np.asarray(boxes, dtype=np.int64), strict=True)):
-        full[y1:y2, x1:x2, k] = resize_mask(mask, int(y2 - y1), int(x2 - x1)) >= 0.5
+        full[y1:y2, x1:x2, k] = resize_mask(mask, int(y2 - y1), int(x2 - x1)) >= threshold
     return full
 
 
 def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_image_shape: Sequence[int],
-                      image_shape: Sequence[int], window: Sequence[int]
+                      image_shape: Sequence[int], window: Sequence[int], mask_threshold: float = 0.5
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One image's detections [D, 6] and masks [D, mh, mw, C] -> (rois int32 [N, 4] (y1, x1, y2, x2),
     class_ids int32 [N], scores float32 [N], masks bool [H, W, N]) in original-image pixels.
 
     Padding rows and zero-area boxes are dropped; each mask is its detection's class channel,
-    resized into its box and thresholded at 0.5. With N == 0 masks has shape (H, W, 0).
+    resized into its box and kept where >= ``mask_threshold``. With N == 0 masks has shape (H, W, 0).
     """
     n = detection_count(detections)
     boxes = detections[:n, :4]
@@ -95,5 +96,5 @@ def unmold_detections(detections: np.ndarray, mrcnn_mask: np.ndarray, original_i
     rois, class_ids, scores, masks = rois[nonempty], class_ids[nonempty], scores[nonempty], masks[nonempty]
 
     height, width = int(original_image_shape[0]), int(original_image_shape[1])
-    full_masks = paste_masks(masks, rois, (height, width))
+    full_masks = paste_masks(masks, rois, (height, width), mask_threshold)
     return rois.astype(np.int32), class_ids, scores, full_masks

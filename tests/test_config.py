@@ -71,6 +71,8 @@ def test_validate_accepts_a_sane_config():
         ("RPN_ANCHOR_SCALES", [32, 64], "one scale per pyramid level"),
         ("LEARNING_RATE", float("nan"), "LEARNING_RATE"),
         ("DETECTION_NMS_THRESHOLD", -0.1, "DETECTION_NMS_THRESHOLD"),
+        ("DETECTION_MASK_THRESHOLD", 0.0, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
+        ("DETECTION_MASK_THRESHOLD", 1.2, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
     ],
 )
 def test_validate_refuses_bad_values_with_one_line(key, value, words):

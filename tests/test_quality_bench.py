@@ -55,7 +55,7 @@ def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(QUALITY), "--dataset", str(data), "--config", str(TINY), "--budget-min", "0.2",
          "--set", "STEPS_PER_EPOCH=1000", "--warmup-steps", "2", "--logs", str(tmp_path / "logs"),
-         "--record", str(record), "--label", "smoke"],
+         "--record", str(record), "--label", "smoke", "--tta"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -79,6 +79,11 @@ def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
     summary = json.loads((evaluation / "summary.json").read_text())
     assert summary["jaccard"] == pytest.approx(result["jaccard"], abs=1e-5)  # the --mode evaluate files
     assert len(list((evaluation / "predictions").glob("*_segmentation.png"))) == 2
+    assert result["mask_threshold"] == 0.5  # tiny.toml keeps Matterport's default
+    tta = result["tta"]  # --tta: the same metrics with test-time augmentation, files in evaluation/tta
+    assert tta["n_val"] == 2 and tta["seconds_per_image"] > 0
+    assert json.loads((evaluation / "tta" / "summary.json").read_text())["jaccard"] == pytest.approx(tta["jaccard"], abs=1e-5)
+    assert len(list((evaluation / "tta" / "predictions").glob("*_segmentation.png"))) == 2
 
 
 def test_learning_rate_schedules():
