@@ -36,6 +36,9 @@ from benchmarks.timing import wait_until_idle  # noqa: E402
 MEASUREMENTS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "infer512": ("infer", 512, 1, {}),
     "infer1024": ("infer", 1024, 1, {}),
+    # Model Garden's and torchvision's RPN width (256) instead of Matterport's 512: equal architecture.
+    "infer512_rpn256": ("infer", 512, 1, {"suffix": "_rpn256", "RPN_CONV_CHANNELS": 256}),
+    "infer1024_rpn256": ("infer", 1024, 1, {"suffix": "_rpn256", "RPN_CONV_CHANNELS": 256}),
     "train512_b1": ("train", 512, 1, {}),
     "train512_b2": ("train", 512, 2, {}),
     "train1024_b1": ("train", 1024, 1, {}),

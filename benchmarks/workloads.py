@@ -159,13 +159,14 @@ def favour_lesion_class(keras_model: Any, margin: float = 10.0) -> None:
     layer.set_weights([kernel, bias])
 
 
-def run_infer(plan: Plan, size: int, batch: int = 1) -> list[dict[str, Any]]:
+def run_infer(plan: Plan, size: int, batch: int = 1, suffix: str = "", **overrides: Any) -> list[dict[str, Any]]:
     """Latency of ``MaskRCNN.detect`` (mold + graph + unmold/paste, like torchvision) and of the
-    graph alone (like Model Garden, 28x28 masks, no pasting), same process."""
+    graph alone (like Model Garden, 28x28 masks, no pasting), same process. ``overrides`` change
+    config values (named by ``suffix`` in the record names, e.g. "_rpn256")."""
     from mrcnn.model import MaskRCNN
 
     size = plan.size(size)
-    config = make_config(plan, size, batch)
+    config = make_config(plan, size, batch, **overrides)
     model = MaskRCNN("inference", config, tempfile.mkdtemp(prefix="bench-logs-"))
     favour_lesion_class(model.keras_model)
     rng = np.random.default_rng(0)
@@ -178,8 +179,9 @@ def run_infer(plan: Plan, size: int, batch: int = 1) -> list[dict[str, Any]]:
     graph_loop = time_loop(lambda: model._run(molded, metas), warmup, runs)  # noqa: SLF001
     common = {"detections": int(len(results[0]["scores"])), "trace_count": model.detect_trace_count,
               "config": _config_summary(config, "infer")}
-    return [record(f"infer{size}", "infer", size, batch, plan, detect_loop, params, mask_paste=True, **common),
-            record(f"infer{size}_graph", "infer", size, batch, plan, graph_loop, params, mask_paste=False, **common)]
+    return [record(f"infer{size}{suffix}", "infer", size, batch, plan, detect_loop, params, mask_paste=True, **common),
+            record(f"infer{size}{suffix}_graph", "infer", size, batch, plan, graph_loop, params, mask_paste=False,
+                   **common)]
 
 
 # -------------------------------------------------------------------------------------------
@@ -299,7 +301,8 @@ def run_data(plan: Plan, size: int = 1024, batch: int = 1, augment: bool = False
 
 def _config_summary(config: Any, mode: str) -> dict[str, Any]:
     """The knobs that define the workload, for the JSON line."""
-    keys = ["BACKBONE", "NUM_CLASSES", "IMAGES_PER_GPU", "DETECTION_MIN_CONFIDENCE", "MIXED_PRECISION"]
+    keys = ["BACKBONE", "NUM_CLASSES", "IMAGES_PER_GPU", "DETECTION_MIN_CONFIDENCE", "MIXED_PRECISION",
+            "RPN_CONV_CHANNELS"]
     keys += (["POST_NMS_ROIS_INFERENCE", "DETECTION_MAX_INSTANCES"] if mode == "infer" else
              ["POST_NMS_ROIS_TRAINING", "TRAIN_ROIS_PER_IMAGE", "TRAIN_MASKS_ON_POSITIVES_ONLY", "TRAIN_BN"])
     out = {k: getattr(config, k) for k in keys}

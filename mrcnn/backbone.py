@@ -187,19 +187,26 @@ def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any
     return [p2, p3, p4, p5, p6]
 
 
-def build_backbone_and_fpn(input_image: Any, config: Any) -> tuple[list[Any], list[Any]]:
+_FROM_CONFIG: Any = object()
+
+
+def build_backbone_and_fpn(input_image: Any, config: Any, train_bn: bool | None = _FROM_CONFIG
+                           ) -> tuple[list[Any], list[Any]]:
     """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]).
 
     ``config.BACKBONE`` may be "resnet50", "resnet101", "resnet18", "resnet34" (basic blocks,
     ``config.BACKBONE_WIDTH`` channels in stage 2) or a callable with resnet_graph's signature.
+    ``train_bn`` pins the BatchNorm mode (default ``config.TRAIN_BN``; see :func:`batch_norm`).
     """
+    if train_bn is _FROM_CONFIG:
+        train_bn = config.TRAIN_BN
     if callable(config.BACKBONE):
-        _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=config.TRAIN_BN)
+        _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=train_bn)
     elif config.BACKBONE in BASIC_BLOCK_STAGES:
-        _, c2, c3, c4, c5 = basic_resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=config.TRAIN_BN,
+        _, c2, c3, c4, c5 = basic_resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=train_bn,
                                                width=getattr(config, "BACKBONE_WIDTH", 64))
     else:
-        _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=config.TRAIN_BN)
+        _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=train_bn)
     p2, p3, p4, p5, p6 = build_fpn(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 

@@ -78,19 +78,29 @@ def check_image_shape(config: Any) -> None:
 
 
 def build_rpn_for_config(config: Any) -> keras.Model:
-    """The shared "rpn_model" for ``config`` (anchor stride, anchors per location, FPN depth)."""
-    return build_rpn_model(config.RPN_ANCHOR_STRIDE, len(config.RPN_ANCHOR_RATIOS), config.TOP_DOWN_PYRAMID_SIZE)
+    """The shared "rpn_model" for ``config`` (anchor stride, anchors per location, FPN depth, conv width)."""
+    return build_rpn_model(config.RPN_ANCHOR_STRIDE, len(config.RPN_ANCHOR_RATIOS), config.TOP_DOWN_PYRAMID_SIZE,
+                           getattr(config, "RPN_CONV_CHANNELS", 512))
+
+
+def inference_bn_mode(config: Any) -> bool | None:
+    """BatchNorm mode of the inference graph (``fixed_training`` of every BatchNorm): config.TRAIN_BN
+    when config.INFERENCE_BN is "same" (Matterport), False (moving averages) for "moving", True
+    (batch statistics) for "batch"."""
+    choice = getattr(config, "INFERENCE_BN", "same")
+    return {"moving": False, "batch": True}.get(choice, config.TRAIN_BN)
 
 
 def build_inference_model(config: Any) -> keras.Model:
     """Build the inference model for ``config`` (see module docstring for inputs/outputs)."""
     check_image_shape(config)
+    train_bn = inference_bn_mode(config)
     with dtype_policy(config):
         input_image = keras.Input(shape=(None, None, int(config.IMAGE_CHANNEL_COUNT)), name="input_image")
         input_image_meta = keras.Input(shape=(int(config.IMAGE_META_SIZE),), name="input_image_meta")
         input_anchors = keras.Input(shape=(None, 4), name="input_anchors")
 
-        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config)
+        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config, train_bn)
         rpn = build_rpn_for_config(config)
         _, rpn_class, rpn_bbox = apply_rpn(rpn, rpn_feature_maps)
         rpn_rois = ProposalLayer(config.POST_NMS_ROIS_INFERENCE, config.RPN_NMS_THRESHOLD, config,
@@ -98,12 +108,12 @@ def build_inference_model(config: Any) -> keras.Model:
 
         _, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
             rpn_rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
-            train_bn=config.TRAIN_BN, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+            train_bn=train_bn, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
         detections = DetectionLayer(config, name="mrcnn_detection")(
             [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
         detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
         mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
-                                          config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
+                                          config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=train_bn,
                                           conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
                                           channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
         mrcnn_mask = PadRois(config.DETECTION_MAX_INSTANCES, name="mrcnn_mask_padded")(mrcnn_mask)

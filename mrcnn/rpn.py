@@ -16,14 +16,16 @@ from keras import layers as KL
 from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph
 
 
-def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int) -> keras.Model:
+def build_rpn_model(anchor_stride: int, anchors_per_location: int, depth: int,
+                    conv_channels: int = 512) -> keras.Model:
     """The RPN head as a sub-model named "rpn_model", shared by all pyramid levels.
 
     Input [B, H, W, depth] -> (rpn_class_logits [B, H*W*A, 2], rpn_probs [B, H*W*A, 2],
-    rpn_bbox [B, H*W*A, 4]); channel layout is anchor-major (a*2 + k, a*4 + k).
+    rpn_bbox [B, H*W*A, 4]); channel layout is anchor-major (a*2 + k, a*4 + k). The shared 3x3
+    conv has ``conv_channels`` filters (Matterport: 512; torchvision and Model Garden: the FPN depth).
     """
     feature_map = keras.Input(shape=(None, None, depth), name="input_rpn_feature_map")
-    shared = KL.Conv2D(512, (3, 3), padding="same", activation="relu", strides=anchor_stride,
+    shared = KL.Conv2D(int(conv_channels), (3, 3), padding="same", activation="relu", strides=anchor_stride,
                        name="rpn_conv_shared")(feature_map)
     x = KL.Conv2D(2 * anchors_per_location, (1, 1), padding="valid", activation="linear",
                   name="rpn_class_raw")(shared)

@@ -89,18 +89,29 @@ class MetaActiveClasses(KL.Layer):
         return (input_shape[0], input_shape[1] - 12)
 
 
-class FirstRois(KL.Layer):
-    """rois [B, T, 4] -> the first ``count`` rois [B, count, 4] (the positive slot)."""
+class PositiveRois(KL.Layer):
+    """[rois [B, T, 4], target_class_ids [B, T]] -> rois [B, n, 4]: the first n rois, n = the most
+    positive ROIs (class id > 0) of any image in the batch, at least 1, at most ``count``.
+
+    DetectionTargetLayer puts each image's positives first (then negatives, then zero padding), so
+    the mask head runs on the real positives only: the slot of ``count`` =
+    TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO rows (66 of Matterport's 200) is mostly padding
+    while few proposals overlap the ground truth, and each row costs ~3 GFLOP (forward +
+    backward, 4 x 256 head). The loss only reads positive rows, so it is unchanged.
+    """
 
     def __init__(self, count: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.count = int(count)
 
-    def call(self, rois):
-        return rois[:, : self.count]
+    def call(self, inputs):
+        rois, target_class_ids = inputs
+        positives = tf.reduce_sum(tf.cast(target_class_ids[:, : self.count] > 0, tf.int32), axis=1)
+        n = tf.maximum(tf.reduce_max(positives), 1)
+        return rois[:, :n]
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.count, *input_shape[2:])
+        return (input_shape[0][0], None, *input_shape[0][2:])
 
 
 class Identity(KL.Layer):
@@ -263,7 +274,7 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
 def _build_graph(config) -> TrainingModel:
     from mrcnn.backbone import build_backbone_and_fpn
     from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
-    from mrcnn.inference_graph import build_rpn_for_config, check_image_shape
+    from mrcnn.inference_graph import PadRois, build_rpn_for_config, check_image_shape
     from mrcnn.rpn import ProposalLayer, apply_rpn
 
     check_image_shape(config)
@@ -284,11 +295,13 @@ def _build_graph(config) -> TrainingModel:
     mask_rois = rois
     if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
-        mask_rois = FirstRois(positives, name="positive_rois", dtype="float32")(rois)
+        mask_rois = PositiveRois(positives, name="positive_rois", dtype="float32")([rois, target_class_ids])
     mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
                                       config.NUM_CLASSES, train_bn=config.TRAIN_BN,
                                       conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
                                       channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
+    if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):  # back to the static slot, zero rows
+        mrcnn_mask = PadRois(positives, name="mrcnn_mask_padded")(mrcnn_mask)
     output_rois = Identity(name="output_rois", dtype="float32")(rois)
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,

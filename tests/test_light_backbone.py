@@ -133,3 +133,59 @@ def test_light_model_builds_with_slim_mask_head_and_detects(tmp_path):
     assert result["masks"].shape[:2] == (48, 64) and len(result["scores"]) <= config.DETECTION_MAX_INSTANCES
     training = MaskRCNN("training", config, str(tmp_path))
     assert training.keras_model.get_layer("mrcnn_mask_conv2").kernel.shape == (3, 3, 24, 24)
+
+
+def _bn_layers(keras_model):
+    from mrcnn.backbone import BatchNorm
+
+    return [layer for layer in keras_model.layers if isinstance(layer, BatchNorm)]
+
+
+def test_inference_bn_moving_uses_moving_averages_after_training_on_batch_statistics(tmp_path):
+    """TRAIN_BN = True trains on batch statistics; INFERENCE_BN "moving" makes the inference graph
+    normalise with the moving averages, "same" (Matterport) keeps batch statistics there too."""
+    from mrcnn.inference_graph import inference_bn_mode
+
+    class BatchStatsConfig(TinyConfig):
+        TRAIN_BN = True
+
+    same = BatchStatsConfig().validate()
+    moving = BatchStatsConfig()
+    moving.INFERENCE_BN = "moving"
+    moving.validate()
+    assert [inference_bn_mode(c) for c in (same, moving)] == [True, False]
+    frozen = TinyConfig()
+    frozen.INFERENCE_BN = "batch"
+    assert inference_bn_mode(frozen) is True and inference_bn_mode(TinyConfig()) is False
+
+    model = MaskRCNN("inference", moving, str(tmp_path)).keras_model
+    bns = _bn_layers(model)
+    assert len(bns) > 20 and all(layer.fixed_training is False for layer in bns)
+    assert all(layer.fixed_training is True for layer in _bn_layers(MaskRCNN("training", moving, str(tmp_path)).keras_model))
+    # Behaviour of the first BatchNorm: with moving mean 5 and variance 4 it computes (x - 5) / 2
+    # (gamma 1, beta 0), whatever the batch; batch statistics would give each channel mean 0.
+    first = model.get_layer("bbn_conv1")
+    first.moving_mean.assign(np.full(first.moving_mean.shape, 5.0, np.float32))
+    first.moving_variance.assign(np.full(first.moving_variance.shape, 4.0 - first.epsilon, np.float32))
+    x = np.random.default_rng(1).normal(0.0, 3.0, (2, 8, 8, first.moving_mean.shape[0])).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(first(x)), (x - 5.0) / 2.0, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_bn_is_validated():
+    config = TinyConfig()
+    config.INFERENCE_BN = "population"
+    with pytest.raises(ConfigError, match="INFERENCE_BN must be same, moving or batch"):
+        config.validate()
+
+
+def test_rpn_conv_channels_sets_the_shared_rpn_conv_width(tmp_path):
+    config = TinyConfig()
+    assert config.RPN_CONV_CHANNELS == 512  # Matterport's
+    config.RPN_CONV_CHANNELS = 40
+    model = MaskRCNN("inference", config.validate(), str(tmp_path)).keras_model
+    rpn = model.get_layer("rpn_model")
+    assert rpn.get_layer("rpn_conv_shared").kernel.shape == (3, 3, 32, 40)
+    assert rpn.get_layer("rpn_class_raw").kernel.shape == (1, 1, 40, 6)
+    config.RPN_CONV_CHANNELS = 0
+    with pytest.raises(ConfigError, match="RPN_CONV_CHANNELS must be a positive integer"):
+        config.validate()

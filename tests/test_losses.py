@@ -114,3 +114,29 @@ def test_weight_decay_is_mean_square_per_tensor_and_skips_gamma_beta():
     beta = keras.Variable(np.full((4,), 10.0, np.float32), name="beta")
     value = float(losses.weight_decay_loss([kernel, bias, gamma, beta], 0.01))
     assert value == pytest.approx(0.01 * (4.0 + 5.0))
+
+
+def test_mask_head_on_real_positives_only_gives_the_same_mask_loss():
+    """training.PositiveRois keeps the first n rois (n = most positives in any image of the batch);
+    the mask predictions of the dropped slot rows, zero-padded back, do not change the loss."""
+    import tensorflow as tf
+
+    from mrcnn.inference_graph import PadRois
+    from mrcnn.losses import mrcnn_mask_loss
+    from mrcnn.training import PositiveRois
+
+    rng = np.random.default_rng(0)
+    class_ids = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]], np.int32)   # positives first
+    rois = rng.random((2, 6, 4)).astype(np.float32)
+    kept = PositiveRois(4)([tf.constant(rois), tf.constant(class_ids)])
+    np.testing.assert_array_equal(np.asarray(kept), rois[:, :3])
+    none = PositiveRois(4)([tf.constant(rois), tf.zeros((2, 6), tf.int32)])
+    assert none.shape == (2, 1, 4)  # never an empty batch for the mask head
+
+    targets = (rng.random((2, 6, 7, 7)) > 0.5).astype(np.float32)
+    full = rng.uniform(0.05, 0.95, (2, 4, 7, 7, 2)).astype(np.float32)   # the whole 4-row slot
+    trimmed = PadRois(4)(tf.constant(full[:, :3]))                      # head on 3 rows, padded
+    assert trimmed.shape == (2, 4, 7, 7, 2)
+    expected = float(mrcnn_mask_loss(tf.constant(targets), tf.constant(class_ids), tf.constant(full)))
+    got = float(mrcnn_mask_loss(tf.constant(targets), tf.constant(class_ids), trimmed))
+    assert got == pytest.approx(expected, rel=1e-6) and expected > 0.1
