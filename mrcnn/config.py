@@ -100,6 +100,9 @@ class Config:
     GRADIENT_CLIP_NORM = 5.0
 
     # Beyond Matterport ---------------------------------------------------------------------
+    # An image where no ROI is classified as foreground (or none reaches DETECTION_MIN_CONFIDENCE)
+    # keeps its ROI of highest foreground probability (Matterport: no detection, an empty mask).
+    DETECTION_FOREGROUND_FALLBACK = False
     # Filters of the RPN's shared 3x3 conv (Matterport: 512, which COCO weights need). 256, as
     # torchvision and TF Model Garden, halves the RPN's work: -20% FLOPs at 1024 px inference.
     RPN_CONV_CHANNELS = 512
@@ -118,8 +121,8 @@ class Config:
     MIXED_PRECISION = False
     #: Seed for shuffling and augmentation; None = not deterministic.
     SEED: int | None = None
-    #: Run the mask head in training only on the positive-ROI slot
-    #: (``int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO)`` ROIs): same loss, far less work.
+    #: Run the mask head in training only on the real positive ROIs (at most
+    #: ``int(TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO)``, padded back): same loss, far less work.
     TRAIN_MASKS_ON_POSITIVES_ONLY = True
     #: Channels of stage 2 of the basic-block backbones (BACKBONE "resnet18" / "resnet34"; doubled
     #: per stage). Must stay 64 for resnet50/101 (Matterport's fixed widths).

@@ -19,6 +19,8 @@ class DetectionLayer(KL.Layer):
     sorted by score and zero-padded. Per ROI: class = argmax over all classes (incl. background),
     that class's deltas x BBOX_STD_DEV applied, clipped to the image window from image_meta;
     background and (if DETECTION_MIN_CONFIDENCE is truthy) low-score ROIs dropped; per-class NMS.
+    With DETECTION_FOREGROUND_FALLBACK, an image where no ROI survives that filter keeps its ROI
+    of highest foreground probability, as that foreground class (so it never has no detection).
     """
 
     def __init__(self, config: Any, **kwargs: Any) -> None:
@@ -30,6 +32,7 @@ class DetectionLayer(KL.Layer):
         self.min_confidence = float(config.DETECTION_MIN_CONFIDENCE or 0.0)
         self.nms_threshold = float(config.DETECTION_NMS_THRESHOLD)
         self.std_dev = np.asarray(config.BBOX_STD_DEV, dtype=np.float32).reshape(1, 4)
+        self.foreground_fallback = bool(getattr(config, "DETECTION_FOREGROUND_FALLBACK", False))
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         rois, probs, deltas, image_meta = (tf.cast(t, tf.float32) for t in inputs)
@@ -44,13 +47,15 @@ class DetectionLayer(KL.Layer):
         rois, probs, deltas, window = args
         class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
         scores = tf.gather(probs, class_ids, batch_dims=1)
+        wanted = class_ids > 0
+        if self.min_confidence:
+            wanted = tf.logical_and(wanted, scores >= self.min_confidence)
+        if self.foreground_fallback:
+            class_ids, scores, wanted = self._best_foreground_if_none(probs, class_ids, scores, wanted)
         class_deltas = tf.gather(deltas, class_ids, batch_dims=1)
         boxes = apply_box_deltas_graph(rois, class_deltas * tf.constant(self.std_dev))
         boxes = clip_boxes_graph(boxes, window)
 
-        wanted = class_ids > 0
-        if self.min_confidence:
-            wanted = tf.logical_and(wanted, scores >= self.min_confidence)
         keep = tf.reshape(tf.where(wanted), (-1,))
         keep = self._per_class_nms(keep, boxes, scores, class_ids)
 
@@ -61,6 +66,18 @@ class DetectionLayer(KL.Layer):
                           tf.cast(tf.gather(class_ids, keep), tf.float32)[:, tf.newaxis],
                           tf.gather(scores, keep)[:, tf.newaxis]], axis=1)
         return tf.pad(rows, [(0, self.max_instances - tf.shape(rows)[0]), (0, 0)])
+
+    @staticmethod
+    def _best_foreground_if_none(probs: tf.Tensor, class_ids: tf.Tensor, scores: tf.Tensor, wanted: tf.Tensor
+                                 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """When no ROI is ``wanted``: mark the ROI of highest foreground probability wanted, with
+        its best foreground class and that probability as score. probs [N, C]; others [N]."""
+        foreground = probs[:, 1:]
+        best = tf.argmax(tf.reduce_max(foreground, axis=1), output_type=tf.int32)
+        use_best = tf.logical_and(tf.logical_not(tf.reduce_any(wanted)),
+                                  tf.equal(tf.range(tf.shape(probs)[0]), best))
+        class_ids = tf.where(use_best, tf.argmax(foreground, axis=1, output_type=tf.int32) + 1, class_ids)
+        return class_ids, tf.gather(probs, class_ids, batch_dims=1), tf.logical_or(wanted, use_best)
 
     def _per_class_nms(self, keep: tf.Tensor, boxes: tf.Tensor, scores: tf.Tensor,
                        class_ids: tf.Tensor) -> tf.Tensor:

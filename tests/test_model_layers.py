@@ -101,6 +101,35 @@ def test_detection_layer_matches_numpy(min_confidence):
         assert np.all(out[..., 5][real] >= min_confidence)
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_detection_foreground_fallback_keeps_best_foreground_roi(fallback):
+    """Image 0: every ROI is background (argmax 0), ROI 2 has the highest foreground probability
+    (class 2: 0.3). Image 1 has a normal detection and is the same either way."""
+    config = LayerConfig()
+    config.DETECTION_MIN_CONFIDENCE = 0.5
+    config.DETECTION_FOREGROUND_FALLBACK = fallback
+    classes = config.NUM_CLASSES
+    rois = np.tile(np.array([[0.1, 0.1, 0.3, 0.3], [0.2, 0.2, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]], np.float32), (2, 1, 1))
+    probs = np.zeros((2, 3, classes), np.float32)
+    probs[0, :, 0] = [0.9, 0.8, 0.6]
+    probs[0, :, 1] = [0.1, 0.2, 0.1]
+    probs[0, 2, 2] = 0.3
+    probs[1, :, 0] = [0.9, 0.1, 0.9]
+    probs[1, :, 1] = [0.1, 0.9, 0.1]
+    deltas = np.zeros((2, 3, classes, 4), np.float32)
+    meta = np.zeros((2, config.IMAGE_META_SIZE), np.float32)
+    meta[:, 4:7] = [64, 64, 3]
+    meta[:, 7:11] = [0, 0, 64, 64]
+    out = DetectionLayer(config)([tf.constant(rois), tf.constant(probs), tf.constant(deltas), tf.constant(meta)]).numpy()
+    np.testing.assert_allclose(out[1, 0], [0.2, 0.2, 0.5, 0.6, 1, 0.9], atol=1e-6)
+    assert np.all(out[1, 1:] == 0)
+    if fallback:
+        np.testing.assert_allclose(out[0, 0], [0.4, 0.3, 0.9, 0.8, 2, 0.3], atol=1e-6)
+        assert np.all(out[0, 1:] == 0)
+    else:
+        assert np.all(out[0] == 0)
+
+
 @pytest.mark.parametrize("train_bn", [False, True])
 def test_batch_norm_mode_is_pinned_by_train_bn(train_bn):
     """TRAIN_BN holds whatever ``training`` the enclosing model is called with (Keras 3 would
