@@ -187,19 +187,21 @@ def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any
     return [p2, p3, p4, p5, p6]
 
 
-_FROM_CONFIG: Any = object()
+def batch_norm_mode(config: Any, inference: bool = False) -> bool | None:
+    """``train_bn`` for the graph being built (see :func:`batch_norm`): config.TRAIN_BN, except in an
+    inference graph whose config.INFERENCE_BN is "moving" (False: moving averages) or "batch" (True)."""
+    choice = getattr(config, "INFERENCE_BN", "same") if inference else "same"
+    return {"moving": False, "batch": True}.get(choice, config.TRAIN_BN)
 
 
-def build_backbone_and_fpn(input_image: Any, config: Any, train_bn: bool | None = _FROM_CONFIG
-                           ) -> tuple[list[Any], list[Any]]:
+def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = False) -> tuple[list[Any], list[Any]]:
     """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]).
 
     ``config.BACKBONE`` may be "resnet50", "resnet101", "resnet18", "resnet34" (basic blocks,
     ``config.BACKBONE_WIDTH`` channels in stage 2) or a callable with resnet_graph's signature.
-    ``train_bn`` pins the BatchNorm mode (default ``config.TRAIN_BN``; see :func:`batch_norm`).
+    BatchNorm mode from :func:`batch_norm_mode` (``inference``: the inference graph's).
     """
-    if train_bn is _FROM_CONFIG:
-        train_bn = config.TRAIN_BN
+    train_bn = batch_norm_mode(config, inference)
     if callable(config.BACKBONE):
         _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=train_bn)
     elif config.BACKBONE in BASIC_BLOCK_STAGES:
@@ -211,5 +213,5 @@ def build_backbone_and_fpn(input_image: Any, config: Any, train_bn: bool | None 
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 
 
-__all__ = ["resnet_graph", "basic_resnet_graph", "basic_block", "BACKBONE_NAMES", "build_fpn", "build_backbone_and_fpn", "batch_norm", "bottleneck_block", "BatchNorm",
+__all__ = ["resnet_graph", "basic_resnet_graph", "basic_block", "BACKBONE_NAMES", "build_fpn", "build_backbone_and_fpn", "batch_norm", "batch_norm_mode", "bottleneck_block", "BatchNorm",
            "identity_block", "conv_block"]

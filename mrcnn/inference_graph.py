@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from keras import layers as KL
 
-from mrcnn.backbone import build_backbone_and_fpn
+from mrcnn.backbone import batch_norm_mode, build_backbone_and_fpn
 from mrcnn.detection import DetectionLayer
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
 from mrcnn.rpn import ProposalLayer, apply_rpn, build_rpn_model
@@ -83,24 +83,16 @@ def build_rpn_for_config(config: Any) -> keras.Model:
                            getattr(config, "RPN_CONV_CHANNELS", 512))
 
 
-def inference_bn_mode(config: Any) -> bool | None:
-    """BatchNorm mode of the inference graph (``fixed_training`` of every BatchNorm): config.TRAIN_BN
-    when config.INFERENCE_BN is "same" (Matterport), False (moving averages) for "moving", True
-    (batch statistics) for "batch"."""
-    choice = getattr(config, "INFERENCE_BN", "same")
-    return {"moving": False, "batch": True}.get(choice, config.TRAIN_BN)
-
-
 def build_inference_model(config: Any) -> keras.Model:
     """Build the inference model for ``config`` (see module docstring for inputs/outputs)."""
     check_image_shape(config)
-    train_bn = inference_bn_mode(config)
+    train_bn = batch_norm_mode(config, inference=True)
     with dtype_policy(config):
         input_image = keras.Input(shape=(None, None, int(config.IMAGE_CHANNEL_COUNT)), name="input_image")
         input_image_meta = keras.Input(shape=(int(config.IMAGE_META_SIZE),), name="input_image_meta")
         input_anchors = keras.Input(shape=(None, 4), name="input_anchors")
 
-        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config, train_bn)
+        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config, inference=True)
         rpn = build_rpn_for_config(config)
         _, rpn_class, rpn_bbox = apply_rpn(rpn, rpn_feature_maps)
         rpn_rois = ProposalLayer(config.POST_NMS_ROIS_INFERENCE, config.RPN_NMS_THRESHOLD, config,

@@ -144,7 +144,7 @@ def _bn_layers(keras_model):
 def test_inference_bn_moving_uses_moving_averages_after_training_on_batch_statistics(tmp_path):
     """TRAIN_BN = True trains on batch statistics; INFERENCE_BN "moving" makes the inference graph
     normalise with the moving averages, "same" (Matterport) keeps batch statistics there too."""
-    from mrcnn.inference_graph import inference_bn_mode
+    from mrcnn.backbone import batch_norm_mode
 
     class BatchStatsConfig(TinyConfig):
         TRAIN_BN = True
@@ -153,10 +153,11 @@ def test_inference_bn_moving_uses_moving_averages_after_training_on_batch_statis
     moving = BatchStatsConfig()
     moving.INFERENCE_BN = "moving"
     moving.validate()
-    assert [inference_bn_mode(c) for c in (same, moving)] == [True, False]
+    assert [batch_norm_mode(c, inference=True) for c in (same, moving)] == [True, False]
+    assert batch_norm_mode(moving) is True  # training keeps TRAIN_BN
     frozen = TinyConfig()
     frozen.INFERENCE_BN = "batch"
-    assert inference_bn_mode(frozen) is True and inference_bn_mode(TinyConfig()) is False
+    assert batch_norm_mode(frozen, inference=True) is True and batch_norm_mode(TinyConfig(), inference=True) is False
 
     model = MaskRCNN("inference", moving, str(tmp_path)).keras_model
     bns = _bn_layers(model)
