@@ -28,7 +28,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from mrcnn import lesion_data, predict_io  # noqa: E402  (light: no TensorFlow)
+from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no TensorFlow)
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 
@@ -188,13 +188,13 @@ class LesionDataset(Dataset):
 
     def load_lesions(self, dataset_dir: str | Path, subset: str, config: LesionConfig) -> None:
         """Add the ``subset`` ("train", "val" or "all") images of ``dataset_dir`` (tutorial style)."""
-        report = lesion_data.scan_dataset(dataset_dir)
+        report = dataset_scan.scan_dataset(dataset_dir)
         ids = [p.image_id for p in report.pairs]
-        train, val = lesion_data.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
+        train, val = dataset_scan.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
         wanted = {"train": set(train), "val": set(val), "all": set(ids)}[subset]
         self.add_pairs([p for p in report.pairs if p.image_id in wanted])
 
-    def add_pairs(self, pairs: list[lesion_data.Pair]) -> None:
+    def add_pairs(self, pairs: list[dataset_scan.Pair]) -> None:
         """Register the class and one image per (image, mask) pair."""
         self.add_class(self.SOURCE, 1, "lesion")
         for pair in pairs:
@@ -227,12 +227,12 @@ def prepare_demo_data(config: LesionConfig, root: Path = DEMO_DIR) -> Path:
     """The synthetic demo dataset for ``config`` (generated once, regenerated when settings change)."""
     size = (int(config.DEMO_IMAGE_SIZE[0]), int(config.DEMO_IMAGE_SIZE[1]))
     seed = int(config.SEED or 0)
-    if not lesion_data.demo_data_is_current(root, config.DEMO_IMAGES, seed, size):
+    if not dataset_scan.demo_data_is_current(root, config.DEMO_IMAGES, seed, size):
         print(f"Demo data: writing {config.DEMO_IMAGES} synthetic images ({size[1]}x{size[0]}, seed {seed})"
               f" into {root}/ ...", flush=True)
     else:
         print(f"Demo data: {root}/ ({config.DEMO_IMAGES} synthetic images, seed {seed}, cached)")
-    return lesion_data.ensure_demo_data(root, config.DEMO_IMAGES, seed, size)
+    return dataset_scan.ensure_demo_data(root, config.DEMO_IMAGES, seed, size)
 
 
 def dataset_root(args: argparse.Namespace, config: LesionConfig) -> Path:
@@ -242,12 +242,12 @@ def dataset_root(args: argparse.Namespace, config: LesionConfig) -> Path:
     return Path(args.dataset)
 
 
-def scan_and_split(root: Path, config: LesionConfig) -> tuple[lesion_data.ScanReport, list[str], list[str]]:
+def scan_and_split(root: Path, config: LesionConfig) -> tuple[dataset_scan.ScanReport, list[str], list[str]]:
     """Scan the dataset, report problems, split it; refuse when a split would be empty."""
     print(f"Scanning dataset {root} ...", flush=True)
-    report = lesion_data.scan_dataset(root)
+    report = dataset_scan.scan_dataset(root)
     ids = [p.image_id for p in report.pairs]
-    train, val = lesion_data.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
+    train, val = dataset_scan.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
     how = "split column of metadata.csv" if report.splits else (
         f"VALIDATION_FRACTION {config.VALIDATION_FRACTION}, SEED {config.SEED}")
     print(f"  layout {report.layout}: {len(ids)} usable image/mask pairs -> {len(train)} train,"
@@ -259,7 +259,7 @@ def scan_and_split(root: Path, config: LesionConfig) -> tuple[lesion_data.ScanRe
     return report, train, val
 
 
-def make_datasets(report: lesion_data.ScanReport, *id_lists: list[str],
+def make_datasets(report: dataset_scan.ScanReport, *id_lists: list[str],
                   cache_dir: Path | None = None) -> list[LesionDataset]:
     """One prepared LesionDataset per list of ids; with ``cache_dir`` they share a preprocessing cache."""
     by_id = {p.image_id: p for p in report.pairs}
@@ -436,7 +436,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: list[str], val_ids: list[str],
+def train_one(config: LesionConfig, report: dataset_scan.ScanReport, train_ids: list[str], val_ids: list[str],
               weights: tuple[str, Path | None], logs: Path, split_info: dict, cache_dir: Path | None = None) -> Path:
     """Build the training model, load ``weights``, run the remaining stages; returns the run folder.
 
@@ -452,7 +452,7 @@ def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: l
     start = int(getattr(model, "epoch", 0) or 0)
     log_dir = Path(model.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    lesion_data.write_split(log_dir / "split.json", train_ids, val_ids, split_info | {"scan": report.to_dict()})
+    dataset_scan.write_split(log_dir / "split.json", train_ids, val_ids, split_info | {"scan": report.to_dict()})
     todo = stages(config, start)
     if not todo:
         print(f"Nothing to do: the checkpoint is at epoch {start} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
@@ -471,16 +471,16 @@ def train_one(config: LesionConfig, report: lesion_data.ScanReport, train_ids: l
     return log_dir
 
 
-def run_kfold(args: argparse.Namespace, config: LesionConfig, report: lesion_data.ScanReport, root: Path,
+def run_kfold(args: argparse.Namespace, config: LesionConfig, report: dataset_scan.ScanReport, root: Path,
               weights: tuple[str, Path | None]) -> int:
     """--folds K --fold I|all: train and evaluate fold I (or every fold, then mean and std)."""
     import copy
 
-    from mrcnn import evaluation
+    from lesionkit import evaluation
 
     logs = Path(args.logs)
     base_name = re.sub(r"_fold\d+$", "", str(config.NAME))
-    folds = lesion_data.kfold_split([p.image_id for p in report.pairs], args.folds, config.SEED)
+    folds = dataset_scan.kfold_split([p.image_id for p in report.pairs], args.folds, config.SEED)
     wanted = range(args.folds) if args.fold == "all" else [int(args.fold)]
     summaries = []
     cache_dir = preprocess_cache_dir(args, root)
@@ -502,7 +502,7 @@ def run_kfold(args: argparse.Namespace, config: LesionConfig, report: lesion_dat
     return 0
 
 
-def evaluate_fold(args: argparse.Namespace, log_dir: Path, report: lesion_data.ScanReport,
+def evaluate_fold(args: argparse.Namespace, log_dir: Path, report: dataset_scan.ScanReport,
                   val_ids: list[str]) -> dict:
     """Evaluate the newest checkpoint of ``log_dir`` on the fold's validation ids."""
     eval_args = copy_args(args, weights=str(checkpoints_in(log_dir)[-1]), tta=False, top1=False, crop=False)
@@ -524,11 +524,11 @@ def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:
     """``logs/<name>_kfold_<stamp>.json``: per-fold summaries and mean/std; prints the table."""
     import datetime
 
-    from mrcnn import evaluation
+    from lesionkit import evaluation
 
-    stats = lesion_data.mean_and_std(summaries, evaluation.HEADLINE[1:])
+    stats = dataset_scan.mean_and_std(summaries, evaluation.HEADLINE[1:])
     path = logs / f"{name}_kfold_{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
-    predict_io.write_json_atomic(path, evaluation.json_safe({"folds": len(summaries), "mean_std": stats,
+    prediction_files.write_json_atomic(path, evaluation.json_safe({"folds": len(summaries), "mean_std": stats,
                                                              "per_fold": {str(i): s for i, s in
                                                                           enumerate(summaries)}}))
     print(f"\nk-fold cross-validation over {len(summaries)} folds (mean ± std):")
@@ -542,7 +542,7 @@ def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:
 def _augmentation(config: LesionConfig) -> Any:
     """The library's default augmentation (flips, rotations, colour) seeded by SEED, if present."""
     try:
-        from mrcnn.data import default_augmentation
+        from mrcnn.input_pipeline import default_augmentation
     except ImportError:
         return None
     return default_augmentation(config.SEED)
@@ -584,7 +584,7 @@ def load_inference_model(args: argparse.Namespace) -> tuple[Any, LesionConfig, P
     config = build_config(args, saved, inference=True)
     print_config(config, config_origin(args, saved_from))
     min_confidence = float(config.DETECTION_MIN_CONFIDENCE)
-    config.set("DETECTION_MIN_CONFIDENCE", 0.0)  # keep everything; predict_io filters, with fallback
+    config.set("DETECTION_MIN_CONFIDENCE", 0.0)  # keep everything; prediction_files filters, with fallback
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
 
@@ -603,8 +603,8 @@ def predict_images(model: Any, paths: list[Path], out_dir: Path, min_confidence:
     """
     from tqdm import tqdm
 
+    from lesionkit.prediction_files import choose_instances, write_prediction
     from mrcnn.imaging import ImageReadError, read_image
-    from mrcnn.predict_io import choose_instances, write_prediction
 
     records, unreadable = [], []
     bar = tqdm(paths, desc="predict" + (" +tta" if tta else ""), unit="img", disable=len(paths) < 2,
@@ -617,7 +617,7 @@ def predict_images(model: Any, paths: list[Path], out_dir: Path, min_confidence:
             tqdm.write(f"  skipped unreadable {path.name}: {one_line(exc)}")
             continue
         if tta:
-            from mrcnn.tta import detect_tta
+            from lesionkit.tta import detect_tta
 
             result = detect_tta(model, image, min_confidence)
         else:
@@ -635,8 +635,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """--mode predict: lesion masks, overlays (and crops) for a file, folder or glob."""
     if not args.image:
         raise CliError("--mode predict needs --image PATH (a file, a folder or a glob)")
-    paths, skipped, single = predict_io.list_images(args.image, "--image")
-    paths, duplicates = predict_io.drop_duplicate_ids(paths)
+    paths, skipped, single = prediction_files.list_images(args.image, "--image")
+    paths, duplicates = prediction_files.drop_duplicate_ids(paths)
     for name in duplicates:
         print(f"  skipped {name}: an image with the same id came first (its outputs would be overwritten)")
     if single:
@@ -644,10 +644,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
         read_image(paths[0])  # an unreadable single file is an error before any output exists
     model, config, weights, min_confidence = load_inference_model(args)
-    out_dir, created = predict_io.make_output_dir(args.output, "predictions")
+    out_dir, created = prediction_files.make_output_dir(args.output, "predictions")
     try:
         records, unreadable = predict_images(model, paths, out_dir, min_confidence, args, tta=args.tta)
-        from mrcnn.predict_io import write_summary
+        from lesionkit.prediction_files import write_summary
 
         meta = {"weights": str(weights), "min_confidence": min_confidence, "top1": args.top1, "tta": args.tta,
                 "crop": args.crop, "skipped_non_images": skipped, "unreadable": unreadable,
@@ -655,7 +655,7 @@ def run_predict(args: argparse.Namespace) -> int:
         summary = write_summary(out_dir, records, meta)
     finally:
         if created:
-            predict_io.remove_empty_dirs(out_dir)
+            prediction_files.remove_empty_dirs(out_dir)
     found = sum(1 for r in records if r["instances"])
     print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
           f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s)"
@@ -678,7 +678,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
     pairs = folder_pairs(args) if args.images else validation_pairs(args)
     model, config, weights, min_confidence = load_inference_model(args)
-    out_dir, created = predict_io.make_output_dir(args.output, "evaluations")
+    out_dir, created = prediction_files.make_output_dir(args.output, "evaluations")
     truth = {p.image_id: p.mask_path for p in pairs}
     images = {p.image_id: p.image_path for p in pairs}
     columns: dict[str, dict] = {}
@@ -688,9 +688,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             columns[variant] = evaluate_model(model, pairs, folder, min_confidence, args, truth, variant == "tta")
     finally:
         if created:
-            predict_io.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
+            prediction_files.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta", out_dir / "predictions", out_dir)
     if "tta" in columns:  # the main summary.json reports the metrics with and without TTA
-        from mrcnn import evaluation, metrics
+        from lesionkit import evaluation, metrics
 
         plain = columns["plain"]
         with_tta = {k: v for k, v in columns["tta"].items() if k not in ("rows", "problems")}
@@ -700,13 +700,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_model(model: Any, pairs: list[lesion_data.Pair], folder: Path, min_confidence: float,
+def evaluate_model(model: Any, pairs: list[dataset_scan.Pair], folder: Path, min_confidence: float,
                    args: argparse.Namespace, truth: dict[str, Path], tta: bool) -> dict:
     """Predict ``pairs`` into ``folder/predictions``, score them, write scores.csv + summary.json."""
     import numpy as np
 
-    from mrcnn import evaluation, metrics
-    from mrcnn.predict_io import write_summary
+    from lesionkit import evaluation, metrics
+    from lesionkit.prediction_files import write_summary
 
     pred_dir = folder / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -728,9 +728,9 @@ def evaluate_model(model: Any, pairs: list[lesion_data.Pair], folder: Path, min_
     return summary
 
 
-def folder_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
+def folder_pairs(args: argparse.Namespace) -> list[dataset_scan.Pair]:
     """``--images DIR --masks DIR``: the pairs, with problems reported."""
-    report = lesion_data.pair_folders(args.images, args.masks, root=args.images)
+    report = dataset_scan.pair_folders(args.images, args.masks, root=args.images)
     for line in report.problem_lines():
         print(f"  warning: {line}")
     if not report.pairs:
@@ -739,7 +739,7 @@ def folder_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
     return report.pairs
 
 
-def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
+def validation_pairs(args: argparse.Namespace) -> list[dataset_scan.Pair]:
     """The validation split of ``--dataset`` (the split the checkpoint's run wrote, if present).
 
     The dataset settings (demo size, split fraction and seed) come from the checkpoint's run
@@ -765,7 +765,7 @@ def validation_pairs(args: argparse.Namespace) -> list[lesion_data.Pair]:
 
 def evaluate_prediction_folder(args: argparse.Namespace) -> int:
     """--pred DIR --masks DIR: score existing ``<id>_segmentation.png`` files, no model."""
-    from mrcnn import evaluation, metrics
+    from lesionkit import evaluation, metrics
 
     if not args.masks:
         raise CliError("--pred needs --masks DIR (the ground-truth masks)")
@@ -775,13 +775,13 @@ def evaluate_prediction_folder(args: argparse.Namespace) -> int:
     rows, summary, problems = metrics.score_folders(args.pred, args.masks)
     if not rows:
         raise CliError(f"nothing to score in {args.pred}: {'; '.join(problems[:3]) or 'no predictions'}")
-    out_dir, _ = predict_io.make_output_dir(args.output, "evaluations")
+    out_dir, _ = prediction_files.make_output_dir(args.output, "evaluations")
     metrics.write_scores(rows, evaluation.json_safe(summary), out_dir, problems)
     summary.update(rows=rows, problems=problems)
     truth = {metrics.truth_id(p): p for p in Path(args.masks).iterdir() if p.is_file()}
     images = {}
     if args.images:
-        images = {p.stem: p for p in Path(args.images).iterdir() if lesion_data.is_image_name(p)}
+        images = {p.stem: p for p in Path(args.images).iterdir() if dataset_scan.is_image_name(p)}
     finish_evaluation({"value": summary}, out_dir, args, images, truth, Path(args.pred))
     return 0
 
@@ -789,7 +789,7 @@ def evaluate_prediction_folder(args: argparse.Namespace) -> int:
 def finish_evaluation(columns: dict[str, dict], out_dir: Path, args: argparse.Namespace,
                       images: dict[str, Path], truth: dict[str, Path], pred_dir: Path) -> None:
     """Print problems and the table, save the grid, say where the files are."""
-    from mrcnn import evaluation
+    from lesionkit import evaluation
 
     first = next(iter(columns.values()))
     for line in first["problems"][:10]:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import lesions  # noqa: E402
-from mrcnn import lesion_data  # noqa: E402
+from lesionkit import dataset_scan  # noqa: E402
 from mrcnn.preprocess_cache import PreprocessCache, resize_sample  # noqa: E402
 
 REAL_SAMPLES = REPO.parent / "shared" / "data" / "real_samples"
@@ -60,7 +60,7 @@ def write_synthetic(root: Path, n: int, width: int, height: int, seed: int = 0) 
 
 def dataset_for(root: Path) -> lesions.LesionDataset:
     dataset = lesions.LesionDataset()
-    dataset.add_pairs(lesion_data.scan_dataset(root).pairs)
+    dataset.add_pairs(dataset_scan.scan_dataset(root).pairs)
     dataset.prepare()
     return dataset
 

@@ -12,7 +12,7 @@ round trip. For every truth mask of a split this script measures the round trip
   ``S x S`` mask, i.e. Matterport's binary training targets), then back;
 
 and scores it against the original mask with the official-scorer metrics
-(:mod:`mrcnn.metrics`). It prints one JSON line; ``1 - jaccard`` is the Jaccard lost to the
+(:mod:`lesionkit.metrics`). It prints one JSON line; ``1 - jaccard`` is the Jaccard lost to the
 resolution alone. Pure numpy, about a minute for the 1,952 HAM10000 val masks::
 
     python benchmarks/mask_resolution.py --dataset ../shared/data/ham10000_200 --sizes 28 56
@@ -32,7 +32,7 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 if str(REPO_DIR) not in sys.path:
     sys.path.insert(0, str(REPO_DIR))
 
-from mrcnn import lesion_data, metrics  # noqa: E402
+from lesionkit import dataset_scan, metrics  # noqa: E402
 from mrcnn.boxes import extract_bboxes  # noqa: E402
 from mrcnn.imaging import minimize_mask, read_mask, resize, unmold_mask  # noqa: E402
 
@@ -41,9 +41,9 @@ DEFAULT_DATASET = REPO_DIR.parent / "shared" / "data" / "ham10000_200"
 
 def split_masks(dataset: Path, split: str, limit: int | None = None) -> list[Path]:
     """Truth mask paths of ``split`` ("train", "val" or "all"), the split column of metadata.csv first."""
-    report = lesion_data.scan_dataset(dataset, check_files=False)
+    report = dataset_scan.scan_dataset(dataset, check_files=False)
     ids = [p.image_id for p in report.pairs]
-    train, val = lesion_data.split_ids(ids, 0.2, 42, report.splits)
+    train, val = dataset_scan.split_ids(ids, 0.2, 42, report.splits)
     wanted = {"train": set(train), "val": set(val), "all": set(ids)}[split]
     paths = [p.mask_path for p in report.pairs if p.image_id in wanted]
     return paths[:limit] if limit else paths

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate over the budget, from LEARNING_RATE (default cosine)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default="flips",
-                   help="flips: h/v flips + 90-degree rotations (default); default: mrcnn.data's"
+                   help="flips: h/v flips + 90-degree rotations (default); default: mrcnn.input_pipeline's"
                         " (adds scale/shift and colour); none")
     p.add_argument("--layers", default="all", help="layers to train (default all: random initialisation)")
     p.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps (the"
@@ -110,7 +110,7 @@ def augmentation(kind: str, seed: int | None) -> Any:
     if kind == "none":
         return None
     if kind == "default":
-        from mrcnn.data import default_augmentation
+        from mrcnn.input_pipeline import default_augmentation
 
         return default_augmentation(seed)
     import albumentations as A
@@ -228,9 +228,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_set, = lesions.make_datasets(report, train_ids)
     run_dir = new_run_dir(Path(args.logs))
     run_dir.mkdir(parents=True)
-    from mrcnn import lesion_data
+    from lesionkit import dataset_scan
 
-    lesion_data.write_split(run_dir / "split.json", train_ids, val_ids, {"dataset": str(args.dataset)})
+    dataset_scan.write_split(run_dir / "split.json", train_ids, val_ids, {"dataset": str(args.dataset)})
     setup_seconds = time.time() - started
     if args.weights:
         trained = {"checkpoint": Path(args.weights), "steps": 0, "keras_epochs": None, "train_seconds": 0.0}

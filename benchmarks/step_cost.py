@@ -38,7 +38,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
 
     from benchmarks.time_budget import TimeBudget
     from mrcnn import model as modellib
-    from mrcnn.data import make_dataset
+    from mrcnn.input_pipeline import make_dataset
     from mrcnn.training import compile_training_model
 
     sets = list(args.set) + [s for s in variant.split(",") if s.strip()]

@@ -188,8 +188,8 @@ def run_infer(plan: Plan, size: int, batch: int = 1, suffix: str = "", **overrid
 # Training
 
 def training_batch(config: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One batch of training inputs (dict keyed by mrcnn.data.INPUT_NAMES) from synthetic lesions."""
-    from mrcnn.data import INPUT_NAMES, build_training_sample, get_training_anchors
+    """One batch of training inputs (dict keyed by mrcnn.input_pipeline.INPUT_NAMES) from synthetic lesions."""
+    from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
 
     rng = np.random.default_rng(seed)
     size = int(config.IMAGE_SHAPE[0])
@@ -267,11 +267,11 @@ def write_isic_like_files(folder: str | Path, count: int, size: tuple[int, int],
 
 
 def run_data(plan: Plan, size: int = 1024, batch: int = 1, augment: bool = False) -> list[dict[str, Any]]:
-    """Images per second delivered by ``mrcnn.data.make_dataset`` from ISIC-sized JPEGs
+    """Images per second delivered by ``mrcnn.input_pipeline.make_dataset`` from ISIC-sized JPEGs
     (3000x2000, or 600x400 with ``--quick``): decode, resize to ``size``, optional default
     augmentation, RPN targets, batching; training-ready tensors, no model. (The project has no
     decoded-image cache, so there is no cached variant.)"""
-    from mrcnn.data import default_augmentation, make_dataset
+    from mrcnn.input_pipeline import default_augmentation, make_dataset
 
     size = plan.size(size)
     config = make_config(plan, size, batch)

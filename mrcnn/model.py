@@ -311,8 +311,8 @@ from mrcnn.weights import WeightsError  # noqa: E402,F401
 # so that importing mrcnn.model stays light. Add data_generator, load_image_gt, ... here.
 # A value is "module" (same name there) or "module:attribute" (Matterport name -> ours).
 _LAZY_EXPORTS = {
-    "data_generator": "mrcnn.data",
-    "load_image_gt": "mrcnn.data",
+    "data_generator": "mrcnn.input_pipeline",
+    "load_image_gt": "mrcnn.input_pipeline",
     "build_rpn_targets": "mrcnn.targets",
     "DetectionTargetLayer": "mrcnn.targets",
     "detection_targets_graph": "mrcnn.targets",

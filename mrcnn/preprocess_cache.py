@@ -17,7 +17,7 @@ tf.data workers (or two runs) never see half a file; a cache folder that cannot 
 costs the speed-up (one warning). ``crop`` mode draws a random crop per call and is not cached.
 
 The cache is opt-in for :class:`mrcnn.utils.Dataset` users: set ``dataset.preprocess_cache =
-PreprocessCache(folder)`` and :func:`mrcnn.data.load_image_gt` uses it. Augmentation still runs
+PreprocessCache(folder)`` and :func:`mrcnn.input_pipeline.load_image_gt` uses it. Augmentation still runs
 after the (cached) resize. Boxes and windows are (y1, x1, y2, x2), pixels, y2/x2 exclusive.
 """
 

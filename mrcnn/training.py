@@ -7,7 +7,7 @@
 * :func:`train` - Matterport's ``MaskRCNN.train`` contract: ``epochs`` is the absolute final
   epoch, one atomic checkpoint per epoch, CSV + TensorBoard logs, NaN/Inf guard, resumable.
 
-The callbacks live in :mod:`mrcnn.train_callbacks`; the input pipeline in :mod:`mrcnn.data`.
+The callbacks live in :mod:`mrcnn.train_callbacks`; the input pipeline in :mod:`mrcnn.input_pipeline`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from keras import layers as KL
 from mrcnn import losses as L
 from mrcnn import tf_boxes
 from mrcnn.config import LOSS_NAMES
-from mrcnn.data import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
+from mrcnn.input_pipeline import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
 from mrcnn.targets import DetectionTargetLayer
 from mrcnn.train_callbacks import (
     EpochCheckpoint,
@@ -239,7 +239,7 @@ def _first_replica(strategy, batch):
 
 
 def _training_inputs(config) -> list:
-    """keras.Input tensors in Matterport's training order (see mrcnn.data for shapes)."""
+    """keras.Input tensors in Matterport's training order (see mrcnn.input_pipeline for shapes)."""
     h, w, c = (int(v) for v in config.IMAGE_SHAPE)
     mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
     return [
@@ -445,7 +445,7 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     """Train ``model`` (a MaskRCNN in training mode) from ``model.epoch`` up to epoch ``epochs``.
 
     ``layers``: "heads", "3+", "4+", "5+", "all" or a regex full-matched on layer names.
-    ``augmentation``: an albumentations transform (see mrcnn.data.default_augmentation) or None.
+    ``augmentation``: an albumentations transform (see mrcnn.input_pipeline.default_augmentation) or None.
     Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
     TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic).
     Raises TrainingDivergedError (last good checkpoint kept) if a loss becomes NaN/Inf;

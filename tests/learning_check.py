@@ -140,9 +140,9 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
     import keras
     import tensorflow as tf
     from tensorflow.python.framework import config as tf_config
-    from test_data import ArrayDataset
+    from test_input_pipeline import ArrayDataset
 
-    from mrcnn.data import default_augmentation
+    from mrcnn.input_pipeline import default_augmentation
     from mrcnn.model import MaskRCNN
 
     if deterministic and not tf_config.is_op_determinism_enabled():
@@ -194,7 +194,7 @@ def mutate(name: str) -> None:
     """Break one component in this process (before any model is built)."""
     import tensorflow as tf
 
-    from mrcnn import data, losses, targets
+    from mrcnn import input_pipeline, losses, targets
 
     if name == "none":
         return
@@ -210,19 +210,19 @@ def mutate(name: str) -> None:
         _patch(losses, "mrcnn_class_loss",
                lambda ids, logits, active: original(1 - tf.minimum(tf.cast(ids, tf.int64), 1), logits, active))
     elif name == "rpn_targets_all_negative":
-        original = data.build_rpn_targets
+        original = input_pipeline.build_rpn_targets
 
         def broken(*a, **k):
             match, deltas = original(*a, **k)
             return np.where(match == 1, -1, match).astype(match.dtype), deltas
-        _patch(data, "build_rpn_targets", broken)
+        _patch(input_pipeline, "build_rpn_targets", broken)
     elif name == "rpn_deltas_zero":
-        original = data.build_rpn_targets
+        original = input_pipeline.build_rpn_targets
 
         def zero_deltas(*a, **k):
             match, deltas = original(*a, **k)
             return match, np.zeros_like(deltas)
-        _patch(data, "build_rpn_targets", zero_deltas)
+        _patch(input_pipeline, "build_rpn_targets", zero_deltas)
     elif name == "mask_targets_shifted":
         original = targets._mask_targets
         _patch(targets, "_mask_targets", lambda *a: tf.roll(original(*a), shift=[7, 7], axis=[1, 2]))

@@ -3,11 +3,11 @@
 Each case of :data:`CASES` generates its files in a temporary ISIC-layout dataset (whose own path
 has a space and a non-ASCII letter) next to one good pair, then checks the decided behaviour
 
-* through the dataset scan (``mrcnn.lesion_data.scan_dataset``): usable pair, or skipped and
+* through the dataset scan (``lesionkit.dataset_scan.scan_dataset``): usable pair, or skipped and
   counted under a named problem;
 * for a usable pair, through ``LesionDataset.load_image``/``load_mask`` (what training and
   evaluate read): converted to uint8 RGB and a bool mask of the same size, aligned;
-* through predict's reading (``predict_io.list_images``, ``drop_duplicate_ids``, ``read_image``):
+* through predict's reading (``prediction_files.list_images``, ``drop_duplicate_ids``, ``read_image``):
   read, skipped and counted, or for a single file one ``lesions: error:`` line and exit 2.
 
 The decided answers are the README's "Bad input: what happens" table. One module fixture builds a
@@ -33,7 +33,8 @@ import pytest
 from PIL import Image, ImageFile
 
 import lesions
-from mrcnn import imaging, lesion_data, predict_io
+from lesionkit import dataset_scan, prediction_files
+from mrcnn import imaging
 from mrcnn.imaging import ImageReadError, read_image
 from tests.cli_helpers import REPO, TINY
 
@@ -336,7 +337,7 @@ def test_bad_input_case(name, tmp_path, monkeypatch, capsys):
 
     # 1. the scan (train, evaluate): headers and cheap checks only
     decodes = DecodeRecorder(monkeypatch)
-    report = lesion_data.scan_dataset(root)
+    report = dataset_scan.scan_dataset(root)
     monkeypatch.undo()
     assert decodes.largest() <= (BIG[0] // 8) * (BIG[1] // 8), "the scan decoded a large image in full"
     ids = [p.image_id for p in report.pairs]
@@ -363,8 +364,8 @@ def test_bad_input_case(name, tmp_path, monkeypatch, capsys):
     # 2. predict's inputs
     if case.predict is None:
         return
-    paths, skipped, _ = predict_io.list_images(str(image.parent))
-    paths, duplicates = predict_io.drop_duplicate_ids(paths)
+    paths, skipped, _ = prediction_files.list_images(str(image.parent))
+    paths, duplicates = prediction_files.drop_duplicate_ids(paths)
     if case.predict == "non-image":
         assert skipped == [image.name]
         return
@@ -404,7 +405,7 @@ def test_a_dataset_of_only_bad_pairs_is_one_line_exit_2(tmp_path, monkeypatch, c
 
 
 def test_mask_binarisation_rules(tmp_path):
-    from mrcnn import metrics
+    from lesionkit import metrics
 
     Image.fromarray(lesion().astype(np.uint8)).save(tmp_path / "labels.png")  # evaluate's truth: 0/1 too
     assert np.array_equal(metrics.load_mask(tmp_path / "labels.png"), lesion())

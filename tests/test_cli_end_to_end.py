@@ -185,7 +185,7 @@ def test_ctrl_c_exits_130_with_resume_hint(tmp_path):
 
 
 def test_list_images_file_folder_glob(tmp_path):
-    from mrcnn.predict_io import list_images
+    from lesionkit.prediction_files import list_images
 
     for name in ("b.jpg", "a.PNG", "c.txt"):
         (tmp_path / name).write_bytes(b"x")

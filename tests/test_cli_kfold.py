@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from mrcnn import lesion_data
+from lesionkit import dataset_scan
 from tests.cli_helpers import TINY, run_cli
 
 
 def test_folds_are_deterministic_disjoint_and_cover_everything():
     ids = [f"id{i:02d}" for i in range(11)]
-    folds = lesion_data.kfold_split(ids, 3, seed=5)
-    assert folds == lesion_data.kfold_split(list(reversed(ids)), 3, seed=5)
-    assert folds != lesion_data.kfold_split(ids, 3, seed=6)
+    folds = dataset_scan.kfold_split(ids, 3, seed=5)
+    assert folds == dataset_scan.kfold_split(list(reversed(ids)), 3, seed=5)
+    assert folds != dataset_scan.kfold_split(ids, 3, seed=6)
     vals = [set(val) for _, val in folds]
     assert sorted(len(v) for v in vals) == [3, 4, 4]
     assert set().union(*vals) == set(ids) and sum(len(v) for v in vals) == len(ids)
@@ -23,12 +23,12 @@ def test_folds_are_deterministic_disjoint_and_cover_everything():
 
 
 def test_kfold_refuses_impossible_k():
-    with pytest.raises(lesion_data.DatasetLayoutError, match="--folds 5"):
-        lesion_data.kfold_split(["a", "b", "c"], 5, 0)
+    with pytest.raises(dataset_scan.DatasetLayoutError, match="--folds 5"):
+        dataset_scan.kfold_split(["a", "b", "c"], 5, 0)
 
 
 def test_mean_and_std_over_folds():
-    stats = lesion_data.mean_and_std([{"jaccard": 0.5, "map": None}, {"jaccard": 0.7, "map": None}],
+    stats = dataset_scan.mean_and_std([{"jaccard": 0.5, "map": None}, {"jaccard": 0.7, "map": None}],
                                      ("jaccard", "map"))
     assert stats["jaccard"]["mean"] == pytest.approx(0.6) and stats["jaccard"]["std"] == pytest.approx(0.1)
     assert stats["map"] == {"mean": None, "std": None}

@@ -88,9 +88,9 @@ def lesion_image(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 def training_inputs(config, copies: int) -> dict[str, np.ndarray]:
     """``copies`` identical training samples stacked into one batch (dict keyed by INPUT_NAMES)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_data import ArrayDataset
+    from test_input_pipeline import ArrayDataset
 
-    from mrcnn.data import INPUT_NAMES, build_training_sample, get_training_anchors
+    from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
 
     dataset = ArrayDataset([lesion_image()])
     sample = build_training_sample(dataset, config, 0, get_training_anchors(config), rng=np.random.default_rng(0))

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 import lesions
-from mrcnn import lesion_data
+from lesionkit import dataset_scan
 
 
 def _pair(root, image_id, lesion=True):
@@ -63,12 +63,12 @@ def test_saved_run_config_is_the_base_for_predict(tmp_path):
 
 def test_demo_data_is_cached_and_regenerated(tmp_path):
     root = tmp_path / "demo"
-    lesion_data.ensure_demo_data(root, 3, 1, (64, 64))
+    dataset_scan.ensure_demo_data(root, 3, 1, (64, 64))
     first = (root / "ISIC2018_Task1-2_Training_Input" / "ISIC_0000000.jpg").read_bytes()
     stamp = (root / "demo.json").stat().st_mtime_ns
-    lesion_data.ensure_demo_data(root, 3, 1, (64, 64))
+    dataset_scan.ensure_demo_data(root, 3, 1, (64, 64))
     assert (root / "demo.json").stat().st_mtime_ns == stamp  # reused
-    lesion_data.ensure_demo_data(root, 2, 1, (64, 64))
+    dataset_scan.ensure_demo_data(root, 2, 1, (64, 64))
     assert len(list((root / "ISIC2018_Task1-2_Training_Input").iterdir())) == 2  # regenerated
     assert (root / "ISIC2018_Task1-2_Training_Input" / "ISIC_0000000.jpg").read_bytes() == first
     assert not list(tmp_path.glob("demo.tmp-*"))

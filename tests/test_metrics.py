@@ -1,4 +1,4 @@
-"""Tests for mrcnn.metrics: hand-computed cases, the official ISIC scorer, folders, AP."""
+"""Tests for lesionkit.metrics: hand-computed cases, the official ISIC scorer, folders, AP."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrcnn import metrics
-from mrcnn.synthetic import make_lesion_image
+from lesionkit import metrics
+from lesionkit.synthetic import make_lesion_image
 
 
 def _m(rows):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import lesions
-from mrcnn import lesion_data
+from lesionkit import dataset_scan
 from mrcnn.config import Config
 from mrcnn.preprocess_cache import PreprocessCache, ResizedSample, resize_sample
 
@@ -39,7 +39,7 @@ def write_pair(root: Path, image_id: str, size: tuple[int, int] = (150, 100), se
 
 def make_dataset(root: Path) -> lesions.LesionDataset:
     dataset = lesions.LesionDataset()
-    dataset.add_pairs(lesion_data.scan_dataset(root).pairs)
+    dataset.add_pairs(dataset_scan.scan_dataset(root).pairs)
     dataset.prepare()
     return dataset
 
@@ -213,7 +213,7 @@ def test_parallel_workers_build_and_read_safely(data):
 
 
 def test_load_image_gt_with_the_cache_equals_without(data):
-    from mrcnn.data import default_augmentation, load_image_gt
+    from mrcnn.input_pipeline import default_augmentation, load_image_gt
 
     dataset, cache = data
     config = SmallConfig()
@@ -234,7 +234,7 @@ def test_the_cli_uses_dataset_cache_by_default_and_no_cache_turns_it_off(data, t
     root = tmp_path / "ds"
     args = lesions.build_parser().parse_args(["--mode", "train", "--dataset", str(root)])
     assert lesions.preprocess_cache_dir(args, root) == root / "cache"
-    report = lesion_data.scan_dataset(root)
+    report = dataset_scan.scan_dataset(root)
     train, val = lesions.make_datasets(report, ["a", "b"], ["c"], cache_dir=root / "cache")
     assert train.preprocess_cache is val.preprocess_cache
     assert not hasattr(lesions.make_datasets(report, ["a"])[0], "preprocess_cache")
@@ -247,7 +247,7 @@ def test_the_cli_uses_dataset_cache_by_default_and_no_cache_turns_it_off(data, t
 
 
 def test_the_tf_data_pipeline_gives_the_same_batches_with_the_cache(data):
-    from mrcnn.data import make_dataset as make_tf_dataset
+    from mrcnn.input_pipeline import make_dataset as make_tf_dataset
 
     dataset, cache = data
     config = SmallConfig()

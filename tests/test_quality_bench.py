@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from benchmarks.budget import CpuMeter, budget_learning_rate
-from mrcnn.synthetic import encode_pair, image_id, make_lesion_image
+from lesionkit.synthetic import encode_pair, image_id, make_lesion_image
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = REPO / "benchmarks" / "quality.py"

@@ -1,4 +1,4 @@
-"""Tests for mrcnn.synthetic: determinism, ISIC layout, mask format, image statistics, speed."""
+"""Tests for lesionkit.synthetic: determinism, ISIC layout, mask format, image statistics, speed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrcnn import synthetic
+from lesionkit import synthetic
 
 
 @pytest.fixture(scope="module")

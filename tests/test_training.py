@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mrcnn.config import LOSS_NAMES, Config
-from mrcnn.data import INPUT_NAMES, build_training_sample, get_training_anchors
+from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
 from mrcnn.training import LAYER_REGEX, TrainingDivergedError, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def lesion_pairs(n: int, size: int = 64, seed: int = 0, empty_every: int = 0):
 
 
 def array_dataset(pairs):
-    from test_data import ArrayDataset
+    from test_input_pipeline import ArrayDataset
     return ArrayDataset(pairs)
 
 

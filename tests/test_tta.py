@@ -1,10 +1,10 @@
-"""mrcnn.tta: exact mapping back for an equivariant model, merging, result format."""
+"""lesionkit.tta: exact mapping back for an equivariant model, merging, result format."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from mrcnn import tta
+from lesionkit import tta
 
 
 class ThresholdModel:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mrcnn.lesion_data import IMAGE_EXTENSIONS, is_image_name
+from lesionkit.dataset_scan import IMAGE_EXTENSIONS, is_image_name
 
 SUMMARY_NAME = "summary.json"
 

@@ -1,4 +1,4 @@
-"""mrcnn.predict_io: which instances are kept, the ISIC mask, crops, JSON, atomic writes."""
+"""lesionkit.prediction_files: which instances are kept, the ISIC mask, crops, JSON, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from mrcnn import predict_io as pio
+from lesionkit import prediction_files as pio
 
 
 def _result(h=20, w=30):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mrcnn.config import Config
-from mrcnn.data import (
+from mrcnn.dataset import Dataset
+from mrcnn.input_pipeline import (
     augment,
     check_augmentation,
     data_generator,
@@ -15,7 +16,6 @@ from mrcnn.data import (
     make_dataset,
     sample_specs,
 )
-from mrcnn.dataset import Dataset
 
 
 def reference_image_and_masks() -> tuple[np.ndarray, np.ndarray]:

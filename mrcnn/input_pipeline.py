@@ -70,7 +70,7 @@ def check_augmentation(augmentation: Any) -> None:
     module = type(augmentation).__module__ or ""
     if module.startswith("imgaug") or hasattr(augmentation, "to_deterministic"):
         raise TypeError("augmentation= takes an albumentations transform (e.g. albumentations.Compose([...]) or "
-                        "mrcnn.data.default_augmentation(seed)); imgaug augmenters are not supported")
+                        "mrcnn.input_pipeline.default_augmentation(seed)); imgaug augmenters are not supported")
     import albumentations as A
 
     if not isinstance(augmentation, (A.BaseCompose, A.BasicTransform)):

@@ -5,7 +5,7 @@ result's lesion mask (union of the instances scoring at least ``min_confidence``
 when none does) back to the original orientation exactly (flips and rotations are permutations of
 pixels), and merges them by pixel-wise majority vote. The merged lesion is returned as a single
 instance in ``detect``'s format, with the mean of the variants' best scores as its score, so
-:mod:`mrcnn.predict_io` writes it like any other result.
+:mod:`lesionkit.prediction_files` writes it like any other result.
 """
 
 from __future__ import annotations

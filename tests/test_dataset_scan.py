@@ -1,4 +1,4 @@
-"""mrcnn.lesion_data: layouts, pairing, problem reports and the deterministic split."""
+"""lesionkit.dataset_scan: layouts, pairing, problem reports and the deterministic split."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrcnn import lesion_data as ld
+from lesionkit import dataset_scan as ld
 
 
 def _image(path: Path, size=(40, 30), mode="RGB") -> None:

@@ -377,14 +377,14 @@ def demo_data_is_current(root: str | Path, n_images: int, seed: int, size: tuple
 
 
 def ensure_demo_data(root: str | Path, n_images: int, seed: int, size: tuple[int, int]) -> Path:
-    """Synthetic ISIC-layout data (:func:`mrcnn.synthetic.write_isic_dataset`) in ``root``.
+    """Synthetic ISIC-layout data (:func:`lesionkit.synthetic.write_isic_dataset`) in ``root``.
 
     Reused while ``demo.json`` records the same settings; otherwise written into a temporary
     folder and renamed into place, so an interrupted generation never leaves half a dataset.
     """
     import shutil
 
-    from mrcnn.synthetic import write_isic_dataset
+    from lesionkit.synthetic import write_isic_dataset
 
     root = Path(root)
     if demo_data_is_current(root, n_images, seed, size):

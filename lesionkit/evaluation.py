@@ -1,6 +1,6 @@
 """Evaluating lesion predictions for the CLI: ISIC scores per image, instance mAP, table, grid.
 
-Pixel metrics come from :mod:`mrcnn.metrics` (official ISIC 2018 semantics); this module adds
+Pixel metrics come from :mod:`lesionkit.metrics` (official ISIC 2018 semantics); this module adds
 what an evaluation *run* needs around them:
 
 * :func:`score_pairs` scores ``<pred_dir>/<id>_segmentation.png`` against an explicit
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mrcnn import metrics
+from lesionkit import metrics
 
 HEADLINE = ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
             "map50", "map")
