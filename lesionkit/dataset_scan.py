@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mrcnn.errors import UserError
+
 #: File extensions treated as images (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: Suffix of an ISIC ground-truth mask file: ``<id>_segmentation.png``.
@@ -37,7 +39,7 @@ LAYOUTS = (
 SHOW_FIRST = 5
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError):
     """The dataset folder is missing, empty or not in a known layout (one-line message)."""
 
 

@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from lesionkit.dataset_scan import IMAGE_EXTENSIONS, is_image_name
+from mrcnn.errors import UserError
 
 SUMMARY_NAME = "summary.json"
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The images or the output folder asked for cannot be used (one-line message)."""
 
 

@@ -20,8 +20,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mrcnn.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value is unknown, of the wrong type or out of range (one-line message)."""
 
 

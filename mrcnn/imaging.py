@@ -20,6 +20,8 @@ import numpy as np
 import scipy.ndimage
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from mrcnn.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: Never let Pillow silently return a partially decoded image.
@@ -29,7 +31,7 @@ _NDIMAGE_MODES = {"constant": "grid-constant", "edge": "nearest", "symmetric": "
                   "reflect": "mirror", "wrap": "grid-wrap"}
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image or mask file is missing, empty, truncated or not an image."""
 
 

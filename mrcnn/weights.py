@@ -18,6 +18,8 @@ import h5py
 import keras
 import numpy as np
 
+from mrcnn.errors import UserError
+
 #: Layers whose weight shapes depend on NUM_CLASSES (skipped with a message on mismatch).
 CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask")
 #: Layers whose input channel count depends on IMAGE_CHANNEL_COUNT.
@@ -34,7 +36,7 @@ _MAX_ATTR_BYTES = 64512
 KILL_DURING_SAVE_ENV = "MRCNN_TEST_KILL_DURING_SAVE"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weight file cannot be used with this model (one-line message naming the file)."""
 
 
