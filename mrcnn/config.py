@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,9 @@ DERIVED_KEYS = ("BATCH_SIZE", "IMAGE_SHAPE", "IMAGE_META_SIZE")
 
 #: Attributes that may be a callable (so their type is not checked strictly).
 CALLABLE_KEYS = ("BACKBONE", "COMPUTE_BACKBONE_SHAPE")
+
+#: NAME names a folder and files: a plain name, no path separators, not "." or "..".
+NAME_RE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
 
 LOSS_NAMES = ("rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
 
@@ -143,6 +147,36 @@ class Config:
         self.IMAGE_META_SIZE = 1 + 3 + 3 + 4 + 1 + self.NUM_CLASSES
 
     # ---------------------------------------------------------------------------------------
+    # Read-only after validation
+    def __setattr__(self, key: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"config is read-only after freeze(): {key} not changed;"
+                                 f" use config.replace({key}=...) for a changed copy")
+        super().__setattr__(key, value)
+
+    def freeze(self) -> "Config":
+        """Validate, then make this config read-only (the CLI's configs are). Returns ``self``."""
+        self.validate()
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """True after :meth:`freeze`."""
+        return bool(self.__dict__.get("_frozen", False))
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with ``changes`` applied (each checked as by :meth:`set`); the copy is
+        frozen when this config is. ``self`` is not changed."""
+        import copy
+
+        new = copy.deepcopy(self)
+        object.__setattr__(new, "_frozen", False)
+        for key, value in changes.items():
+            new.set(key, value, source="replace()")
+        return new.freeze() if self.frozen else new.validate()
+
+    # ---------------------------------------------------------------------------------------
     # Matterport API
     def display(self) -> None:
         """Print every public, non-callable attribute, sorted, name padded to 30 characters."""
@@ -230,6 +264,9 @@ class Config:
         """Refuse out-of-range or inconsistent settings. Raises :class:`ConfigError` (one line)."""
         err = _Checker()
         err.check(self.NAME is not None and str(self.NAME) != "", "NAME must be set to a non-empty string")
+        err.check(self.NAME is None or NAME_RE.match(str(self.NAME)) is not None,
+                  f"NAME must be a plain name (letters, digits, '_', '-', '.'; at most 64 characters; it names"
+                  f" the run folder and the checkpoints), got {self.NAME!r}")
         for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES", "IMAGE_MAX_DIM",
                     "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                     "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",

@@ -11,31 +11,18 @@ from __future__ import annotations
 import datetime
 import errno
 import os
-import re
 from typing import Any, Iterable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn import checkpoints
 from mrcnn import weights as weights_io
 from mrcnn.boxes import compute_backbone_shapes, generate_pyramid_anchors, norm_boxes
 from mrcnn.imaging import compose_image_meta, mold_image, resize_image, to_rgb
 from mrcnn.inference_graph import build_inference_model
 from mrcnn.postprocess import unmold_detections
-
-#: ``<dir>/<name>YYYYMMDDTHHMM/mask_rcnn_<name>_NNNN.h5`` -> timestamp and epoch (Matterport's rule).
-CHECKPOINT_PATH_RE = re.compile(
-    r".*[/\\][\w-]+(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})[/\\]mask\_rcnn\_[\w-]+(\d{4})\.h5")
-
-
-def parse_checkpoint_path(model_path: str) -> tuple[datetime.datetime, int] | None:
-    """(run timestamp, epoch) of a Matterport-style checkpoint path, or None if it is not one."""
-    match = CHECKPOINT_PATH_RE.match(str(model_path))
-    if not match:
-        return None
-    y, mo, d, h, mi, epoch = (int(g) for g in match.groups())
-    return datetime.datetime(y, mo, d, h, mi), epoch
 
 
 class MaskRCNN:
@@ -244,29 +231,25 @@ class MaskRCNN:
 
     def set_log_dir(self, model_path: str | None = None) -> None:
         """Set ``log_dir``, ``checkpoint_path`` and ``epoch``: a fresh timestamped run, or, for a
-        path like ``.../<name>YYYYMMDDTHHMM/mask_rcnn_<name>_NNNN.h5``, that run at epoch NNNN."""
+        path like ``.../<name>YYYYMMDDTHHMM/mask_rcnn_<name>_NNNN.h5``, that run at epoch NNNN
+        (see :mod:`mrcnn.checkpoints`). A training model says where it re-starts, as Matterport's."""
         self.epoch = 0
         now = datetime.datetime.now()
-        parsed = parse_checkpoint_path(model_path) if model_path else None
+        parsed = checkpoints.parse_checkpoint_path(model_path) if model_path else None
         if parsed is not None:
             now, self.epoch = parsed
-            print(f"Re-starting from epoch {self.epoch}")
-        name = str(self.config.NAME).lower()
-        self.log_dir = os.path.join(self.model_dir, f"{name}{now:%Y%m%dT%H%M}")
-        self.checkpoint_path = os.path.join(self.log_dir, f"mask_rcnn_{name}_" + "{epoch:04d}.h5")
+            if self.mode == "training":
+                print(f"Re-starting from epoch {self.epoch}")
+        self.log_dir = os.path.join(self.model_dir, checkpoints.run_folder_name(self.config.NAME, now))
+        self.checkpoint_path = os.path.join(self.log_dir, checkpoints.checkpoint_template(self.config.NAME))
 
     def find_last(self) -> str:
-        """Path of the last checkpoint of the last run of this config's NAME in ``model_dir``."""
-        name = str(self.config.NAME).lower()
-        runs = sorted(d for d in (os.listdir(self.model_dir) if os.path.isdir(self.model_dir) else [])
-                      if d.startswith(name) and os.path.isdir(os.path.join(self.model_dir, d)))
-        if not runs:
-            raise FileNotFoundError(errno.ENOENT, f"Could not find a '{name}*' run directory in", self.model_dir)
-        last_run = os.path.join(self.model_dir, runs[-1])
-        checkpoints = sorted(f for f in os.listdir(last_run) if f.startswith("mask_rcnn") and f.endswith(".h5"))
-        if not checkpoints:
-            raise FileNotFoundError(errno.ENOENT, "Could not find a mask_rcnn*.h5 checkpoint in", last_run)
-        return os.path.join(last_run, checkpoints[-1])
+        """Path of the last checkpoint of the newest run of this config's NAME in ``model_dir``."""
+        found = checkpoints.newest_checkpoint(self.model_dir, self.config.NAME)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, f"Could not find a checkpoint of a '{str(self.config.NAME).lower()}'"
+                                    " run in", self.model_dir)
+        return str(found)
 
     # -----------------------------------------------------------------------------------------
     # Training (implemented in mrcnn.training)
