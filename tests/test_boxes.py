@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import make_config
 
 from mrcnn import boxes as B
-from mrcnn.config import Config
 
 
 @pytest.fixture(scope="module")
 def ref(reference_dir):
     return np.load(reference_dir / "matterport_utils_reference.npz")
-
-
-class _Cfg(Config):
-    NAME = "test"
 
 
 # ---- hand-computed ---------------------------------------------------------------------------
@@ -102,7 +98,7 @@ def test_generate_anchors_hand():
 
 
 def test_compute_backbone_shapes_and_pyramid_count():
-    cfg = _Cfg()
+    cfg = make_config("matterport")
     shapes = B.compute_backbone_shapes(cfg, (256, 320))
     np.testing.assert_array_equal(shapes, [[64, 80], [32, 40], [16, 20], [8, 10], [4, 5]])
     shapes = B.compute_backbone_shapes(cfg, (256, 256))
@@ -140,7 +136,7 @@ def test_reference_bboxes(ref):
 
 
 def test_reference_anchors_1024(ref):
-    cfg = _Cfg()
+    cfg = make_config("matterport")
     shapes = B.compute_backbone_shapes(cfg, (1024, 1024))
     np.testing.assert_array_equal(shapes, ref["anchors1024_backbone_shapes"])
     a = B.generate_pyramid_anchors(cfg.RPN_ANCHOR_SCALES, cfg.RPN_ANCHOR_RATIOS, shapes,
@@ -151,7 +147,7 @@ def test_reference_anchors_1024(ref):
 
 def test_reference_anchors_256_match_model_input(reference_dir):
     out = np.load(reference_dir / "matterport_reference_outputs.npz")
-    cfg = _Cfg()
+    cfg = make_config("matterport")
     shapes = B.compute_backbone_shapes(cfg, (256, 256))
     a = B.generate_pyramid_anchors(cfg.RPN_ANCHOR_SCALES, cfg.RPN_ANCHOR_RATIOS, shapes,
                                    cfg.BACKBONE_STRIDES, cfg.RPN_ANCHOR_STRIDE)

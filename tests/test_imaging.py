@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
+from factories import make_config
 from PIL import Image
 
 from mrcnn import boxes as B
 from mrcnn import imaging as I
-from mrcnn.config import Config
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,6 @@ def ref(reference_dir):
 @pytest.fixture(scope="module")
 def out(reference_dir):
     return np.load(reference_dir / "matterport_reference_outputs.npz")
-
-
-class _Coco(Config):
-    NAME = "coco"
-    NUM_CLASSES = 81
-    GPU_COUNT = 1
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 256
-    IMAGE_MAX_DIM = 256
 
 
 # ---- resize_image modes (hand-computed windows, odd sizes) -------------------------------------
@@ -135,7 +126,7 @@ def test_unmold_mask_hand():
 # ---- molding and meta ------------------------------------------------------------------------
 
 def test_mold_unmold_and_meta_roundtrip():
-    cfg = _Coco()
+    cfg = make_config("coco")
     im = _img(4, 5)
     molded = I.mold_image(im, cfg)
     assert molded.dtype == np.float64
@@ -185,7 +176,7 @@ def test_reference_mini_masks(ref):
 
 
 def test_reference_mold_and_meta(out):
-    cfg = _Coco()
+    cfg = make_config("coco")
     image, window, scale, _, _ = I.resize_image(out["image"], 256, 256, 0, "square")
     # the model input is float32; mold_image itself returns float64 like Matterport
     np.testing.assert_array_equal(I.mold_image(image, cfg).astype(np.float32), out["molded_image"][0])

@@ -1,0 +1,94 @@
+"""Test helpers shared by several test modules (not a test module): in-memory datasets,
+synthetic lesion images, a tiny stand-in backbone and weight snapshots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mrcnn.dataset import Dataset
+
+
+class ArrayDataset(Dataset):
+    """Images and instance masks held in memory."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.add_class("isic", 1, "lesion")
+        for i, (image, masks) in enumerate(pairs):
+            self.add_image("isic", i, None, image=image, masks=masks)
+        self.prepare()
+
+    def load_image(self, image_id):
+        return self.image_info[image_id]["image"]
+
+    def load_mask(self, image_id):
+        masks = self.image_info[image_id]["masks"]
+        return masks, np.ones([masks.shape[-1]], np.int32)
+
+
+def array_dataset(pairs) -> ArrayDataset:
+    return ArrayDataset(pairs)
+
+
+def lesion_pairs(n: int, size: int = 64, seed: int = 0, empty_every: int = 0):
+    """n images [size, size, 3] uint8 with one dark ellipse each, masks bool [size, size, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    pairs = []
+    for i in range(n):
+        image = rng.normal(190, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        cy, cx = rng.uniform(0.35, 0.65, 2) * size
+        ry, rx = rng.uniform(0.18, 0.32, 2) * size
+        mask = (yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2 <= 1
+        if empty_every and i % empty_every == empty_every - 1:
+            mask[:] = False
+        image[mask] = (rng.normal(90, 10, (mask.sum(), 3))).clip(0, 255).astype(np.uint8)
+        pairs.append((image, mask[:, :, None]))
+    return pairs
+
+
+def lesion_image(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image with one large dark rectangle-ish lesion (many proposals overlap it) and its mask."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(190, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    mask = np.zeros((size, size, 1), bool)
+    mask[6:size - 5, 5:size - 6] = True
+    image[mask[:, :, 0]] = rng.normal(80, 8, (int(mask.sum()), 3)).clip(0, 255).astype(np.uint8)
+    return image, mask
+
+
+def training_inputs(config, copies: int) -> dict[str, np.ndarray]:
+    """``copies`` identical training samples stacked into one batch (dict keyed by INPUT_NAMES)."""
+    from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
+
+    dataset = ArrayDataset([lesion_image()])
+    sample = build_training_sample(dataset, config, 0, get_training_anchors(config), rng=np.random.default_rng(0))
+    return {name: np.stack([sample[name]] * copies) for name in INPUT_NAMES}
+
+
+def weights_of(keras_model, name, inner=None) -> list[np.ndarray]:
+    """Copies of the weights of layer ``name`` (of its sub-layer ``inner``)."""
+    layer = keras_model.get_layer(name)
+    if inner:
+        layer = layer.get_layer(inner)
+    return [np.array(w) for w in layer.get_weights()]
+
+
+def tiny_backbone(image, stage5: bool = True, train_bn: bool | None = False) -> list:
+    """Five strided 3x3 convs standing in for ResNet (C1..C5, strides 2..32): CPU float16
+    convolution gradients are slow (Eigen fallback, ~1000x float32), so the mixed-precision step
+    keeps the float16 layers it differentiates small."""
+    from keras import layers as KL
+
+    x, outputs = image, []
+    for i, channels in enumerate((8, 16, 16, 32, 32)):
+        x = KL.Conv2D(channels, 3, strides=2, padding="same", activation="relu", name=f"tiny_c{i + 1}")(x)
+        outputs.append(x)
+    return outputs
+
+
+def tiny_backbone_shapes(image_shape) -> np.ndarray:
+    """Feature map sizes of tiny_backbone's P2..P6 (strides 4..64)."""
+    return np.array([[math.ceil(image_shape[0] / s), math.ceil(image_shape[1] / s)] for s in (4, 8, 16, 32, 64)])
