@@ -6,15 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from factories import make_config
 
 from mrcnn.config import Config, ConfigError, parse_value
 
-
-class TinyConfig(Config):
-    NAME = "tiny"
-    NUM_CLASSES = 2
-    IMAGE_MIN_DIM = 128
-    IMAGE_MAX_DIM = 128
+#: A 128 px Matterport config (make_config("matterport", **TINY) is validated).
+TINY = dict(NAME="tiny", IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128)
 
 
 def test_matterport_defaults_and_derived_values():
@@ -28,15 +25,31 @@ def test_matterport_defaults_and_derived_values():
 
 
 def test_crop_mode_uses_min_dim_for_image_shape():
-    class Crop(TinyConfig):
+    # About subclassing itself (as a Matterport user configures): class attributes feed __init__.
+    class Crop(Config):
+        NAME = "tiny"
+        NUM_CLASSES = 2
         IMAGE_RESIZE_MODE = "crop"
         IMAGE_MIN_DIM = 64
+        IMAGE_MAX_DIM = 128
 
     assert Crop().IMAGE_SHAPE.tolist() == [64, 64, 3]
+    assert make_config("matterport", IMAGE_RESIZE_MODE="crop", IMAGE_MIN_DIM=64).IMAGE_SHAPE.tolist() == [64, 64, 3]
+
+
+def test_a_subclass_needs_two_classes_bare_config_does_not():
+    # About subclassing itself: NUM_CLASSES >= 2 binds a user's subclass, not bare Config.
+    class OneClass(Config):
+        NAME = "one"
+
+    with pytest.raises(ConfigError, match="NUM_CLASSES") as info:
+        OneClass().validate()
+    assert "\n" not in str(info.value)
+    assert make_config("matterport", NUM_CLASSES=1).NUM_CLASSES == 1
 
 
 def test_display_prints_sorted_attributes_padded_to_30(capsys):
-    TinyConfig().display()
+    make_config("matterport", **TINY).display()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip() and ":" not in line[:15]]
     names = [line[:30].strip() for line in lines]
     assert names == sorted(names)
@@ -45,7 +58,7 @@ def test_display_prints_sorted_attributes_padded_to_30(capsys):
 
 
 def test_validate_accepts_a_sane_config():
-    assert TinyConfig().validate().NAME == "tiny"
+    assert make_config("matterport", **TINY).validate().NAME == "tiny"
 
 
 @pytest.mark.parametrize(
@@ -57,7 +70,6 @@ def test_validate_accepts_a_sane_config():
         ("MASK_HEAD_CONV_LAYERS", 0, "MASK_HEAD_CONV_LAYERS"),
         ("TRAIN_ROIS_PER_IMAGE", 5000, "POST_NMS_ROIS_TRAINING"),
         ("DETECTION_MIN_CONFIDENCE", 1.5, "DETECTION_MIN_CONFIDENCE"),
-        ("NUM_CLASSES", 1, "NUM_CLASSES"),
         ("MASK_SHAPE", [30, 30], "MASK_SHAPE"),
         ("IMAGE_RESIZE_MODE", "stretch", "IMAGE_RESIZE_MODE"),
         ("IMAGE_MIN_DIM", 256, "IMAGE_MIN_DIM"),
@@ -76,7 +88,7 @@ def test_validate_accepts_a_sane_config():
     ],
 )
 def test_validate_refuses_bad_values_with_one_line(key, value, words):
-    c = TinyConfig()
+    c = make_config("matterport", **TINY)
     c.set(key, value)
     with pytest.raises(ConfigError) as info:
         c.validate()
@@ -85,8 +97,9 @@ def test_validate_refuses_bad_values_with_one_line(key, value, words):
 
 
 def test_overrides_parse_types_and_recompute_derived_values():
-    c = TinyConfig().apply_overrides(["IMAGE_MAX_DIM=256", "IMAGES_PER_GPU=3", "BACKBONE=resnet50",
-                                      "LEARNING_RATE=0.01", "LOSS_WEIGHTS={mrcnn_mask_loss=2.0}"])
+    c = make_config("matterport", **TINY).apply_overrides(["IMAGE_MAX_DIM=256", "IMAGES_PER_GPU=3",
+                                                           "BACKBONE=resnet50", "LEARNING_RATE=0.01",
+                                                           "LOSS_WEIGHTS={mrcnn_mask_loss=2.0}"])
     assert c.IMAGE_SHAPE.tolist() == [256, 256, 3] and c.BATCH_SIZE == 3
     assert c.BACKBONE == "resnet50" and c.LEARNING_RATE == 0.01
     assert c.LOSS_WEIGHTS["mrcnn_mask_loss"] == 2.0 and c.LOSS_WEIGHTS["rpn_class_loss"] == 1.0
@@ -106,29 +119,39 @@ def test_overrides_parse_types_and_recompute_derived_values():
 )
 def test_overrides_refuse_unknown_keys_and_wrong_types(override, words):
     with pytest.raises(ConfigError, match=words):
-        TinyConfig().apply_overrides([override])
+        make_config("matterport", **TINY).apply_overrides([override])
+
+
+def test_the_test_factory_refuses_like_a_user_override():
+    with pytest.raises(ConfigError, match="unknown config key 'NOT_A_KEY'"):
+        make_config(NOT_A_KEY=1)
+    with pytest.raises(ConfigError, match="expects an integer"):
+        make_config(IMAGE_MAX_DIM="big")
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        make_config(IMAGE_MIN_DIM=100, IMAGE_MAX_DIM=100)
+    assert make_config(IMAGES_PER_GPU=3).BATCH_SIZE == 3
 
 
 def test_toml_preset_and_errors(tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('BACKBONE = "resnet50"\n[rpn]\nRPN_ANCHOR_SCALES = [8, 16, 32, 64, 128]\n')
-    c = TinyConfig().load_toml(good)
+    c = make_config("matterport", **TINY).load_toml(good)
     assert c.BACKBONE == "resnet50" and c.RPN_ANCHOR_SCALES == (8, 16, 32, 64, 128)
     bad = tmp_path / "bad.toml"
     bad.write_text("NOPE = 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'NOPE' \(in .*bad.toml\)"):
-        TinyConfig().load_toml(bad)
+        make_config("matterport", **TINY).load_toml(bad)
     broken = tmp_path / "broken.toml"
     broken.write_text("= = =")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        TinyConfig().load_toml(broken)
+        make_config("matterport", **TINY).load_toml(broken)
     with pytest.raises(ConfigError, match="not found"):
-        TinyConfig().load_toml(tmp_path / "missing.toml")
+        make_config("matterport", **TINY).load_toml(tmp_path / "missing.toml")
 
 
 def test_save_writes_json_snapshot(tmp_path):
     path = tmp_path / "config.json"
-    TinyConfig().save(path)
+    make_config("matterport", **TINY).save(path)
     data = json.loads(path.read_text())
     assert data["NAME"] == "tiny" and data["IMAGE_SHAPE"] == [128, 128, 3]
     assert not list(tmp_path.glob("*.tmp"))
