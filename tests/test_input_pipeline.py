@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import make_config
+from helpers import ArrayDataset
 
-from mrcnn.config import Config
-from mrcnn.dataset import Dataset
 from mrcnn.input_pipeline import (
     augment,
     check_augmentation,
@@ -28,32 +28,10 @@ def reference_image_and_masks() -> tuple[np.ndarray, np.ndarray]:
     return image.astype(np.uint8), np.stack([ellipse, disk], axis=-1)
 
 
-class ArrayDataset(Dataset):
-    """Images and instance masks held in memory."""
-
-    def __init__(self, pairs):
-        super().__init__()
-        self.add_class("isic", 1, "lesion")
-        for i, (image, masks) in enumerate(pairs):
-            self.add_image("isic", i, None, image=image, masks=masks)
-        self.prepare()
-
-    def load_image(self, image_id):
-        return self.image_info[image_id]["image"]
-
-    def load_mask(self, image_id):
-        masks = self.image_info[image_id]["masks"]
-        return masks, np.ones([masks.shape[-1]], np.int32)
-
-
-class SquareConfig(Config):
-    NAME = "t"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 256
-    IMAGE_MAX_DIM = 256
-    MAX_GT_INSTANCES = 3
-    SEED = 7
+def square_config(**overrides):
+    """Matterport's defaults at 256 px "square", one image per batch, at most 3 instances."""
+    return make_config("matterport", **(dict(NAME="t", IMAGES_PER_GPU=1, IMAGE_MIN_DIM=256, IMAGE_MAX_DIM=256,
+                                             MAX_GT_INSTANCES=3, SEED=7) | overrides))
 
 
 def test_load_image_gt_matches_matterport(reference_dir):
@@ -61,7 +39,7 @@ def test_load_image_gt_matches_matterport(reference_dir):
     image, masks = reference_image_and_masks()
     np.testing.assert_array_equal(masks, ref["gt_masks_original"])
     dataset = ArrayDataset([(image, masks)])
-    got_image, meta, class_ids, bbox, mini = load_image_gt(dataset, SquareConfig(), 0, use_mini_mask=True)
+    got_image, meta, class_ids, bbox, mini = load_image_gt(dataset, square_config(), 0, use_mini_mask=True)
     assert np.abs(got_image.astype(int) - ref["load_image_gt_image"]).max() <= 1
     np.testing.assert_allclose(meta, ref["load_image_gt_meta"], rtol=1e-6)
     np.testing.assert_array_equal(class_ids, ref["load_image_gt_class_ids"])
@@ -72,7 +50,7 @@ def test_load_image_gt_matches_matterport(reference_dir):
 
 def test_load_image_gt_full_masks_and_active_classes():
     image, masks = reference_image_and_masks()
-    _, meta, _, bbox, full = load_image_gt(ArrayDataset([(image, masks)]), SquareConfig(), 0)
+    _, meta, _, bbox, full = load_image_gt(ArrayDataset([(image, masks)]), square_config(), 0)
     assert full.shape == (256, 256, 2)
     assert meta[-2:].tolist() == [1, 1]
     y1, x1, y2, x2 = bbox[1]
@@ -100,13 +78,13 @@ def test_augmentation_is_reproducible_with_seed_and_drops_emptied_instances():
     image, masks = reference_image_and_masks()
     dataset = ArrayDataset([(image, masks)])
     aug = default_augmentation()
-    a = load_image_gt(dataset, SquareConfig(), 0, aug, seed=11)
-    b = load_image_gt(dataset, SquareConfig(), 0, aug, seed=11)
+    a = load_image_gt(dataset, square_config(), 0, aug, seed=11)
+    b = load_image_gt(dataset, square_config(), 0, aug, seed=11)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     # a transform that blanks the big (ellipse) instance: it must be dropped, the disk kept
     crop_away = A.Compose([A.Lambda(mask=_blank_large_masks)])
-    _, _, class_ids, bbox, mask = load_image_gt(dataset, SquareConfig(), 0, crop_away)
+    _, _, class_ids, bbox, mask = load_image_gt(dataset, square_config(), 0, crop_away)
     assert len(class_ids) == 1 and mask.shape[-1] == 1 and bbox.shape == (1, 4)
 
 
@@ -130,9 +108,7 @@ def test_make_dataset_shapes_padding_and_determinism():
             masks[10 + 10 * i:30 + 10 * i, 10 + 20 * i:40 + 20 * i, i] = True
         pairs.append((image, masks))
     dataset = ArrayDataset(pairs)
-    config = SquareConfig()
-    config.IMAGES_PER_GPU = 2
-    config.__init__()
+    config = square_config(IMAGES_PER_GPU=2)
     specs = sample_specs(config)
     batches = list(make_dataset(dataset, config, augmentation=default_augmentation()).take(3).as_numpy_iterator())
     again = list(make_dataset(dataset, config, augmentation=default_augmentation()).take(3).as_numpy_iterator())
