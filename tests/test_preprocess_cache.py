@@ -8,20 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import make_config
 from PIL import Image
 
 import lesions
 from lesionkit import dataset_scan
-from mrcnn.config import Config
 from mrcnn.preprocess_cache import PreprocessCache, ResizedSample, resize_sample
 
 
-class SmallConfig(Config):
-    NAME = "t"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 128
+def small_config(**overrides):
+    """Matterport's defaults resizing to 64..128 px "square", one image per batch."""
+    return make_config("matterport", **(dict(NAME="t", IMAGES_PER_GPU=1, IMAGE_MIN_DIM=64, IMAGE_MAX_DIM=128)
+                                        | overrides))
 
 
 def write_pair(root: Path, image_id: str, size: tuple[int, int] = (150, 100), seed: int = 0,
@@ -71,8 +69,7 @@ def data(tmp_path):
                                                     ("square", 128, 256)])
 def test_cached_result_equals_the_uncached_one_exactly(data, mode, min_dim, max_dim):
     dataset, cache = data
-    config = SmallConfig()
-    config.IMAGE_RESIZE_MODE, config.IMAGE_MIN_DIM, config.IMAGE_MAX_DIM = mode, min_dim, max_dim
+    config = small_config(IMAGE_RESIZE_MODE=mode, IMAGE_MIN_DIM=min_dim, IMAGE_MAX_DIM=max_dim)
     for image_id in dataset.image_ids:
         uncached = resize_sample(dataset, config, image_id)
         assert_same(cache.load(dataset, config, image_id), uncached)  # built
@@ -82,7 +79,7 @@ def test_cached_result_equals_the_uncached_one_exactly(data, mode, min_dim, max_
 
 def test_second_load_is_a_hit_and_does_not_rewrite(data):
     dataset, cache = data
-    config = SmallConfig()
+    config = small_config()
     cache.load(dataset, config, 0)
     (entry,) = entries(cache.root)
     assert entry.parent.name == "square_min64_max128_scale0" and entry.name.startswith("a-")
@@ -95,13 +92,11 @@ def test_second_load_is_a_hit_and_does_not_rewrite(data):
 
 def test_a_resize_setting_change_builds_new_entries_and_the_old_ones_stay_valid(data):
     dataset, cache = data
-    small, large = SmallConfig(), SmallConfig()
-    large.IMAGE_MAX_DIM = 256
+    small, large = small_config(), small_config(IMAGE_MAX_DIM=256)
     cache.load(dataset, small, 0)
     assert_same(cache.load(dataset, large, 0), resize_sample(dataset, large, 0))
     assert cache.stats["missing"] == 2 and len(entries(cache.root)) == 2
-    min_scale = SmallConfig()
-    min_scale.IMAGE_MIN_SCALE = 2.0
+    min_scale = small_config(IMAGE_MIN_SCALE=2)
     assert_same(cache.load(dataset, min_scale, 0), resize_sample(dataset, min_scale, 0))
     assert cache.stats["missing"] == 3
     cache.load(dataset, small, 0)  # switching back reuses the first entry
@@ -110,7 +105,7 @@ def test_a_resize_setting_change_builds_new_entries_and_the_old_ones_stay_valid(
 
 def test_a_changed_source_image_or_mask_is_rebuilt(data, tmp_path):
     dataset, cache = data
-    config = SmallConfig()
+    config = small_config()
     old = cache.load(dataset, config, 0)
     write_pair(tmp_path / "ds", "a", (150, 100), seed=99)  # new pixels, same path and size
     image_path = dataset.image_info[0]["path"]
@@ -136,7 +131,7 @@ def test_changed_loader_code_is_rebuilt(data):
         def load_image(self, image_id):
             return 255 - super().load_image(image_id)
 
-    config = SmallConfig()
+    config = small_config()
     cache.load(dataset, config, 0)
     other = OtherLoader()
     other.image_info, other.class_info = dataset.image_info, dataset.class_info
@@ -148,7 +143,7 @@ def test_changed_loader_code_is_rebuilt(data):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "flip"])
 def test_a_corrupt_entry_is_rebuilt(data, damage):
     dataset, cache = data
-    config = SmallConfig()
+    config = small_config()
     cache.load(dataset, config, 1)
     (entry,) = entries(cache.root)
     raw = entry.read_bytes()
@@ -172,7 +167,7 @@ def test_an_unwritable_cache_folder_costs_only_the_speed_up(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cache = PreprocessCache(blocker / "cache")  # mkdir fails whoever runs the test
-    config = SmallConfig()
+    config = small_config()
     for _ in range(2):
         assert_same(cache.load(dataset, config, 0), resize_sample(dataset, config, 0))
     assert cache.stats["write_failed"] == 2 and cache.stats["hit"] == 0
@@ -181,8 +176,7 @@ def test_an_unwritable_cache_folder_costs_only_the_speed_up(data, tmp_path):
 
 def test_crop_mode_is_not_cached(data):
     dataset, cache = data
-    config = SmallConfig()
-    config.IMAGE_RESIZE_MODE = "crop"
+    config = small_config(IMAGE_RESIZE_MODE="crop")
     sample = cache.load(dataset, config, 0)
     assert sample.image.shape == (64, 64, 3) and sample.crop is not None
     assert cache.stats == {"uncached": 1} and not entries(cache.root)
@@ -190,7 +184,7 @@ def test_crop_mode_is_not_cached(data):
 
 def test_parallel_workers_build_and_read_safely(data):
     dataset, cache = data
-    config = SmallConfig()
+    config = small_config()
     expected = [resize_sample(dataset, config, i) for i in dataset.image_ids]
     failures: list[BaseException] = []
 
@@ -208,7 +202,7 @@ def test_parallel_workers_build_and_read_safely(data):
     for t in threads:
         t.join()
     assert not failures
-    assert len(entries(cache.root)) == 3 and not list(cache.root.rglob("*.tmp"))
+    assert len(entries(cache.root)) == 3 and not list(cache.root.rglob(".tmp-*"))
     assert sum(cache.stats.values()) == 54 and cache.stats["corrupt"] == 0
 
 
@@ -216,7 +210,7 @@ def test_load_image_gt_with_the_cache_equals_without(data):
     from mrcnn.input_pipeline import default_augmentation, load_image_gt
 
     dataset, cache = data
-    config = SmallConfig()
+    config = small_config()
     augmentation = default_augmentation(seed=3)
     for image_id in dataset.image_ids:
         plain = load_image_gt(dataset, config, image_id, augmentation, use_mini_mask=True, seed=11)
@@ -250,9 +244,7 @@ def test_the_tf_data_pipeline_gives_the_same_batches_with_the_cache(data):
     from mrcnn.input_pipeline import make_dataset as make_tf_dataset
 
     dataset, cache = data
-    config = SmallConfig()
-    config.IMAGE_MIN_DIM = config.IMAGE_MAX_DIM = 128
-    config.__init__()  # recompute IMAGE_SHAPE
+    config = small_config(IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128)
 
     def batches():
         ds = make_tf_dataset(dataset, config, shuffle=True, seed=5, batch_size=1, parallel=4)
@@ -266,4 +258,4 @@ def test_the_tf_data_pipeline_gives_the_same_batches_with_the_cache(data):
                 np.testing.assert_array_equal(x[name], y[name])
     # two workers may build the same entry at once: both write atomically, one file remains
     assert cache.stats["missing"] >= 3 and cache.stats["corrupt"] == 0 and cache.stats["hit"] >= 6
-    assert len(entries(cache.root)) == 3 and not list(cache.root.rglob("*.tmp"))
+    assert len(entries(cache.root)) == 3 and not list(cache.root.rglob(".tmp-*"))
