@@ -5,21 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from factories import make_config
 
-from mrcnn.config import Config
 from mrcnn.targets import DetectionTargetLayer, box_deltas, build_rpn_targets, detection_targets_graph
 
 
-class SmallConfig(Config):
-    NAME = "t"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    RPN_TRAIN_ANCHORS_PER_IMAGE = 8
-    TRAIN_ROIS_PER_IMAGE = 6
-    ROI_POSITIVE_RATIO = 0.5
-    MASK_SHAPE = [4, 4]
-    MASK_POOL_SIZE = 2
-    MINI_MASK_SHAPE = (8, 8)
+def small_config(**overrides):
+    """Matterport's defaults with few RPN anchors and ROIs, 4x4 masks, 8x8 mini-masks."""
+    return make_config("matterport", **(dict(NAME="t", IMAGES_PER_GPU=1, RPN_TRAIN_ANCHORS_PER_IMAGE=8,
+                                             TRAIN_ROIS_PER_IMAGE=6, ROI_POSITIVE_RATIO=0.5, MASK_SHAPE=[4, 4],
+                                             MASK_POOL_SIZE=2, MINI_MASK_SHAPE=[8, 8]) | overrides))
 
 
 # -------------------------------------------------------------------------------------------
@@ -37,7 +32,7 @@ GT_BOXES = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=np.int32)
 
 
 def test_rpn_targets_hand_made_labels_and_deltas():
-    config = SmallConfig()
+    config = small_config()
     match, bbox = build_rpn_targets((64, 64, 3), ANCHORS, np.array([1, 1]), GT_BOXES, config)
     assert match.dtype == np.int32 and bbox.shape == (8, 4)
     np.testing.assert_array_equal(match, [1, 1, 0, -1, 1, -1])
@@ -52,7 +47,7 @@ def test_rpn_targets_hand_made_labels_and_deltas():
 
 
 def test_rpn_targets_subsampling_caps_positives_and_total():
-    config = SmallConfig()
+    config = small_config()
     anchors = np.array([[0, i * 0.01, 10, 10 + i * 0.01] for i in range(10)] + [[50, 50, 60, 60]] * 20, float)
     match, bbox = build_rpn_targets((64, 64, 3), anchors, np.array([1]), np.array([[0, 0, 10, 10]]), config,
                                     rng=np.random.default_rng(0))
@@ -64,7 +59,7 @@ def test_rpn_targets_subsampling_caps_positives_and_total():
 
 
 def test_rpn_targets_zero_instances_and_crowd():
-    config = SmallConfig()
+    config = small_config()
     match, bbox = build_rpn_targets((64, 64, 3), ANCHORS, np.zeros([0], np.int32), np.zeros([0, 4]), config,
                                     rng=np.random.default_rng(0))
     assert (match == 1).sum() == 0 and (match == -1).sum() == 6 and not bbox.any()
@@ -87,13 +82,6 @@ def test_box_deltas_round_trip():
 # -------------------------------------------------------------------------------------------
 # RPN targets vs Matterport
 
-class ReferenceConfig(Config):
-    NAME = "coco"
-    NUM_CLASSES = 81
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 256
-    IMAGE_MAX_DIM = 256
-
 
 def _reference_anchors(config):
     from mrcnn.boxes import compute_backbone_shapes, generate_pyramid_anchors
@@ -104,18 +92,18 @@ def _reference_anchors(config):
 
 def test_rpn_targets_match_matterport(reference_dir):
     ref = np.load(reference_dir / "matterport_utils_reference.npz")
-    config = ReferenceConfig()
+    config = make_config("coco")
     anchors = _reference_anchors(config)
     assert anchors.shape == (16368, 4)
     gt_boxes, gt_ids = ref["load_image_gt_bbox"], ref["load_image_gt_class_ids"]
 
-    config.RPN_TRAIN_ANCHORS_PER_IMAGE = 10**6
-    match, bbox = build_rpn_targets(config.IMAGE_SHAPE, anchors, gt_ids, gt_boxes, config)
+    every_anchor = make_config("coco", RPN_TRAIN_ANCHORS_PER_IMAGE=10**6)
+    match, bbox = build_rpn_targets(config.IMAGE_SHAPE, anchors, gt_ids, gt_boxes, every_anchor)
     np.testing.assert_array_equal(match, ref["rpn_targets_nosubsample_match"])
     positive_rows = ref["rpn_targets_nosubsample_bbox_positive_rows"]
     np.testing.assert_allclose(bbox[: len(positive_rows)], positive_rows, rtol=1e-5, atol=1e-5)
 
-    config.RPN_TRAIN_ANCHORS_PER_IMAGE = 256
+    assert config.RPN_TRAIN_ANCHORS_PER_IMAGE == 256
     match, bbox = build_rpn_targets(config.IMAGE_SHAPE, anchors, gt_ids, gt_boxes, config,
                                     rng=np.random.default_rng(1))
     counts = [(match == 1).sum(), (match == -1).sum(), (match == 0).sum()]
@@ -133,8 +121,7 @@ def _full_mask(h, w, box):
 
 
 def test_detection_targets_hand_made():
-    config = SmallConfig()
-    config.USE_MINI_MASK = False
+    config = small_config(USE_MINI_MASK=False)
     tf.random.set_seed(0)
     gt_box = np.array([0.1, 0.1, 0.5, 0.5], np.float32)
     proposals = np.array([
@@ -163,8 +150,7 @@ def test_detection_targets_hand_made():
 
 
 def test_detection_targets_mini_mask_frame():
-    config = SmallConfig()
-    config.USE_MINI_MASK = True
+    config = small_config(USE_MINI_MASK=True)
     mini = np.zeros((8, 8, 1), bool)
     mini[:, :4] = True                                # left half of the GT box
     rois, ids, _, masks = detection_targets_graph(
@@ -175,7 +161,7 @@ def test_detection_targets_mini_mask_frame():
 
 
 def test_detection_targets_no_gt_gives_only_padding():
-    config = SmallConfig()
+    config = small_config()
     layer = DetectionTargetLayer(config, name="proposal_targets")
     proposals = tf.constant(np.random.default_rng(0).uniform(0, 0.5, (1, 10, 4)).astype(np.float32) + [0, 0, 0.5, 0.5])
     rois, ids, deltas, masks = layer([proposals, tf.zeros([1, 3], tf.int32), tf.zeros([1, 3, 4]),
@@ -185,8 +171,7 @@ def test_detection_targets_no_gt_gives_only_padding():
 
 
 def test_detection_targets_positive_cap_and_ratio():
-    config = SmallConfig()
-    config.USE_MINI_MASK = False
+    config = small_config(USE_MINI_MASK=False)
     proposals = np.array([[0.1, 0.1, 0.5, 0.5 + 0.01 * i] for i in range(5)] + [[0.6, 0.6, 0.9, 0.9 - 0.01 * i]
                                                                               for i in range(5)], np.float32)
     rois, ids, _, _ = detection_targets_graph(
