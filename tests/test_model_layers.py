@@ -5,19 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from factories import make_config
 
 from mrcnn.boxes import apply_box_deltas, non_max_suppression
-from mrcnn.config import Config
 from mrcnn.detection import DetectionLayer
 from mrcnn.rpn import ProposalLayer
 
 
-class LayerConfig(Config):
-    NAME = "layers"
-    NUM_CLASSES = 4
-    PRE_NMS_LIMIT = 40
-    DETECTION_MAX_INSTANCES = 20
-    DETECTION_NMS_THRESHOLD = 0.3
+def layer_config(**overrides):
+    """Matterport's defaults with 4 classes, 40 proposals before NMS, 20 detection slots."""
+    return make_config("matterport", **(dict(NAME="layers", NUM_CLASSES=4, PRE_NMS_LIMIT=40,
+                                             DETECTION_MAX_INSTANCES=20, DETECTION_NMS_THRESHOLD=0.3) | overrides))
 
 
 def random_boxes(rng: np.random.Generator, n: int, low: float = -0.1, high: float = 1.1) -> np.ndarray:
@@ -55,7 +53,7 @@ def numpy_detections(rois, probs, deltas, window, config):
 
 @pytest.mark.parametrize("count", [10, 40])
 def test_proposal_layer_matches_numpy(count):
-    config = LayerConfig()
+    config = layer_config()
     rng = np.random.default_rng(count)
     batch, anchors_n = 2, 120
     anchors = random_boxes(rng, anchors_n)
@@ -74,8 +72,7 @@ def test_proposal_layer_matches_numpy(count):
 
 @pytest.mark.parametrize("min_confidence", [0.0, 0.5])
 def test_detection_layer_matches_numpy(min_confidence):
-    config = LayerConfig()
-    config.DETECTION_MIN_CONFIDENCE = min_confidence
+    config = layer_config(DETECTION_MIN_CONFIDENCE=min_confidence)
     rng = np.random.default_rng(7)
     batch, n, classes = 2, 30, config.NUM_CLASSES
     rois = np.stack([random_boxes(rng, n, 0.0, 1.0) for _ in range(batch)])
@@ -105,9 +102,7 @@ def test_detection_layer_matches_numpy(min_confidence):
 def test_detection_foreground_fallback_keeps_best_foreground_roi(fallback):
     """Image 0: every ROI is background (argmax 0), ROI 2 has the highest foreground probability
     (class 2: 0.3). Image 1 has a normal detection and is the same either way."""
-    config = LayerConfig()
-    config.DETECTION_MIN_CONFIDENCE = 0.5
-    config.DETECTION_FOREGROUND_FALLBACK = fallback
+    config = layer_config(DETECTION_MIN_CONFIDENCE=0.5, DETECTION_FOREGROUND_FALLBACK=fallback)
     classes = config.NUM_CLASSES
     rois = np.tile(np.array([[0.1, 0.1, 0.3, 0.3], [0.2, 0.2, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]], np.float32), (2, 1, 1))
     probs = np.zeros((2, 3, classes), np.float32)
