@@ -11,30 +11,22 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from factories import make_config
 from matterport_h5 import det_value, shared_coco_rule_file, write_rule_weights
 
-from mrcnn.config import Config
 from mrcnn.model import MaskRCNN
 from mrcnn.weights import CLASS_SPECIFIC_LAYERS, WeightsError, layer_weight_entries, weighted_layers
 
 HEADS = set(CLASS_SPECIFIC_LAYERS)
 
 
-class LesionLikeConfig(Config):
-    NAME = "weights_test"
-    BACKBONE = "resnet50"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 128
-    IMAGE_MAX_DIM = 128
-    POST_NMS_ROIS_INFERENCE = 16
-    DETECTION_MAX_INSTANCES = 4
-    PRE_NMS_LIMIT = 100
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return MaskRCNN("inference", LesionLikeConfig(), str(tmp_path_factory.mktemp("logs")))
+    # Matterport's defaults (full-size FPN and heads) on ResNet-50 at 128 px, few proposals.
+    config = make_config("matterport", NAME="weights_test", BACKBONE="resnet50", IMAGES_PER_GPU=1,
+                         IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128, POST_NMS_ROIS_INFERENCE=16,
+                         DETECTION_MAX_INSTANCES=4, PRE_NMS_LIMIT=100)
+    return MaskRCNN("inference", config, str(tmp_path_factory.mktemp("logs")))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +108,21 @@ def test_not_hdf5_is_a_one_line_error(model, tmp_path):
         f["x"] = np.zeros(3)
     with pytest.raises(WeightsError, match="not a Keras-2 weight file"):
         model.load_weights(str(tmp_path / "plain.h5"), verbose=0)
+
+
+@pytest.mark.parametrize("damage", ["first 1000 bytes", "half", "text"])
+def test_truncated_or_corrupt_h5_is_a_one_line_error(model, tmp_path, damage):
+    whole = tmp_path / "whole.h5"
+    model.save_weights(str(whole))
+    data = whole.read_bytes()
+    path = tmp_path / "mask_rcnn_x_0001.h5"
+    path.write_bytes({"first 1000 bytes": data[:1000], "half": data[: len(data) // 2],
+                      "text": b"this is a text file, not weights\n"}[damage])
+    with pytest.raises(WeightsError) as info:
+        model.load_weights(str(path), by_name=True, verbose=0)
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a readable HDF5 weights file (") and "\n" not in message
+    assert "truncated or corrupt?" in message
 
 
 def test_wrong_architecture_names_layer_and_shapes(model, tmp_path):
