@@ -8,30 +8,21 @@ import os
 import keras
 import numpy as np
 import pytest
+from factories import make_config
 from matterport_h5 import det_value
 
 from mrcnn.boxes import generate_anchors, norm_boxes
-from mrcnn.config import Config
 from mrcnn.model import MaskRCNN
 from mrcnn.weights import weighted_layers
 
 
-class TinyConfig(Config):
-    NAME = "tiny"
-    BACKBONE = "resnet50"
-    NUM_CLASSES = 3
-    IMAGES_PER_GPU = 2
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
-    PRE_NMS_LIMIT = 200
-    POST_NMS_ROIS_INFERENCE = 24
-    DETECTION_MAX_INSTANCES = 4
-    DETECTION_MIN_CONFIDENCE = 0
-    FPN_CLASSIF_FC_LAYERS_SIZE = 64
-    TOP_DOWN_PYRAMID_SIZE = 64
-    MASK_POOL_SIZE = 7
-    MASK_SHAPE = [14, 14]
+def detect_config(**overrides):
+    """ResNet-50 at 64 px, 3 classes, 2 images per batch, small FPN and heads, 4 detection slots."""
+    return make_config("matterport", **(dict(
+        NAME="tiny", BACKBONE="resnet50", NUM_CLASSES=3, IMAGES_PER_GPU=2, IMAGE_MIN_DIM=64, IMAGE_MAX_DIM=64,
+        RPN_ANCHOR_SCALES=[8, 16, 32, 64, 128], PRE_NMS_LIMIT=200, POST_NMS_ROIS_INFERENCE=24,
+        DETECTION_MAX_INSTANCES=4, DETECTION_MIN_CONFIDENCE=0, FPN_CLASSIF_FC_LAYERS_SIZE=64,
+        TOP_DOWN_PYRAMID_SIZE=64, MASK_POOL_SIZE=7, MASK_SHAPE=[14, 14]) | overrides))
 
 
 def init_rule_weights(model: MaskRCNN, foreground_bias: float = 6.0) -> None:
@@ -46,7 +37,7 @@ def init_rule_weights(model: MaskRCNN, foreground_bias: float = 6.0) -> None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    m = MaskRCNN("inference", TinyConfig(), str(tmp_path_factory.mktemp("logs")))
+    m = MaskRCNN("inference", detect_config(), str(tmp_path_factory.mktemp("logs")))
     init_rule_weights(m)
     return m
 
@@ -193,19 +184,13 @@ def test_set_log_dir_and_find_last(model, tmp_path):
     assert model.epoch == 0
 
 
-class VariantConfig(TinyConfig):
-    """Four input channels and mixed precision (CPU: builds and runs, float32 outputs)."""
-    NAME = "variant"
-    IMAGES_PER_GPU = 1
-    IMAGE_CHANNEL_COUNT = 4
-    MEAN_PIXEL = np.array([123.7, 116.8, 103.9, 100.0])
-    MIXED_PRECISION = True
-
-
 def test_four_channels_mixed_precision(model, tmp_path, capsys):
+    """Four input channels and mixed precision (CPU: builds and runs, float32 outputs)."""
     path = tmp_path / "three_channels.h5"
     model.save_weights(str(path))
-    variant = MaskRCNN("inference", VariantConfig(), str(tmp_path))
+    config = detect_config(NAME="variant", IMAGES_PER_GPU=1, IMAGE_CHANNEL_COUNT=4,
+                           MEAN_PIXEL=[123.7, 116.8, 103.9, 100.0], MIXED_PRECISION=True)
+    variant = MaskRCNN("inference", config, str(tmp_path))
     assert keras.config.dtype_policy().name == "float32", "global policy restored after build"
     assert variant.keras_model.get_layer("fpn_p2").compute_dtype == "float16"
     report = variant.load_weights(str(path), by_name=True)
