@@ -13,9 +13,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from factories import make_config
 from matterport_h5 import load_manifest, shared_coco_rule_file
 
-from mrcnn.config import Config
 from mrcnn.model import MaskRCNN
 from mrcnn.weights import weighted_layers
 
@@ -25,16 +25,6 @@ STAGE_LAYERS = {"C2": "res2c_out", "C3": "res3d_out", "C4": "res4w_out", "C5": "
                 "rpn_class": "rpn_class", "rpn_bbox": "rpn_bbox", "rpn_rois": "ROI"}
 RTOL, ATOL = 1e-4, 1e-3
 
-
-class CocoInferenceConfig(Config):
-    """The reference README's inference config."""
-    NAME = "coco"
-    NUM_CLASSES = 81
-    GPU_COUNT = 1
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 256
-    IMAGE_MAX_DIM = 256
-    DETECTION_MIN_CONFIDENCE = 0
 
 
 def report(stage: str, value: float, note: str = "") -> None:
@@ -59,7 +49,9 @@ def rule_file(reference_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def coco(rule_file, tmp_path_factory):
     """(model, load report) with the rule weights loaded by name."""
-    model = MaskRCNN("inference", CocoInferenceConfig(), str(tmp_path_factory.mktemp("logs")))
+    # The reference README's inference config.
+    model = MaskRCNN("inference", make_config("coco", DETECTION_MIN_CONFIDENCE=0),
+                     str(tmp_path_factory.mktemp("logs")))
     load_report = model.load_weights(str(rule_file[0]), by_name=True)
     return model, load_report
 
