@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrcnn.errors import UserError
+from mrcnn.fileio import write_json_atomic
 
 #: File extensions treated as images (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -351,14 +352,9 @@ def split_ids(ids: list[str], val_fraction: float, seed: int | None,
 
 def write_split(path: str | Path, train: list[str], val: list[str], extra: dict | None = None) -> Path:
     """Write ``{"train": [...], "val": [...], ...}`` as JSON atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"n_train": len(train), "n_val": len(val), "train": train, "val": val}
     payload.update(extra or {})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, payload, indent=1)
 
 
 # -------------------------------------------------------------------------------------------

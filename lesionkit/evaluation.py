@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lesionkit import metrics
+from mrcnn.fileio import json_safe  # noqa: F401  (lesions.py still calls evaluation.json_safe)
 
 HEADLINE = ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
             "map50", "map")
@@ -107,18 +108,3 @@ def grid_rows(rows: list[dict], images: dict[str, Path], truth: dict[str, Path],
             "title": f"{image_id}  J={row['jaccard']:.3f}",
         })
     return entries
-
-
-def json_safe(summary: dict[str, Any]) -> dict[str, Any]:
-    """NaN -> None, numpy scalars -> Python, recursively (summary.json must be valid JSON)."""
-    out: dict[str, Any] = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            out[key] = json_safe(value)
-        elif isinstance(value, np.generic):
-            out[key] = value.item()
-        elif isinstance(value, float) and math.isnan(value):
-            out[key] = None
-        else:
-            out[key] = value
-    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mrcnn.ap import compute_ap
 from mrcnn.boxes import extract_bboxes
+from mrcnn.fileio import json_safe, write_json_atomic, write_text_atomic
 
 #: Metric names, in the order the CSV and the summary use (official scorer's names).
 METRIC_NAMES = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy")
@@ -228,22 +228,6 @@ def _score_pair(image_id: str, truth_file: Path, pred_file: Path) -> tuple[dict[
     return {"image_id": image_id, **score_mask(truth, pred)}, None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to ``path`` via a temporary file in the same folder and os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | os.PathLike,
                  problems: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/scores.csv`` (one row per image) and ``out_dir/summary.json``, atomically.
@@ -256,13 +240,13 @@ def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_di
     writer = csv.DictWriter(buffer, fieldnames=["image_id", *METRIC_NAMES], extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _json_safe(v) for k, v in row.items()})
+        writer.writerow(json_safe(row))
     csv_path, json_path = out_dir / "scores.csv", out_dir / "summary.json"
-    _atomic_write_text(csv_path, buffer.getvalue())
-    payload = {k: _json_safe(v) for k, v in summary.items()}
+    write_text_atomic(csv_path, buffer.getvalue())
+    payload = dict(summary)
     if problems is not None:
         payload["problems"] = list(problems)
-    _atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    write_json_atomic(json_path, payload)
     return csv_path, json_path
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import numpy as np
 
 from lesionkit.dataset_scan import IMAGE_EXTENSIONS, is_image_name
 from mrcnn.errors import UserError
+from mrcnn.fileio import write_json_atomic
 
 SUMMARY_NAME = "summary.json"
 
@@ -110,26 +109,7 @@ def remove_empty_dirs(*folders: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON, atomically."""
-    return write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+# PNG files (JSON: mrcnn.fileio.write_json_atomic)
 
 
 def write_png_atomic(path: str | Path, image: np.ndarray) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mrcnn.fileio import write_bytes_atomic
+
 #: ISIC 2018 Task 1 folder names (training split).
 INPUT_DIR = "ISIC2018_Task1-2_Training_Input"
 GROUND_TRUTH_DIR = "ISIC2018_Task1_Training_GroundTruth"
@@ -282,13 +284,6 @@ def make_lesion_image(rng: np.random.Generator, height: int = 256, width: int = 
     return np.clip(image, 0, 255).astype(np.uint8), np.stack(masks, axis=-1)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def encode_pair(image: np.ndarray, masks: np.ndarray) -> tuple[bytes, bytes]:
     """JPEG bytes of an RGB image [H, W, 3] and PNG bytes of the 0/255 union of masks [H, W, N]."""
     ok_jpg, jpg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -318,6 +313,6 @@ def write_isic_dataset(root: str | os.PathLike, n_images: int, seed: int = 0,
         image, masks = make_lesion_image(rng, size[0], size[1])
         jpg, png = encode_pair(image, masks)
         ids.append(image_id(index))
-        _write_bytes(image_dir / f"{ids[-1]}.jpg", jpg)
-        _write_bytes(truth_dir / f"{ids[-1]}_segmentation.png", png)
+        write_bytes_atomic(image_dir / f"{ids[-1]}.jpg", jpg)
+        write_bytes_atomic(truth_dir / f"{ids[-1]}_segmentation.png", png)
     return ids

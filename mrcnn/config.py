@@ -12,7 +12,6 @@ On top of that this module adds what a command-line tool needs:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import tomllib
@@ -22,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mrcnn.errors import UserError
+from mrcnn.fileio import json_safe, write_json_atomic
 
 
 class ConfigError(UserError):
@@ -199,14 +199,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of every attribute (numpy arrays become lists)."""
-        return {k: _jsonable(getattr(self, k)) for k in sorted(set(self.keys()))}
+        return {k: json_safe(getattr(self, k)) for k in sorted(set(self.keys()))}
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_dict` as JSON to ``path`` (atomically: temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_json_atomic(path, self.to_dict(), sort_keys=True)
 
     # ---------------------------------------------------------------------------------------
     # Overrides (TOML presets, KEY=VALUE)
@@ -429,18 +426,4 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
         if isinstance(current, np.ndarray):
             return np.array(value, dtype=current.dtype)
         return type(current)(value)
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, tuple):
-        return list(value)
-    if callable(value):
-        return getattr(value, "__name__", repr(value))
     return value

@@ -218,16 +218,16 @@ class MaskRCNN:
 
     def load_weights(self, filepath: str, by_name: bool = False, exclude: Iterable[str] | None = None,
                      strict: bool = False, verbose: int = 1) -> weights_io.LoadReport:
-        """Load a Keras-2 HDF5 weight file by layer name (see :func:`mrcnn.weights.load_weights`),
+        """Load a Keras-2 HDF5 weight file by layer name (see :func:`mrcnn.weights.load_hdf5_weights`),
         then :meth:`set_log_dir` from its path (resumes epoch numbering of our checkpoints)."""
-        report = weights_io.load_weights(self.keras_model, str(filepath), by_name=by_name,
-                                         exclude=exclude, strict=strict, verbose=verbose)
+        report = weights_io.load_hdf5_weights(self.keras_model, str(filepath), by_name=by_name,
+                                              exclude=exclude, strict=strict, verbose=verbose)
         self.set_log_dir(str(filepath))
         return report
 
     def save_weights(self, filepath: str) -> None:
         """Write the weights in the Keras-2 layout (loadable by load_weights and by Matterport)."""
-        weights_io.save_weights(self.keras_model, str(filepath))
+        weights_io.save_hdf5_weights(self.keras_model, str(filepath))
 
     def set_log_dir(self, model_path: str | None = None) -> None:
         """Set ``log_dir``, ``checkpoint_path`` and ``epoch``: a fresh timestamped run, or, for a

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from mrcnn import imaging
+from mrcnn.fileio import atomic_path
 from mrcnn.imaging import resize_image, resize_mask
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ def entry_name(info: dict[str, Any]) -> str:
 
 
 def write_entry(path: Path, sample: ResizedSample, key: str) -> None:
-    """Write ``sample`` and ``key`` to ``path`` atomically (temporary file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``sample`` and ``key`` to ``path`` atomically (:func:`mrcnn.fileio.atomic_path`)."""
     arrays = {
         "key": np.array(key),
         "image": np.ascontiguousarray(sample.image),
@@ -181,17 +180,8 @@ def write_entry(path: Path, sample: ResizedSample, key: str) -> None:
         "scale": np.array(sample.scale),  # int 1 stays int: image_meta's dtype follows it
         "padding": np.array(sample.padding, dtype=np.int64).reshape(-1, 2),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _unpack_entry(z: Any) -> ResizedSample:

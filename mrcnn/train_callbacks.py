@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import io
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mrcnn.weights import fsync_path
+from mrcnn.fileio import TEMP_PREFIX, write_text_atomic
 
 
 class TrainingDivergedError(RuntimeError):
@@ -76,11 +77,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.guard = guard
 
     def on_train_begin(self, logs=None):
-        # Temporary files of writes a killed run never finished (never loadable: not named *.h5).
-        pattern = os.path.basename(self.mrcnn_model.checkpoint_path).replace("{epoch:04d}", "*") + ".tmp"
-        for stale in glob.glob(os.path.join(glob.escape(self.mrcnn_model.log_dir), pattern)):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
+        # Temporary files of writes a killed run never finished (mrcnn.fileio names them
+        # .tmp-<pid>-<hex>.tmp: never loadable, not named *.h5); also the older <checkpoint>.h5.tmp.
+        folder = glob.escape(self.mrcnn_model.log_dir)
+        old_pattern = os.path.basename(self.mrcnn_model.checkpoint_path).replace("{epoch:04d}", "*") + ".tmp"
+        for pattern in (f"{TEMP_PREFIX}*", old_pattern):
+            for stale in glob.glob(os.path.join(folder, pattern)):
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and self.guard.diverged:
@@ -136,13 +140,11 @@ class SafeCSVLogger(keras.callbacks.Callback):
         row.update({k: f"{v:.6g}" for k, v in sorted(_floats(logs).items())})
         self.rows = [r for r in self.rows if r.get("epoch") != row["epoch"]] + [row]
         fields = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        fsync_path(tmp)
-        os.replace(tmp, self.path)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, buffer.getvalue(), durable=True)
 
 
 def _scalar_metadata() -> bytes:

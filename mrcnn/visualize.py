@@ -6,7 +6,7 @@ pyplot import, e.g. a notebook's inline backend). The ``display_*`` functions sh
 an interactive backend; every one of them also takes ``save_path`` to write a PNG instead.
 
 Images are RGB uint8 [H, W, 3]; masks bool [H, W, N]; boxes (y1, x1, y2, x2) pixels with y2/x2
-exclusive. Every file is written atomically (temporary file in the same folder + os.replace).
+exclusive. Every file is written atomically (:mod:`mrcnn.fileio`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import lines, patches  # noqa: E402
 
+from mrcnn.fileio import atomic_path, write_bytes_atomic  # noqa: E402
+
 LOSS_COLUMNS = ("loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "cairo", "pgf", "template"}
 
@@ -50,34 +52,27 @@ _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "cairo", "pgf", "template"}
 # Files and figures
 # --------------------------------------------------------------------------------------------
 
-def _atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(final path, temporary path next to it with the same suffix); creates the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically (format from the suffix, PNG by default) and close it."""
-    path, tmp = _atomic_path(path)
-    fig.savefig(tmp, dpi=dpi, format=(path.suffix.lstrip(".") or "png"))
-    os.replace(tmp, path)
-    plt.close(fig)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=(path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an RGB [H, W, 3] or grey [H, W] uint8 image as PNG, atomically."""
-    path, tmp = _atomic_path(path)
+    path = Path(path)
     array = np.asarray(image)
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     ok, data = cv2.imencode(".png", array)
     if not ok:
         raise OSError(f"could not encode {path.name}")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, data.tobytes())
 
 
 def _finish(fig: Any, save_path: str | os.PathLike | None, show: bool = True) -> None:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from mrcnn.errors import UserError
+from mrcnn.fileio import atomic_path
 
 #: Layers whose weight shapes depend on NUM_CLASSES (skipped with a message on mismatch).
 CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask")
@@ -42,7 +43,7 @@ class WeightsError(UserError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did, layer by layer."""
+    """What :func:`load_hdf5_weights` did, layer by layer."""
 
     filepath: str
     loaded: list[str] = field(default_factory=list)
@@ -133,17 +134,24 @@ def read_weight_file(filepath: str) -> dict[str, list[tuple[str, np.ndarray]]]:
     if not os.path.isfile(filepath):
         raise WeightsError(f"{filepath}: weight file not found")
     if not h5py.is_hdf5(filepath):
-        raise WeightsError(f"{filepath}: not an HDF5 file (expected Keras-2 .h5 weights)")
+        raise WeightsError(f"{filepath} is not a readable HDF5 weights file (not an HDF5 file: another format, "
+                           "or truncated or corrupt?)")
     layers: dict[str, list[tuple[str, np.ndarray]]] = {}
-    with h5py.File(filepath, "r") as f:
-        root = _weights_root(f, filepath)
-        for name in _read_str_list(root.attrs, "layer_names") or []:
-            if name not in root:
-                raise WeightsError(f"{filepath}: layer {name!r} is listed in layer_names but has no group")
-            group = root[name]
-            weight_names = _read_str_list(group.attrs, "weight_names") or []
-            if weight_names:
-                layers[name] = [(w, np.asarray(group[w])) for w in weight_names]
+    try:
+        with h5py.File(filepath, "r") as f:
+            root = _weights_root(f, filepath)
+            for name in _read_str_list(root.attrs, "layer_names") or []:
+                if name not in root:
+                    raise WeightsError(f"{filepath}: layer {name!r} is listed in layer_names but has no group")
+                group = root[name]
+                weight_names = _read_str_list(group.attrs, "weight_names") or []
+                if weight_names:
+                    layers[name] = [(w, np.asarray(group[w])) for w in weight_names]
+    except WeightsError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as err:  # h5py's errors on a torn file
+        detail = " ".join(str(err).split())[:200]
+        raise WeightsError(f"{filepath} is not a readable HDF5 weights file (truncated or corrupt?): {detail}") from None
     return layers
 
 
@@ -179,9 +187,9 @@ def _pair_weights(layer_name: str, nested: bool, model_entries: list[tuple[str, 
     return pairs
 
 
-def load_weights(keras_model: keras.Model, filepath: str, by_name: bool = False,
-                 exclude: Iterable[str] | None = None, strict: bool = False,
-                 verbose: int = 1) -> LoadReport:
+def load_hdf5_weights(keras_model: keras.Model, filepath: str, by_name: bool = False,
+                      exclude: Iterable[str] | None = None, strict: bool = False,
+                      verbose: int = 1) -> LoadReport:
     """Load a Keras-2 HDF5 file into ``keras_model``, matching top-level layers by name.
 
     * ``exclude``: layer names to leave untouched (a non-empty list implies ``by_name``).
@@ -253,53 +261,32 @@ def _write_str_list(attrs: h5py.AttributeManager, name: str, values: list[str]) 
         attrs[f"{name}{i}"] = chunk
 
 
-def save_weights(keras_model: keras.Model, filepath: str) -> None:
+def save_hdf5_weights(keras_model: keras.Model, filepath: str) -> None:
     """Write every top-level layer's weights in the Keras-2 weights-only layout, atomically.
 
-    The file is written to ``filepath + ".tmp"``, synced to disk, then renamed over ``filepath``: a
-    crash or kill at any moment leaves the previous file (or none) under ``filepath``, never a torn one.
+    The file is written to a temporary file in the same folder (``.tmp-<pid>-<hex>.tmp``, see
+    :func:`mrcnn.fileio.atomic_path`), synced to disk, renamed over ``filepath``, and the folder is
+    synced: a crash or kill at any moment leaves the previous file (or none) under ``filepath``,
+    never a torn one.
     """
-    tmp = str(filepath) + ".tmp"
     die_at = len(keras_model.layers) // 2 if os.environ.get(KILL_DURING_SAVE_ENV) == os.path.basename(filepath) else -1
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_str_list(f.attrs, "layer_names", [layer.name for layer in keras_model.layers])
-            f.attrs["backend"] = np.bytes_(b"tensorflow")  # fixed-length: Keras 2 calls .decode() on it
-            f.attrs["keras_version"] = np.bytes_(KERAS2_LAYOUT_VERSION.encode())
-            for i, layer in enumerate(keras_model.layers):
-                if i == die_at:  # test hook, see KILL_DURING_SAVE_ENV
-                    f.flush()
-                    os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-                group = f.create_group(layer.name)
-                entries = layer_weight_entries(layer) if layer.weights else []
-                if entries:
-                    _write_str_list(group.attrs, "weight_names", [n for n, _ in entries])
-                else:
-                    group.attrs["weight_names"] = np.array([], dtype=np.float64)
-                for name, variable in entries:
-                    group.create_dataset(name, data=np.asarray(keras.ops.convert_to_numpy(variable)))
-            f.flush()
-        fsync_path(tmp)  # the data is on disk before the new name points at it (power loss, OS crash)
-        os.replace(tmp, filepath)
-        fsync_path(os.path.dirname(os.path.abspath(filepath)))  # ... and the rename itself
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fsync_path(path: str) -> None:
-    """Flush a file's data, or a folder's entries, to disk; quietly nothing where the OS cannot
-    (e.g. folders on Windows). Used before and after renaming a finished temporary file."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(filepath, durable=True, suffix=".tmp") as tmp, h5py.File(tmp, "w") as f:
+        _write_str_list(f.attrs, "layer_names", [layer.name for layer in keras_model.layers])
+        f.attrs["backend"] = np.bytes_(b"tensorflow")  # fixed-length: Keras 2 calls .decode() on it
+        f.attrs["keras_version"] = np.bytes_(KERAS2_LAYOUT_VERSION.encode())
+        for i, layer in enumerate(keras_model.layers):
+            if i == die_at:  # test hook, see KILL_DURING_SAVE_ENV
+                f.flush()
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+            group = f.create_group(layer.name)
+            entries = layer_weight_entries(layer) if layer.weights else []
+            if entries:
+                _write_str_list(group.attrs, "weight_names", [n for n, _ in entries])
+            else:
+                group.attrs["weight_names"] = np.array([], dtype=np.float64)
+            for name, variable in entries:
+                group.create_dataset(name, data=np.asarray(keras.ops.convert_to_numpy(variable)))
+        f.flush()
 
 
 def _short_list(names: list[str], limit: int = 5) -> str:

@@ -80,7 +80,7 @@ def test_predict_one_file_into_a_new_default_folder(trained):
     assert record["id"] == "ISIC_0000004" and isinstance(record["instances"], list)
     for inst in record["instances"]:
         assert set(inst) == {"score", "box", "area_px", "area_pct"}
-    assert not list(out.glob(".*tmp"))
+    assert not list(out.glob(".tmp-*"))
 
 
 def test_predict_glob_with_options_skips_and_counts(trained):

@@ -116,7 +116,7 @@ def test_write_split_is_json(tmp_path):
     path = ld.write_split(tmp_path / "run" / "split.json", ["a"], ["b"], {"dataset": "x"})
     data = json.loads(path.read_text())
     assert data["train"] == ["a"] and data["val"] == ["b"] and data["dataset"] == "x"
-    assert not list(path.parent.glob("*.tmp"))
+    assert not list(path.parent.glob(".tmp-*"))
 
 
 def test_exif_rotation_swaps_the_size(tmp_path):

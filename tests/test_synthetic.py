@@ -45,7 +45,7 @@ def test_layout_and_ids(dataset):
     for image_id in ids:
         assert (root / synthetic.INPUT_DIR / f"{image_id}.jpg").is_file()
         assert (root / synthetic.GROUND_TRUTH_DIR / f"{image_id}_segmentation.png").is_file()
-    assert not list(root.rglob("*.tmp"))
+    assert not list(root.rglob(".tmp-*"))
 
 
 def test_same_seed_same_bytes(dataset, tmp_path):
