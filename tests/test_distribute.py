@@ -27,84 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mrcnn.config import Config
+from factories import make_config
+from helpers import lesion_image, training_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_backbone(image, stage5: bool = True, train_bn: bool | None = False) -> list:
-    """Five strided 3x3 convs standing in for ResNet (C1..C5, strides 2..32): CPU float16
-    convolution gradients are slow (Eigen fallback, ~1000x float32), so the mixed-precision step
-    keeps the float16 layers it differentiates small."""
-    from keras import layers as KL
-
-    x, outputs = image, []
-    for i, channels in enumerate((8, 16, 16, 32, 32)):
-        x = KL.Conv2D(channels, 3, strides=2, padding="same", activation="relu", name=f"tiny_c{i + 1}")(x)
-        outputs.append(x)
-    return outputs
-
-
-def tiny_backbone_shapes(image_shape) -> np.ndarray:
-    """Feature map sizes of tiny_backbone's P2..P6 (strides 4..64)."""
-    return np.array([[math.ceil(image_shape[0] / s), math.ceil(image_shape[1] / s)] for s in (4, 8, 16, 32, 64)])
-
-
-class SmallConfig(Config):
-    """A 64 px model (tiny backbone, real FPN/RPN/heads) that trains a step in seconds on CPU."""
-
-    NAME = "small"
-    NUM_CLASSES = 2
-    GPU_COUNT = 1
-    IMAGES_PER_GPU = 1
-    BACKBONE = staticmethod(tiny_backbone)
-    COMPUTE_BACKBONE_SHAPE = staticmethod(tiny_backbone_shapes)
-    TOP_DOWN_PYRAMID_SIZE = 32
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
-    PRE_NMS_LIMIT = 256
-    POST_NMS_ROIS_TRAINING = 64
-    POST_NMS_ROIS_INFERENCE = 32
-    TRAIN_ROIS_PER_IMAGE = 64
-    DETECTION_MAX_INSTANCES = 8
-    DETECTION_MIN_CONFIDENCE = 0.0
-    MAX_GT_INSTANCES = 2
-    FPN_CLASSIF_FC_LAYERS_SIZE = 64
-    SEED = 5
-
-
-def lesion_image(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 image with one large dark rectangle-ish lesion (many proposals overlap it) and its mask."""
-    rng = np.random.default_rng(seed)
-    image = rng.normal(190, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
-    mask = np.zeros((size, size, 1), bool)
-    mask[6:size - 5, 5:size - 6] = True
-    image[mask[:, :, 0]] = rng.normal(80, 8, (int(mask.sum()), 3)).clip(0, 255).astype(np.uint8)
-    return image, mask
-
-
-def training_inputs(config, copies: int) -> dict[str, np.ndarray]:
-    """``copies`` identical training samples stacked into one batch (dict keyed by INPUT_NAMES)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_input_pipeline import ArrayDataset
-
-    from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
-
-    dataset = ArrayDataset([lesion_image()])
-    sample = build_training_sample(dataset, config, 0, get_training_anchors(config), rng=np.random.default_rng(0))
-    return {name: np.stack([sample[name]] * copies) for name in INPUT_NAMES}
-
-
 # -------------------------------------------------------------------------------------------
 # Mixed precision
-
-class MixedConfig(SmallConfig):
-    MIXED_PRECISION = True
-    TRAIN_ROIS_PER_IMAGE = 8
-    ROI_POSITIVE_RATIO = 0.25
-
 
 #: Layers trained in the mixed-precision step: RPN and box head (no float16 mask-conv gradients).
 MIXED_TRAINABLE = r"(rpn\_.*)|(mrcnn\_class.*)|(mrcnn\_bbox.*)"
@@ -118,7 +48,7 @@ def test_mixed_precision_builds_trains_a_step_and_detects(tmp_path):
     from mrcnn.training import compile_training_model, set_trainable
 
     policy_before = keras.config.dtype_policy().name
-    config = MixedConfig().validate()
+    config = make_config("small", MIXED_PRECISION=True, TRAIN_ROIS_PER_IMAGE=8, ROI_POSITIVE_RATIO=0.25)
     model = MaskRCNN("training", config, str(tmp_path))
     km = model.keras_model
     assert keras.config.dtype_policy().name == policy_before  # the global policy is restored
@@ -162,19 +92,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path[:0] = [{repo!r}, {tests!r}]
-    from test_distribute import SmallConfig, training_inputs
+    from factories import make_config
+    from helpers import training_inputs
     from mrcnn.model import MaskRCNN
     from mrcnn.training import compile_training_model, set_trainable
 
-    class OneDevice(SmallConfig):
-        IMAGES_PER_GPU = 2
-        ROI_POSITIVE_RATIO = 1.0
-        GRADIENT_CLIP_NORM = 0.5
-        GRADIENT_CLIP_MODE = "global"  # the update's norm is then exactly 0.5
-
-    class TwoDevices(OneDevice):
-        GPU_COUNT = 2
-        IMAGES_PER_GPU = 1
+    # ROI_POSITIVE_RATIO 1: every positive proposal kept; "global" clipping: the update's norm is 0.5
+    ONE_DEVICE = dict(ROI_POSITIVE_RATIO=1.0, GRADIENT_CLIP_NORM=0.5, GRADIENT_CLIP_MODE="global")
 
     def step(config, weights=None):
         model = MaskRCNN("training", config, {model_dir!r})
@@ -190,8 +114,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         delta = [np.array(w) - s for w, s in zip(km.get_weights(), start)]
         return km, start, {{k: float(v[0]) for k, v in logs.items()}}, delta
 
-    one = OneDevice().validate()
-    two = TwoDevices().validate()
+    one = make_config("small", IMAGES_PER_GPU=2, **ONE_DEVICE)
+    two = make_config("small", GPU_COUNT=2, IMAGES_PER_GPU=1, **ONE_DEVICE)
     km1, start, logs1, delta1 = step(one)
     km2, _, logs2, delta2 = step(two, start)
     flat1 = np.concatenate([d.ravel() for d in delta1])

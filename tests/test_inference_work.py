@@ -5,22 +5,17 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from test_distribute import SmallConfig, lesion_image
-
-
-class ManySlotsConfig(SmallConfig):
-    """More detection slots than detections survive per-class NMS, so some slots are padding."""
-
-    POST_NMS_ROIS_INFERENCE = 32
-    DETECTION_MAX_INSTANCES = 32
-    DETECTION_NMS_THRESHOLD = 0.3
+from factories import make_config
+from helpers import lesion_image
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from mrcnn.model import MaskRCNN
     keras.utils.set_random_seed(1)  # inference models are not seeded by config.SEED: fix the weights
-    model = MaskRCNN("inference", ManySlotsConfig().validate(), str(tmp_path_factory.mktemp("logs")))
+    # More detection slots than detections survive per-class NMS, so some slots are padding.
+    config = make_config("small", POST_NMS_ROIS_INFERENCE=32, DETECTION_MAX_INSTANCES=32, DETECTION_NMS_THRESHOLD=0.3)
+    model = MaskRCNN("inference", config, str(tmp_path_factory.mktemp("logs")))
     logits = model.keras_model.get_layer("mrcnn_class_logits")
     kernel, bias = logits.get_weights()
     logits.set_weights([kernel, bias + np.array([0.0, 10.0], np.float32)])  # random init: make ROIs lesions
@@ -34,8 +29,8 @@ def test_mask_head_runs_on_real_detections_only(model):
     outputs = model.keras_model([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
     detections, masks = (keras.ops.convert_to_numpy(outputs[i]) for i in (0, 3))
     n = int((detections[0, :, 4] > 0).sum())
-    assert 0 < n < ManySlotsConfig.DETECTION_MAX_INSTANCES, n
-    assert masks.shape == (1, ManySlotsConfig.DETECTION_MAX_INSTANCES, 28, 28, 2)
+    assert 0 < n < model.config.DETECTION_MAX_INSTANCES, n
+    assert masks.shape == (1, model.config.DETECTION_MAX_INSTANCES, 28, 28, 2)
     assert not masks[0, n:].any()  # padded slots: zeros, no work
 
     km = model.keras_model
@@ -45,7 +40,7 @@ def test_mask_head_runs_on_real_detections_only(model):
     pyramid = keras.Model(km.inputs, levels)([molded, metas.astype(np.float32), anchors.astype(np.float32)])
     every_slot = keras.ops.convert_to_numpy(head([*pyramid, keras.ops.convert_to_tensor(detections[..., :4]),
                                                  keras.ops.convert_to_tensor(metas.astype(np.float32))]))
-    assert every_slot.shape[1] == ManySlotsConfig.DETECTION_MAX_INSTANCES
+    assert every_slot.shape[1] == model.config.DETECTION_MAX_INSTANCES
     np.testing.assert_allclose(masks[0, :n], every_slot[0, :n], rtol=1e-5, atol=1e-6)
 
 
