@@ -112,10 +112,14 @@ def apply_box_deltas(boxes: np.ndarray, deltas: np.ndarray) -> np.ndarray:
     return np.stack([y1, x1, y1 + h, x1 + w], axis=1)
 
 
-def box_refinement(box: np.ndarray, gt_box: np.ndarray) -> np.ndarray:
-    """float32 deltas [N, 4] (dy, dx, log dh, log dw) turning box [N, 4] into gt_box [N, 4]."""
-    box = np.asarray(box).astype(np.float32)
-    gt_box = np.asarray(gt_box).astype(np.float32)
+def box_refinement(box: np.ndarray, gt_box: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Deltas [N, 4] (dy, dx, log dh, log dw) turning box [N, 4] into gt_box [N, 4].
+
+    Computed in ``dtype``: float32 as Matterport's ``utils.box_refinement``; the RPN targets
+    (:func:`mrcnn.targets.build_rpn_targets`) use float64, as Matterport's ``build_rpn_targets``.
+    """
+    box = np.asarray(box).astype(dtype)
+    gt_box = np.asarray(gt_box).astype(dtype)
     cy, cx, h, w = _centre_size(box)
     gcy, gcx, gh, gw = _centre_size(gt_box)
     return np.stack([(gcy - cy) / h, (gcx - cx) / w, np.log(gh / h), np.log(gw / w)], axis=1)

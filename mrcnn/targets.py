@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn import tf_boxes
+from mrcnn.boxes import box_refinement, compute_overlaps
 
 #: RPN IoU thresholds (Matterport): below -> negative, at or above -> positive.
 RPN_NEGATIVE_IOU = 0.3
@@ -27,29 +28,6 @@ CROWD_IOU = 0.001
 
 # -------------------------------------------------------------------------------------------
 # RPN targets (numpy)
-
-def box_iou_matrix(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """IoU [N1, N2] of boxes1 [N1, 4] and boxes2 [N2, 4] (y1, x1, y2, x2), area = h * w."""
-    b1 = boxes1[:, None, :].astype(np.float64)
-    b2 = boxes2[None, :, :].astype(np.float64)
-    inter_h = np.maximum(np.minimum(b1[..., 2], b2[..., 2]) - np.maximum(b1[..., 0], b2[..., 0]), 0)
-    inter_w = np.maximum(np.minimum(b1[..., 3], b2[..., 3]) - np.maximum(b1[..., 1], b2[..., 1]), 0)
-    inter = inter_h * inter_w
-    area1 = (b1[..., 2] - b1[..., 0]) * (b1[..., 3] - b1[..., 1])
-    area2 = (b2[..., 2] - b2[..., 0]) * (b2[..., 3] - b2[..., 1])
-    return inter / np.maximum(area1 + area2 - inter, 1e-12)
-
-
-def box_deltas(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """Deltas [N, 4] (dy, dx, log dh, log dw) turning boxes [N, 4] into gt_boxes [N, 4]."""
-    h = boxes[:, 2] - boxes[:, 0]
-    w = boxes[:, 3] - boxes[:, 1]
-    gh = gt_boxes[:, 2] - gt_boxes[:, 0]
-    gw = gt_boxes[:, 3] - gt_boxes[:, 1]
-    dy = (gt_boxes[:, 0] + 0.5 * gh - boxes[:, 0] - 0.5 * h) / h
-    dx = (gt_boxes[:, 1] + 0.5 * gw - boxes[:, 1] - 0.5 * w) / w
-    return np.stack([dy, dx, np.log(gh / h), np.log(gw / w)], axis=1)
-
 
 def _label_anchors(overlaps: np.ndarray, may_be_negative: np.ndarray) -> np.ndarray:
     """rpn_match [A] from IoU [A, G]: -1 below 0.3 (if allowed), +1 best-for-a-GT or >= 0.7."""
@@ -94,9 +72,9 @@ def build_rpn_targets(image_shape, anchors: np.ndarray, gt_class_ids: np.ndarray
     crowd = gt_class_ids < 0
     may_be_negative = np.ones(len(anchors), dtype=bool)
     if crowd.any():
-        may_be_negative = box_iou_matrix(anchors, gt_boxes[crowd]).max(axis=1) < CROWD_IOU
+        may_be_negative = compute_overlaps(anchors, gt_boxes[crowd]).max(axis=1) < CROWD_IOU
     gt_boxes = gt_boxes[~crowd]
-    overlaps = box_iou_matrix(anchors, gt_boxes)
+    overlaps = compute_overlaps(anchors, gt_boxes)
     match = _label_anchors(overlaps, may_be_negative)
     total = config.RPN_TRAIN_ANCHORS_PER_IMAGE
     _subsample(match, 1, total // 2, rng)
@@ -106,7 +84,7 @@ def build_rpn_targets(image_shape, anchors: np.ndarray, gt_class_ids: np.ndarray
     positive = np.flatnonzero(match == 1)
     if len(positive):
         assigned = gt_boxes[overlaps[positive].argmax(axis=1)]
-        deltas = box_deltas(anchors[positive], assigned) / np.asarray(config.RPN_BBOX_STD_DEV)
+        deltas = box_refinement(anchors[positive], assigned, dtype=np.float64) / np.asarray(config.RPN_BBOX_STD_DEV)
         rpn_bbox[: len(positive)] = deltas
     return match, rpn_bbox
 

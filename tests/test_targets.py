@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 from factories import make_config
 
-from mrcnn.targets import DetectionTargetLayer, box_deltas, build_rpn_targets, detection_targets_graph
+from mrcnn.boxes import box_refinement
+from mrcnn.targets import DetectionTargetLayer, build_rpn_targets, detection_targets_graph
 
 
 def small_config(**overrides):
@@ -53,7 +54,7 @@ def test_rpn_targets_subsampling_caps_positives_and_total():
                                     rng=np.random.default_rng(0))
     assert (match == 1).sum() == 4 and (match == -1).sum() == 4
     positives = np.flatnonzero(match == 1)
-    expected = box_deltas(anchors[positives], np.array([[0, 0, 10, 10.0]] * 4)) / config.RPN_BBOX_STD_DEV
+    expected = box_refinement(anchors[positives], np.array([[0, 0, 10, 10.0]] * 4), np.float64) / config.RPN_BBOX_STD_DEV
     np.testing.assert_allclose(bbox[:4], expected, atol=1e-6)
     assert not bbox[4:].any()
 
@@ -69,10 +70,11 @@ def test_rpn_targets_zero_instances_and_crowd():
     assert match[3] == 0 and match[0] == 1 and match[5] == -1
 
 
-def test_box_deltas_round_trip():
+def test_box_refinement_round_trip_in_float64():
     boxes = np.array([[10, 20, 30, 60.0]])
     gt = np.array([[12, 18, 40, 50.0]])
-    d = box_deltas(boxes, gt)
+    d = box_refinement(boxes, gt, dtype=np.float64)
+    assert d.dtype == np.float64 and box_refinement(boxes, gt).dtype == np.float32  # Matterport's default
     h, w = 20, 40
     cy, cx = 20 + d[0, 0] * h, 40 + d[0, 1] * w
     nh, nw = h * np.exp(d[0, 2]), w * np.exp(d[0, 3])
