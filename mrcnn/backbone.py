@@ -190,7 +190,7 @@ def build_fpn(C2: Any, C3: Any, C4: Any, C5: Any, pyramid_size: int) -> list[Any
 def batch_norm_mode(config: Any, inference: bool = False) -> bool | None:
     """``train_bn`` for the graph being built (see :func:`batch_norm`): config.TRAIN_BN, except in an
     inference graph whose config.INFERENCE_BN is "moving" (False: moving averages) or "batch" (True)."""
-    choice = getattr(config, "INFERENCE_BN", "same") if inference else "same"
+    choice = config.INFERENCE_BN if inference else "same"
     return {"moving": False, "batch": True}.get(choice, config.TRAIN_BN)
 
 
@@ -206,7 +206,7 @@ def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = Fals
         _, c2, c3, c4, c5 = config.BACKBONE(input_image, stage5=True, train_bn=train_bn)
     elif config.BACKBONE in BASIC_BLOCK_STAGES:
         _, c2, c3, c4, c5 = basic_resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=train_bn,
-                                               width=getattr(config, "BACKBONE_WIDTH", 64))
+                                               width=config.BACKBONE_WIDTH)
     else:
         _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=train_bn)
     p2, p3, p4, p5, p6 = build_fpn(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)

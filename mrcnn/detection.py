@@ -32,7 +32,7 @@ class DetectionLayer(KL.Layer):
         self.min_confidence = float(config.DETECTION_MIN_CONFIDENCE or 0.0)
         self.nms_threshold = float(config.DETECTION_NMS_THRESHOLD)
         self.std_dev = np.asarray(config.BBOX_STD_DEV, dtype=np.float32).reshape(1, 4)
-        self.foreground_fallback = bool(getattr(config, "DETECTION_FOREGROUND_FALLBACK", False))
+        self.foreground_fallback = bool(config.DETECTION_FOREGROUND_FALLBACK)
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         rois, probs, deltas, image_meta = (tf.cast(t, tf.float32) for t in inputs)

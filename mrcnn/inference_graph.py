@@ -61,7 +61,7 @@ class PadRois(KL.Layer):
 def dtype_policy(config: Any) -> Iterator[None]:
     """Build under ``mixed_float16`` when config.MIXED_PRECISION is set; restore the policy after."""
     previous = keras.config.dtype_policy()
-    if getattr(config, "MIXED_PRECISION", False):
+    if config.MIXED_PRECISION:
         keras.config.set_dtype_policy("mixed_float16")
     try:
         yield
@@ -80,7 +80,7 @@ def check_image_shape(config: Any) -> None:
 def build_rpn_for_config(config: Any) -> keras.Model:
     """The shared "rpn_model" for ``config`` (anchor stride, anchors per location, FPN depth, conv width)."""
     return build_rpn_model(config.RPN_ANCHOR_STRIDE, len(config.RPN_ANCHOR_RATIOS), config.TOP_DOWN_PYRAMID_SIZE,
-                           getattr(config, "RPN_CONV_CHANNELS", 512))
+                           config.RPN_CONV_CHANNELS)
 
 
 def build_inference_model(config: Any) -> keras.Model:
@@ -106,8 +106,8 @@ def build_inference_model(config: Any) -> keras.Model:
         detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
         mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
                                           config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=train_bn,
-                                          conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
-                                          channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
+                                          conv_layers=config.MASK_HEAD_CONV_LAYERS,
+                                          channels=config.MASK_HEAD_CHANNELS)
         mrcnn_mask = PadRois(config.DETECTION_MAX_INSTANCES, name="mrcnn_mask_padded")(mrcnn_mask)
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

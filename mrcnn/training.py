@@ -293,14 +293,13 @@ def _build_graph(config) -> TrainingModel:
         rois, mrcnn_feature_maps, meta, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
         fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
     mask_rois = rois
-    if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):
+    if config.TRAIN_MASKS_ON_POSITIVES_ONLY:
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
         mask_rois = PositiveRois(positives, name="positive_rois", dtype="float32")([rois, target_class_ids])
     mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
                                       config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                                      conv_layers=getattr(config, "MASK_HEAD_CONV_LAYERS", 4),
-                                      channels=getattr(config, "MASK_HEAD_CHANNELS", 256))
-    if getattr(config, "TRAIN_MASKS_ON_POSITIVES_ONLY", False):  # back to the static slot, zero rows
+                                      conv_layers=config.MASK_HEAD_CONV_LAYERS, channels=config.MASK_HEAD_CHANNELS)
+    if config.TRAIN_MASKS_ON_POSITIVES_ONLY:  # back to the static slot, zero rows
         mrcnn_mask = PadRois(positives, name="mrcnn_mask_padded")(mrcnn_mask)
     output_rois = Identity(name="output_rois", dtype="float32")(rois)
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
@@ -388,11 +387,11 @@ def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
     clip = config.GRADIENT_CLIP_NORM
     if clip is not None:
         clip = clip / tf.distribute.get_strategy().num_replicas_in_sync
-    per_variable = getattr(config, "GRADIENT_CLIP_MODE", "per_variable") == "per_variable"
+    per_variable = config.GRADIENT_CLIP_MODE == "per_variable"
     optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
                                      clipnorm=clip if per_variable else None,
                                      global_clipnorm=None if per_variable else clip)
-    if getattr(config, "MIXED_PRECISION", False):
+    if config.MIXED_PRECISION:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -407,7 +406,7 @@ def compile_training_model(keras_model: TrainingModel, learning_rate: float, con
 # Fit loop
 
 def _seed(config) -> int | None:
-    return None if getattr(config, "SEED", None) is None else int(config.SEED)
+    return None if config.SEED is None else int(config.SEED)
 
 
 def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources):
