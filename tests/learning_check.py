@@ -26,35 +26,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from factories import make_config  # noqa: E402
+
 from mrcnn.config import LOSS_NAMES, Config  # noqa: E402
 
+#: ResNet-50 at 128 px, small heads, anchors for lesions filling much of the image (on Matterport's
+#: defaults otherwise). SEED fixes the initial weights, data order and augmentation.
+LEARN = dict(NAME="learn", IMAGES_PER_GPU=1, BACKBONE="resnet50", IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128,
+             RPN_ANCHOR_SCALES=[16, 32, 64, 96, 128], RPN_TRAIN_ANCHORS_PER_IMAGE=64, PRE_NMS_LIMIT=500,
+             POST_NMS_ROIS_TRAINING=100, POST_NMS_ROIS_INFERENCE=50, TRAIN_ROIS_PER_IMAGE=16, MAX_GT_INSTANCES=2,
+             TOP_DOWN_PYRAMID_SIZE=64, FPN_CLASSIF_FC_LAYERS_SIZE=128, MASK_POOL_SIZE=7, MASK_SHAPE=[14, 14],
+             MINI_MASK_SHAPE=[28, 28], STEPS_PER_EPOCH=60, VALIDATION_STEPS=0, LEARNING_RATE=0.01,
+             DETECTION_MIN_CONFIDENCE=0.0, DETECTION_MAX_INSTANCES=10, SEED=2)
 
-class LearnConfig(Config):
-    """ResNet-50 at 128 px, small heads, anchors for lesions filling much of the image."""
-    NAME = "learn"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    BACKBONE = "resnet50"
-    IMAGE_MIN_DIM = 128
-    IMAGE_MAX_DIM = 128
-    RPN_ANCHOR_SCALES = (16, 32, 64, 96, 128)
-    RPN_TRAIN_ANCHORS_PER_IMAGE = 64
-    PRE_NMS_LIMIT = 500
-    POST_NMS_ROIS_TRAINING = 100
-    POST_NMS_ROIS_INFERENCE = 50
-    TRAIN_ROIS_PER_IMAGE = 16
-    MAX_GT_INSTANCES = 2
-    TOP_DOWN_PYRAMID_SIZE = 64
-    FPN_CLASSIF_FC_LAYERS_SIZE = 128
-    MASK_POOL_SIZE = 7
-    MASK_SHAPE = [14, 14]
-    MINI_MASK_SHAPE = (28, 28)
-    STEPS_PER_EPOCH = 60
-    VALIDATION_STEPS = 0
-    LEARNING_RATE = 0.01
-    DETECTION_MIN_CONFIDENCE = 0.0
-    DETECTION_MAX_INSTANCES = 10
-    SEED = 2  # fixes the initial weights, data order and augmentation
+
+def learn_config(**overrides) -> Config:
+    """The learning run's config (:data:`LEARN`), ``overrides`` applied through ``Config.set``."""
+    return make_config("matterport", **(LEARN | overrides))
 
 
 #: Epochs of STEPS_PER_EPOCH steps.
@@ -139,8 +127,8 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
     """
     import keras
     import tensorflow as tf
+    from helpers import ArrayDataset
     from tensorflow.python.framework import config as tf_config
-    from test_input_pipeline import ArrayDataset
 
     from mrcnn.input_pipeline import default_augmentation
     from mrcnn.model import MaskRCNN
@@ -152,7 +140,7 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
         finally:
             tf_config.disable_op_determinism()
 
-    config = config or LearnConfig()
+    config = config or learn_config()
     curves: dict[str, list[float]] = {name: [] for name in ("loss", *LOSS_NAMES)}
 
     class StepLosses(keras.callbacks.Callback):
@@ -246,7 +234,7 @@ def summarise(result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mutation", default="none", help=f"one of {', '.join(MUTATIONS)} or 'all'")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override LearnConfig")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the LEARN config")
     parser.add_argument("--nondeterministic", action="store_true", help="leave TF op determinism off")
     args = parser.parse_args()
     if args.mutation == "all":
@@ -256,9 +244,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--mutation", name, *extra], check=False)
         return
     mutate(args.mutation)
-    config = LearnConfig()
-    config.apply_overrides(args.set)
-    config.validate()
+    config = learn_config().apply_overrides(args.set, source="--set").validate()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_learning(tmp, config, deterministic=not args.nondeterministic)
@@ -267,5 +253,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

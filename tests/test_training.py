@@ -12,65 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import make_config
+from helpers import array_dataset, lesion_pairs, weights_of
 
-from mrcnn.config import LOSS_NAMES, Config
+from mrcnn.config import LOSS_NAMES
 from mrcnn.input_pipeline import INPUT_NAMES, build_training_sample, get_training_anchors
 from mrcnn.training import LAYER_REGEX, TrainingDivergedError, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class TinyConfig(Config):
-    NAME = "tiny"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    BACKBONE = "resnet50"
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
-    TRAIN_ROIS_PER_IMAGE = 8
-    POST_NMS_ROIS_TRAINING = 64
-    PRE_NMS_LIMIT = 256
-    MAX_GT_INSTANCES = 2
-    FPN_CLASSIF_FC_LAYERS_SIZE = 64
-    STEPS_PER_EPOCH = 1
-    VALIDATION_STEPS = 0
-    SEED = 3
-
-
-def lesion_pairs(n: int, size: int = 64, seed: int = 0, empty_every: int = 0):
-    """n images [size, size, 3] uint8 with one dark ellipse each, masks bool [size, size, 1]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    pairs = []
-    for i in range(n):
-        image = rng.normal(190, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
-        cy, cx = rng.uniform(0.35, 0.65, 2) * size
-        ry, rx = rng.uniform(0.18, 0.32, 2) * size
-        mask = (yy - cy) ** 2 / ry**2 + (xx - cx) ** 2 / rx**2 <= 1
-        if empty_every and i % empty_every == empty_every - 1:
-            mask[:] = False
-        image[mask] = (rng.normal(90, 10, (mask.sum(), 3))).clip(0, 255).astype(np.uint8)
-        pairs.append((image, mask[:, :, None]))
-    return pairs
-
-
-def array_dataset(pairs):
-    from test_input_pipeline import ArrayDataset
-    return ArrayDataset(pairs)
+#: ResNet-50 at 64 px, one image per step, few ROIs (Matterport's defaults otherwise).
+TINY = dict(NAME="tiny", IMAGES_PER_GPU=1, BACKBONE="resnet50", IMAGE_MIN_DIM=64, IMAGE_MAX_DIM=64,
+            RPN_ANCHOR_SCALES=[8, 16, 32, 64, 128], TRAIN_ROIS_PER_IMAGE=8, POST_NMS_ROIS_TRAINING=64,
+            PRE_NMS_LIMIT=256, MAX_GT_INSTANCES=2, FPN_CLASSIF_FC_LAYERS_SIZE=64, STEPS_PER_EPOCH=1,
+            VALIDATION_STEPS=0, SEED=3)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from mrcnn.model import MaskRCNN
-    return MaskRCNN("training", TinyConfig(), str(tmp_path_factory.mktemp("logs")))
-
-
-def weights_of(keras_model, name, inner=None):
-    layer = keras_model.get_layer(name)
-    if inner:
-        layer = layer.get_layer(inner)
-    return [np.array(w) for w in layer.get_weights()]
+    return MaskRCNN("training", make_config("matterport", **TINY), str(tmp_path_factory.mktemp("logs")))
 
 
 def _changed(before, after) -> bool:
@@ -84,7 +46,8 @@ def test_training_model_inputs_and_outputs(tiny_model):
     for name in (*LOSS_NAMES, "ROI", "proposal_targets", "output_rois", "anchors", "rpn_model"):
         assert name in names
     assert len(km.outputs) == 14
-    assert km.outputs[6].shape[1] == int(TinyConfig.TRAIN_ROIS_PER_IMAGE * TinyConfig.ROI_POSITIVE_RATIO)
+    config = tiny_model.config
+    assert km.outputs[6].shape[1] == int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
 
 
 def test_losses_are_finite_for_an_image_without_instances(tiny_model):
@@ -113,9 +76,10 @@ RESUME_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from test_training import TinyConfig, array_dataset, lesion_pairs, weights_of
+    from factories import make_config
+    from helpers import array_dataset, lesion_pairs, weights_of
     from mrcnn.model import MaskRCNN
-    model = MaskRCNN("training", TinyConfig(), {model_dir!r})
+    model = MaskRCNN("training", make_config("matterport", **{tiny!r}), {model_dir!r})
     path = model.find_last()
     model.load_weights(path, by_name=True)
     km = model.keras_model
@@ -150,7 +114,7 @@ def test_heads_resume_all_in_new_process_and_nan_guard(tiny_model):
     assert first.exists() and tiny_model.epoch == 1 and tiny_model.find_last() == str(first)
     assert json.loads((log_dir / "config.json").read_text())["NAME"] == "tiny"
 
-    script = RESUME_SCRIPT.format(tests=str(REPO / "tests"), model_dir=tiny_model.model_dir)
+    script = RESUME_SCRIPT.format(tests=str(REPO / "tests"), model_dir=tiny_model.model_dir, tiny=TINY)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -196,9 +160,9 @@ RETRY_SEED = 7
 
 @pytest.mark.slow
 def test_learning_works_from_random_init(tmp_path):
-    from learning_check import LearnConfig, deciles, failures, run_learning
+    from learning_check import deciles, failures, learn_config, run_learning
 
-    config = LearnConfig()
+    config = learn_config()
     for attempt in (1, 2):
         result = run_learning(tmp_path / f"attempt{attempt}", config)
         curves, scores = result["curves"], result["scores"]
@@ -211,6 +175,5 @@ def test_learning_works_from_random_init(tmp_path):
         if not problems:
             return
         print("  failed: " + "; ".join(problems))
-        config = LearnConfig()
-        config.SEED = RETRY_SEED
+        config = learn_config(SEED=RETRY_SEED)
     pytest.fail("learning failed with two seeds: " + "; ".join(problems))
