@@ -6,6 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from factories import make_config
 
 from mrcnn.backbone import basic_resnet_graph, build_backbone_and_fpn, resnet_graph
 from mrcnn.boxes import compute_backbone_shapes
@@ -13,27 +14,14 @@ from mrcnn.config import Config, ConfigError
 from mrcnn.model import MaskRCNN
 
 
-class TinyConfig(Config):
-    NAME = "tiny"
-    BACKBONE = "resnet18"
-    NUM_CLASSES = 2
-    IMAGES_PER_GPU = 1
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (8, 16, 32, 64, 128)
-    PRE_NMS_LIMIT = 200
-    POST_NMS_ROIS_TRAINING = 32
-    POST_NMS_ROIS_INFERENCE = 16
-    TRAIN_ROIS_PER_IMAGE = 8
-    DETECTION_MAX_INSTANCES = 3
-    DETECTION_MIN_CONFIDENCE = 0
-    FPN_CLASSIF_FC_LAYERS_SIZE = 32
-    TOP_DOWN_PYRAMID_SIZE = 32
-    MASK_POOL_SIZE = 7
-    MASK_SHAPE = [14, 14]
-    BACKBONE_WIDTH = 16
-    MASK_HEAD_CONV_LAYERS = 2
-    MASK_HEAD_CHANNELS = 24
+def light_config(**overrides) -> Config:
+    """ResNet-18 of width 16 at 64 px, a 2 x 24 mask head, small FPN and heads."""
+    return make_config("matterport", **(dict(
+        NAME="tiny", BACKBONE="resnet18", IMAGES_PER_GPU=1, IMAGE_MIN_DIM=64, IMAGE_MAX_DIM=64,
+        RPN_ANCHOR_SCALES=[8, 16, 32, 64, 128], PRE_NMS_LIMIT=200, POST_NMS_ROIS_TRAINING=32,
+        POST_NMS_ROIS_INFERENCE=16, TRAIN_ROIS_PER_IMAGE=8, DETECTION_MAX_INSTANCES=3, DETECTION_MIN_CONFIDENCE=0,
+        FPN_CLASSIF_FC_LAYERS_SIZE=32, TOP_DOWN_PYRAMID_SIZE=32, MASK_POOL_SIZE=7, MASK_SHAPE=[14, 14],
+        BACKBONE_WIDTH=16, MASK_HEAD_CONV_LAYERS=2, MASK_HEAD_CHANNELS=24) | overrides))
 
 
 def _shapes(outputs):
@@ -63,8 +51,7 @@ def test_resnet18_and_34_depths_and_own_layer_names():
 
 
 def test_default_backbone_keeps_matterport_layer_names():
-    config = Config()  # BACKBONE "resnet101" as Matterport
-    config.BACKBONE = "resnet50"
+    config = make_config("matterport", BACKBONE="resnet50")  # Matterport's FPN and heads
     image = keras.Input((64, 64, 3))
     rpn_maps, mrcnn_maps = build_backbone_and_fpn(image, config)
     names = {layer.name for layer in keras.Model(image, rpn_maps).layers}
@@ -77,7 +64,7 @@ def test_default_backbone_keeps_matterport_layer_names():
 
 
 def test_unknown_backbone_is_refused():
-    config = TinyConfig()
+    config = light_config()
     config.set("BACKBONE", "resnet152")
     with pytest.raises(ConfigError, match="BACKBONE must be") as info:
         config.validate()
@@ -89,20 +76,20 @@ def test_unknown_backbone_is_refused():
 
 
 def test_new_keys_default_to_matterport_and_are_validated():
-    config = Config()
+    config = Config()  # the class defaults themselves
     assert (config.BACKBONE_WIDTH, config.MASK_HEAD_CONV_LAYERS, config.MASK_HEAD_CHANNELS) == (64, 4, 256)
-    TinyConfig().validate()
+    light_config().validate()
     for key, value, words in [("BACKBONE_WIDTH", 0, "BACKBONE_WIDTH"), ("MASK_HEAD_CHANNELS", 0, "MASK_HEAD_CHANNELS"),
                               ("MASK_HEAD_CONV_LAYERS", 0, "MASK_HEAD_CONV_LAYERS")]:
-        bad = TinyConfig()
+        bad = light_config()
         bad.set(key, value)
         with pytest.raises(ConfigError, match=words):
             bad.validate()
-    wide = TinyConfig()
+    wide = light_config()
     wide.set("BACKBONE", "resnet50")  # BACKBONE_WIDTH 16 has no meaning for the bottleneck ResNets
     with pytest.raises(ConfigError, match="BACKBONE_WIDTH applies to resnet18/resnet34"):
         wide.validate()
-    assert compute_backbone_shapes(TinyConfig(), (64, 64)).tolist() == [[16, 16], [8, 8], [4, 4], [2, 2], [1, 1]]
+    assert compute_backbone_shapes(light_config(), (64, 64)).tolist() == [[16, 16], [8, 8], [4, 4], [2, 2], [1, 1]]
 
 
 def test_callable_backbone_still_used():
@@ -112,17 +99,15 @@ def test_callable_backbone_still_used():
         calls.append(train_bn)
         return basic_resnet_graph(image, "resnet18", stage5=stage5, train_bn=train_bn, width=8)
 
-    config = TinyConfig()
-    config.BACKBONE = my_backbone
-    config.COMPUTE_BACKBONE_SHAPE = lambda shape: compute_backbone_shapes(TinyConfig(), shape)
-    config.validate()
+    config = light_config(BACKBONE=my_backbone,
+                          COMPUTE_BACKBONE_SHAPE=lambda shape: compute_backbone_shapes(light_config(), shape))
     image = keras.Input((64, 64, 3))
     build_backbone_and_fpn(image, config)
     assert calls == [config.TRAIN_BN]
 
 
 def test_light_model_builds_with_slim_mask_head_and_detects(tmp_path):
-    config = TinyConfig().validate()
+    config = light_config()
     model = MaskRCNN("inference", config, str(tmp_path))
     names = {layer.name for layer in model.keras_model.layers}
     assert {"mrcnn_mask_conv1", "mrcnn_mask_conv2"} <= names and "mrcnn_mask_conv3" not in names
@@ -146,18 +131,12 @@ def test_inference_bn_moving_uses_moving_averages_after_training_on_batch_statis
     normalise with the moving averages, "same" (Matterport) keeps batch statistics there too."""
     from mrcnn.backbone import batch_norm_mode
 
-    class BatchStatsConfig(TinyConfig):
-        TRAIN_BN = True
-
-    same = BatchStatsConfig().validate()
-    moving = BatchStatsConfig()
-    moving.INFERENCE_BN = "moving"
-    moving.validate()
+    same = light_config(TRAIN_BN=True)
+    moving = light_config(TRAIN_BN=True, INFERENCE_BN="moving")
     assert [batch_norm_mode(c, inference=True) for c in (same, moving)] == [True, False]
     assert batch_norm_mode(moving) is True  # training keeps TRAIN_BN
-    frozen = TinyConfig()
-    frozen.INFERENCE_BN = "batch"
-    assert batch_norm_mode(frozen, inference=True) is True and batch_norm_mode(TinyConfig(), inference=True) is False
+    frozen = light_config(INFERENCE_BN="batch")
+    assert batch_norm_mode(frozen, inference=True) is True and batch_norm_mode(light_config(), inference=True) is False
 
     model = MaskRCNN("inference", moving, str(tmp_path)).keras_model
     bns = _bn_layers(model)
@@ -173,20 +152,19 @@ def test_inference_bn_moving_uses_moving_averages_after_training_on_batch_statis
 
 
 def test_inference_bn_is_validated():
-    config = TinyConfig()
-    config.INFERENCE_BN = "population"
+    config = light_config()
+    config.set("INFERENCE_BN", "population")
     with pytest.raises(ConfigError, match="INFERENCE_BN must be same, moving or batch"):
         config.validate()
 
 
 def test_rpn_conv_channels_sets_the_shared_rpn_conv_width(tmp_path):
-    config = TinyConfig()
-    assert config.RPN_CONV_CHANNELS == 512  # Matterport's
-    config.RPN_CONV_CHANNELS = 40
-    model = MaskRCNN("inference", config.validate(), str(tmp_path)).keras_model
+    assert light_config().RPN_CONV_CHANNELS == 512  # Matterport's
+    config = light_config(RPN_CONV_CHANNELS=40)
+    model = MaskRCNN("inference", config, str(tmp_path)).keras_model
     rpn = model.get_layer("rpn_model")
     assert rpn.get_layer("rpn_conv_shared").kernel.shape == (3, 3, 32, 40)
     assert rpn.get_layer("rpn_class_raw").kernel.shape == (1, 1, 40, 6)
-    config.RPN_CONV_CHANNELS = 0
+    config.set("RPN_CONV_CHANNELS", 0)
     with pytest.raises(ConfigError, match="RPN_CONV_CHANNELS must be a positive integer"):
         config.validate()
