@@ -411,7 +411,8 @@ def kfold_split(ids: list[str], k: int, seed: int | None) -> list[tuple[list[str
     """
     ids = sorted(set(ids))
     if not 2 <= k <= len(ids):
-        raise DatasetLayoutError(f"--folds {k} needs 2 <= K <= the number of images ({len(ids)})")
+        raise DatasetLayoutError(f"k-fold cross-validation with {k} folds needs 2 <= folds <= the number of images"
+                                 f" ({len(ids)})")
     order = list(ids)
     random.Random(0 if seed is None else seed).shuffle(order)
     folds = [sorted(order[i::k]) for i in range(k)]
@@ -431,3 +432,27 @@ def mean_and_std(summaries: list[dict], keys: tuple[str, ...]) -> dict[str, dict
         mean = sum(values) / len(values)
         out[key] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))}
     return out
+
+
+# -------------------------------------------------------------------------------------------
+# Mask content
+
+
+def count_empty_masks(pairs: list[Pair], limit: int = 200) -> tuple[int, int]:
+    """(masks checked, masks without any lesion pixel) over at most ``limit`` pairs spread evenly.
+
+    Decodes each checked mask in full (:func:`mrcnn.imaging.read_mask`, the one binarisation
+    rule); unreadable masks are not counted (the scan reports them).
+    """
+    from mrcnn.imaging import ImageReadError, read_mask
+
+    step = max(1, -(-len(pairs) // limit))
+    checked = empty = 0
+    for pair in pairs[::step]:
+        try:
+            mask = read_mask(pair.mask_path)
+        except (ImageReadError, OSError):
+            continue
+        checked += 1
+        empty += not mask.any()
+    return checked, empty

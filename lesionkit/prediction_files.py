@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ from mrcnn.errors import UserError
 from mrcnn.fileio import write_json_atomic
 
 SUMMARY_NAME = "summary.json"
+SEGMENTATION_SUFFIX = "_segmentation.png"
+OVERLAY_SUFFIX = "_overlay.png"
+CROP_SUFFIX = "_crop.png"
+#: File-name tails of what :func:`write_prediction` writes for an image id.
+OUTPUT_SUFFIXES = (SEGMENTATION_SUFFIX, OVERLAY_SUFFIX, CROP_SUFFIX)
 
 
 class InputError(UserError):
@@ -39,11 +45,15 @@ class InputError(UserError):
 # Inputs and output folders
 
 
-def list_images(spec: str, label: str = "input") -> tuple[list[Path], list[str], bool]:
-    """(image files, skipped non-image names, single file?) for a file, a folder or a glob.
+def list_images(spec: str, label: str = "input", skip_outputs: bool = False
+                ) -> tuple[list[Path], list[str], bool]:
+    """(image files, skipped names, single file?) for a file, a folder or a glob.
 
-    Raises :class:`InputError` (message starting with ``label``) when ``spec`` does not exist,
-    is a file that is not an image, or a folder/glob without any image.
+    With ``skip_outputs`` (the folder is also the output folder), files named like our own
+    outputs (``*_segmentation.png``, ``*_overlay.png``, ``*_crop.png``) are skipped too, so a
+    second run does not predict on the first run's files. Raises :class:`InputError` (message
+    starting with ``label``) when ``spec`` does not exist, is a file that is not an image, or is
+    a folder/glob without any image.
     """
     path = Path(spec)
     if path.is_file():
@@ -56,11 +66,11 @@ def list_images(spec: str, label: str = "input") -> tuple[list[Path], list[str],
         entries = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
     else:
         raise InputError(f"{label} {spec} does not exist")
-    images = [p for p in entries if is_image_name(p)]
-    skipped = [p.name for p in entries if not is_image_name(p)]
-    if not images:
+    usable = [p for p in entries if is_image_name(p) and not (skip_outputs and p.name.endswith(OUTPUT_SUFFIXES))]
+    skipped = [p.name for p in entries if p not in usable]
+    if not usable:
         raise InputError(f"{label} {spec}: no image files found ({len(skipped)} other files)")
-    return images, skipped, False
+    return usable, skipped, False
 
 
 def drop_duplicate_ids(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -82,12 +92,16 @@ def drop_duplicate_ids(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return kept, duplicates
 
 
-def make_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
-    """``requested``, or a new timestamped folder under ``parent``; returns (path, created now)."""
+def make_output_dir(requested: str | Path | None, parent: str | Path) -> tuple[Path, bool]:
+    """``requested``, or a new timestamped folder under ``parent``; returns (path, created now).
+
+    Raises :class:`InputError` when the folder is a file or cannot be created (permissions, a
+    read-only or virtual file system).
+    """
     if requested:
         out = Path(requested)
         if out.exists() and not out.is_dir():
-            raise InputError(f"--output {out} exists and is not a folder")
+            raise InputError(f"output folder {out} exists and is not a folder")
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out, n = Path(parent) / stamp, 1
@@ -95,7 +109,12 @@ def make_output_dir(requested: str | None, parent: str) -> tuple[Path, bool]:
             n += 1
             out = Path(parent) / f"{stamp}-{n}"
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise InputError(f"cannot write the output folder {out}: {exc.strerror or exc}") from None
     return out, created
 
 
@@ -205,10 +224,10 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
     result = dict(result, masks=masks)
     indices, fell_back = choose_instances(result["scores"], min_confidence)
     mask = lesion_mask(masks, indices, shape, top1)
-    files = {"segmentation": f"{image_id}_segmentation.png"}
+    files = {"segmentation": f"{image_id}{SEGMENTATION_SUFFIX}"}
     write_png_atomic(out_dir / files["segmentation"], mask.astype(np.uint8) * 255)
     if overlay:
-        files["overlay"] = f"{image_id}_overlay.png"
+        files["overlay"] = f"{image_id}{OVERLAY_SUFFIX}"
         write_png_atomic(out_dir / files["overlay"], make_overlay(image, result, indices[:1] if top1 else indices))
     record: dict[str, Any] = {
         "id": image_id, "height": shape[0], "width": shape[1],
@@ -221,7 +240,7 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
         box = mask_box(mask)
         record["crop_box"] = box
         if box is not None:
-            files["crop"] = f"{image_id}_crop.png"
+            files["crop"] = f"{image_id}{CROP_SUFFIX}"
             write_png_atomic(out_dir / files["crop"], crop_lesion(image, mask, box))
     record["files"] = files
     return record

@@ -178,12 +178,14 @@ class Config:
 
     # ---------------------------------------------------------------------------------------
     # Matterport API
-    def display(self) -> None:
-        """Print every public, non-callable attribute, sorted, name padded to 30 characters."""
-        print("\nConfigurations:")
+    def display(self, title: str = "Configurations") -> None:
+        """Print every public, non-callable attribute, sorted, name padded to 30 characters
+        (Matterport's format; arrays as lists), under ``title``."""
+        print(f"\n{title}:")
         for key in sorted(self.keys()):
-            print(f"{key:30} {getattr(self, key)}")
-        print("\n")
+            value = getattr(self, key)
+            print(f"{key:30} {value.tolist() if isinstance(value, np.ndarray) else value}")
+        print("\n", flush=True)
 
     # ---------------------------------------------------------------------------------------
     # Introspection and serialisation

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input from the caller: a file, a folder, a config value, a weights file (one line)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """A training loss became NaN or Inf; the message names the step and the losses (exit status 1)."""

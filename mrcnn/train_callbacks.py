@@ -28,10 +28,6 @@ import tensorflow as tf
 from mrcnn.fileio import TEMP_PREFIX, write_text_atomic
 
 
-class TrainingDivergedError(RuntimeError):
-    """A training loss became NaN or Inf; the message names the step and the losses."""
-
-
 def _floats(logs: dict | None) -> dict[str, float]:
     out = {}
     for key, value in (logs or {}).items():

@@ -25,6 +25,7 @@ from keras import layers as KL
 from mrcnn import losses as L
 from mrcnn import tf_boxes
 from mrcnn.config import LOSS_NAMES
+from mrcnn.errors import TrainingDivergedError
 from mrcnn.input_pipeline import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
 from mrcnn.targets import DetectionTargetLayer
 from mrcnn.train_callbacks import (
@@ -32,7 +33,6 @@ from mrcnn.train_callbacks import (
     NonFiniteGuard,
     SafeCSVLogger,
     ScalarSummaries,
-    TrainingDivergedError,
 )
 
 logger = logging.getLogger(__name__)

@@ -153,7 +153,7 @@ def test_resume_with_weights_last_finds_the_right_epoch(trained):
     # no --config: resuming takes the run's saved config.json (ALL_EPOCHS 2, 6 demo images)
     proc = run_cli("--mode", "train", "--dataset", "demo", "--weights", "last", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "config.json" in proc.stdout.splitlines()[0]
+    assert "config.json" in proc.stdout.strip().splitlines()[0]
     assert "mask_rcnn_lesion_0002.h5" in proc.stdout
     assert "Nothing to do: the checkpoint is at epoch 2" in proc.stdout
     assert len(list((work / "logs").iterdir())) == 1
@@ -196,8 +196,9 @@ def test_list_images_file_folder_glob(tmp_path):
     assert [p.name for p in paths] == ["b.jpg"] and skipped == []
 
 
-def test_find_last_checkpoint_skips_runs_without_checkpoints(tmp_path):
+def test_newest_checkpoint_skips_runs_without_checkpoints(tmp_path):
     import lesions
+    from mrcnn.checkpoints import newest_checkpoint
 
     old, new = tmp_path / "lesion20260101T0000", tmp_path / "lesion20260202T0000"
     old.mkdir()
@@ -205,16 +206,34 @@ def test_find_last_checkpoint_skips_runs_without_checkpoints(tmp_path):
     for epoch in (1, 2, 10):
         (old / f"mask_rcnn_lesion_{epoch:04d}.h5").write_bytes(b"")
     (old / ".mask_rcnn_lesion_0011.h5.tmp").write_bytes(b"")  # an interrupted write is ignored
-    assert lesions.find_last_checkpoint(tmp_path).name == "mask_rcnn_lesion_0010.h5"
+    assert newest_checkpoint(tmp_path, "lesion").name == "mask_rcnn_lesion_0010.h5"
     (new / "mask_rcnn_lesion_0003.h5").write_bytes(b"")
-    assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
+    assert newest_checkpoint(tmp_path, "lesion") == new / "mask_rcnn_lesion_0003.h5"
     # another config NAME trained later: predict (name None) takes it, training resumes its own
     other = tmp_path / "isic_b20260303T0000"
     other.mkdir()
     (other / "mask_rcnn_isic_b_0001.h5").write_bytes(b"")
-    assert lesions.find_last_checkpoint(tmp_path, name=None) == other / "mask_rcnn_isic_b_0001.h5"
-    assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
+    assert newest_checkpoint(tmp_path, None) == other / "mask_rcnn_isic_b_0001.h5"
+    assert newest_checkpoint(tmp_path, "lesion") == new / "mask_rcnn_lesion_0003.h5"
     assert lesions.resolve_model_weights(None, tmp_path) == other / "mask_rcnn_isic_b_0001.h5"
     (tmp_path / "lesion_fold120260404T0000").mkdir()  # a k-fold run is not the 'lesion' run
     (tmp_path / "lesion_fold120260404T0000" / "mask_rcnn_lesion_fold1_0001.h5").write_bytes(b"")
-    assert lesions.find_last_checkpoint(tmp_path) == new / "mask_rcnn_lesion_0003.h5"
+    assert newest_checkpoint(tmp_path, "lesion") == new / "mask_rcnn_lesion_0003.h5"
+    assert newest_checkpoint(tmp_path / "missing", None) is None
+
+
+def test_weights_last_resumes_the_run_named_by_the_preset(tmp_path):
+    """The preset's (or --set's) NAME picks the run to resume, not LesionConfig's default NAME."""
+    run = tmp_path / "logs" / "isic_b20260303T0000"
+    run.mkdir(parents=True)
+    (run / "mask_rcnn_isic_b_0001.h5").write_bytes(b"")
+    (run / "config.json").write_text('{"NAME": "isic_b", "HEADS_EPOCHS": 1, "ALL_EPOCHS": 3}')
+    preset = tmp_path / "isic_b.toml"
+    preset.write_text('NAME = "isic_b"\n')
+    for how in (["--config", str(preset)], ["--set", 'NAME="isic_b"']):
+        proc = run_cli("--mode", "train", *how, "--weights", "last", "--logs", str(tmp_path / "logs"),
+                       "--dataset", str(tmp_path / "no_such_dataset"), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "no trained checkpoint" not in proc.stderr
+        assert "no_such_dataset" in proc.stderr  # got past the weights to the dataset check
+        assert str(run / "config.json") in proc.stdout  # the resumed run's config is the base

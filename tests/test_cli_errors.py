@@ -143,11 +143,14 @@ def test_lesion_config_defaults_follow_the_tutorial():
     config = lesions.LesionConfig().validate()
     assert (config.NAME, config.NUM_CLASSES, config.BACKBONE, config.IMAGES_PER_GPU) == ("lesion", 2, "resnet101", 1)
     assert (config.HEADS_EPOCHS, config.ALL_EPOCHS, config.VALIDATION_FRACTION) == (20, 40, 0.2)
-    assert lesions.stages(config, 0) == [("heads", 20, 0.001), ("all", 40, 0.0001)]
-    assert lesions.stages(config, 25) == [("all", 40, 0.0001)]
-    assert lesions.stages(config, 40) == []
-    lesions.resolve_steps(config, 101, 10)
-    assert (config.STEPS_PER_EPOCH, config.VALIDATION_STEPS) == (101, 10)
+    from lesionkit.training_run import Stage, complete_steps, training_stages
+
+    assert training_stages(config, 0) == [Stage("heads", 20, 0.001), Stage("all", 40, 0.0001)]
+    assert training_stages(config, 25) == [Stage("all", 40, 0.0001)]
+    assert training_stages(config, 40) == []
+    complete = complete_steps(config.freeze(), 101, 10)
+    assert (complete.STEPS_PER_EPOCH, complete.VALIDATION_STEPS) == (101, 10)
+    assert (config.STEPS_PER_EPOCH, config.VALIDATION_STEPS) == (0, 0)  # a copy; the frozen config is unchanged
 
 
 def test_help_lists_every_option(workdir):

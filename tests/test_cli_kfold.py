@@ -35,9 +35,9 @@ def test_mean_and_std_over_folds():
 
 
 def test_write_kfold_summary(tmp_path, capsys):
-    import lesions
+    from lesionkit.kfold import write_kfold_summary
 
-    path = lesions.write_kfold_summary(tmp_path, "lesion", [{"jaccard": 0.5}, {"jaccard": 0.7}])
+    path = write_kfold_summary(tmp_path, "lesion", [{"jaccard": 0.5}, {"jaccard": 0.7}])
     data = json.loads(path.read_text())
     assert data["folds"] == 2 and data["mean_std"]["jaccard"]["mean"] == pytest.approx(0.6)
     assert "0.6000 ± 0.1000" in capsys.readouterr().out

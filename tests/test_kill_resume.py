@@ -143,8 +143,8 @@ def check_after_fault(logs: Path, expected_epoch: int) -> Path:
     found = checkpoint_epochs(logs)
     assert sorted(found) == list(range(1, expected_epoch + 1)), (sorted(found), expected_epoch)
     newest = found[expected_epoch]
-    assert lesions.find_last_checkpoint(logs) == newest
-    assert lesions.resolve_train_weights("last", logs, "lesion") == ("last", newest)
+    assert lesions.find_last_checkpoint(logs, "lesion") == newest
+    assert lesions.resolve_train_weights("last", logs, "lesion") == lesions.StartWeights("last", newest)
     assert json.loads((run / "config.json").read_text())["ALL_EPOCHS"] == ALL_EPOCHS
     with open(run / "training.csv", newline="") as handle:
         epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]

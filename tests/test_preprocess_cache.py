@@ -227,15 +227,13 @@ def test_load_image_gt_with_the_cache_equals_without(data):
 def test_the_cli_uses_dataset_cache_by_default_and_no_cache_turns_it_off(data, tmp_path, capsys):
     root = tmp_path / "ds"
     args = lesions.build_parser().parse_args(["--mode", "train", "--dataset", str(root)])
-    assert lesions.preprocess_cache_dir(args, root) == root / "cache"
+    assert lesions.preprocess_cache_dir(args.no_cache, args.cache_dir, root) == root / "cache"
     report = dataset_scan.scan_dataset(root)
     train, val = lesions.make_datasets(report, ["a", "b"], ["c"], cache_dir=root / "cache")
     assert train.preprocess_cache is val.preprocess_cache
     assert not hasattr(lesions.make_datasets(report, ["a"])[0], "preprocess_cache")
-    args = lesions.build_parser().parse_args(["--mode", "train", "--dataset", str(root), "--no-cache"])
-    assert lesions.preprocess_cache_dir(args, root) is None
-    args = lesions.build_parser().parse_args(["--mode", "train", "--cache-dir", str(tmp_path / "elsewhere")])
-    assert lesions.preprocess_cache_dir(args, root) == tmp_path / "elsewhere"
+    assert lesions.preprocess_cache_dir(True, None, root) is None
+    assert lesions.preprocess_cache_dir(False, str(tmp_path / "elsewhere"), root) == tmp_path / "elsewhere"
     assert lesions.main(["--mode", "predict", "--image", "x.jpg", "--no-cache"]) == 2
     assert "--no-cache does not apply to --mode predict" in capsys.readouterr().err
 

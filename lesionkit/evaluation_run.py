@@ -1,0 +1,137 @@
+"""Evaluation runs with explicit values: a model on image/mask pairs, or existing prediction files.
+
+Each run writes ``scores.csv`` and ``summary.json`` (:func:`lesionkit.metrics.write_scores`) into
+its folder, prints the headline table and, if asked, saves ``evaluation_grid.png``. Scoring
+follows the official ISIC 2018 scorer (:mod:`lesionkit.metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesionkit import evaluation, metrics
+from lesionkit.dataset_scan import Pair
+from lesionkit.prediction_files import InputError, write_summary
+from lesionkit.prediction_run import PredictOptions, load_inference_model, predict_images
+from mrcnn.config import Config
+
+#: Summary keys that are per-run lists, not metrics.
+LIST_KEYS = ("rows", "problems")
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """``count`` images in ``evaluation_grid.png`` (0 = no grid), worst Jaccard first if asked."""
+
+    count: int = 0
+    worst_first: bool = False
+
+
+def metrics_only(summary: dict) -> dict:
+    """``summary`` without its per-image rows and problem list."""
+    return {k: v for k, v in summary.items() if k not in LIST_KEYS}
+
+
+def evaluate_model(model: Any, pairs: list[Pair], folder: Path, options: PredictOptions) -> dict:
+    """Predict ``pairs`` into ``folder/predictions``, score them, write scores.csv + summary.json.
+
+    Returns the summary with ``rows`` (one per image) and ``problems`` added.
+    """
+    truth = {p.image_id: p.mask_path for p in pairs}
+    pred_dir = folder / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    ap = evaluation.ApAccumulator()
+
+    def add_ap(image_id: str, result: dict, kept: list[int]) -> None:
+        masks = np.asarray(result["masks"], dtype=bool)[..., kept]
+        ap.add(metrics.load_mask(truth[image_id]), masks, np.asarray(result["scores"])[kept])
+
+    records, unreadable = predict_images(model, [p.image_path for p in pairs], pred_dir, options, on_result=add_ap)
+    write_summary(pred_dir, records, {"min_confidence": options.min_confidence, "tta": options.tta,
+                                      "unreadable": unreadable})
+    rows, summary, problems = evaluation.score_pairs(pred_dir, truth)
+    summary.update(ap.summary())
+    problems = problems + [f"{name}: unreadable image" for name in unreadable]
+    metrics.write_scores(rows, summary, folder, problems)
+    return summary | {"rows": rows, "problems": problems}
+
+
+def evaluate_with_model(model: Any, pairs: list[Pair], out_dir: Path, options: PredictOptions,
+                        grid: GridOptions = GridOptions()) -> dict[str, dict]:
+    """Evaluate ``pairs`` into ``out_dir`` (and, with ``options.tta``, also with TTA into ``out_dir/tta``).
+
+    With TTA the main ``summary.json`` holds the plain metrics plus a ``tta`` block. Returns the
+    summaries by column name (``plain``, ``tta``).
+    """
+    columns = {"plain": evaluate_model(model, pairs, out_dir, PredictOptions(options.min_confidence))}
+    if options.tta:
+        columns["tta"] = evaluate_model(model, pairs, out_dir / "tta", options)
+        plain = columns["plain"]
+        summary = metrics_only(plain) | {"tta": metrics_only(columns["tta"])}
+        metrics.write_scores(plain["rows"], summary, out_dir, plain["problems"])
+    images = {p.image_id: p.image_path for p in pairs}
+    truth = {p.image_id: p.mask_path for p in pairs}
+    report_evaluation(columns, out_dir, images, truth, out_dir / "predictions", grid)
+    return columns
+
+
+def evaluate_checkpoint(weights: Path, config: Config, pairs: list[Pair], folder: Path) -> dict:
+    """Load ``weights`` (a run of ``config``) for inference and evaluate it on ``pairs`` (no TTA)."""
+    inference = config.replace(GPU_COUNT=1, IMAGES_PER_GPU=1)
+    model = load_inference_model(inference, weights, weights.parent.parent)
+    summary = evaluate_model(model, pairs, folder, PredictOptions(float(config.DETECTION_MIN_CONFIDENCE)))
+    print(f"  fold evaluation: {folder / 'summary.json'}")
+    return metrics_only(summary)
+
+
+def evaluate_prediction_folder(pred_dir: Path, masks_dir: Path, out_dir: Path, images_dir: Path | None = None,
+                               grid: GridOptions = GridOptions()) -> dict:
+    """Score existing ``<id>_segmentation.png`` files in ``pred_dir`` against ``masks_dir``, no model.
+
+    Like the official scorer, an incomplete submission is refused: every ground-truth mask needs
+    a readable prediction of its size, else :class:`InputError` naming the first few.
+    """
+    rows, summary, problems = metrics.score_folders(pred_dir, masks_dir)
+    truth = {metrics.truth_id(p): p for p in sorted(Path(masks_dir).iterdir())
+             if p.is_file() and p.suffix.lower() in metrics.MASK_SUFFIXES}
+    missing = [line for line in problems if line.split(":", 1)[0] in truth.keys() - {r["image_id"] for r in rows}]
+    if not rows or missing:
+        shown = "; ".join((missing or problems)[:3]) or "no predictions"
+        raise InputError(f"{len(truth) - len(rows)} of {len(truth)} ground-truth masks in {masks_dir} have no usable"
+                         f" prediction in {pred_dir} ({shown}); like the official scorer, an incomplete"
+                         " submission is not scored")
+    metrics.write_scores(rows, summary, out_dir, problems)
+    images = {}
+    if images_dir is not None:
+        from lesionkit.dataset_scan import is_image_name
+
+        images = {p.stem: p for p in Path(images_dir).iterdir() if is_image_name(p)}
+    columns = {"value": summary | {"rows": rows, "problems": problems}}
+    report_evaluation(columns, out_dir, images, truth, pred_dir, grid)
+    return columns["value"]
+
+
+def report_evaluation(columns: dict[str, dict], out_dir: Path, images: dict[str, Path], truth: dict[str, Path],
+                      pred_dir: Path, grid: GridOptions) -> None:
+    """Print problems and the table, save the grid if asked, say where the files are."""
+    first = next(iter(columns.values()))
+    for line in first["problems"][:10]:
+        print(f"  warning: {line}")
+    if len(first["problems"]) > 10:
+        print(f"  ... {len(first['problems']) - 10} more problems in summary.json")
+    print()
+    print("\n".join(evaluation.summary_lines(columns)))
+    if grid.count:
+        entries = evaluation.grid_rows(first["rows"], images, truth, pred_dir, grid.count, grid.worst_first)
+        if entries:
+            from mrcnn.visualize import save_evaluation_grid
+
+            print(f"  grid:    {save_evaluation_grid(entries, out_dir / 'evaluation_grid.png')}")
+        else:
+            print("  note: no grid (it needs the images: give the image folder too)")
+    print(f"  scores:  {out_dir / 'scores.csv'}")
+    print(f"  summary: {out_dir / 'summary.json'}" + (f" (TTA: {out_dir / 'tta'}/)" if "tta" in columns else ""))

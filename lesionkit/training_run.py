@@ -1,0 +1,121 @@
+"""One training run with explicit values: start weights, stages, split record, report.
+
+The command line (``lesions.py --mode train``) resolves its arguments into a frozen config, the
+datasets and a :class:`StartWeights`, then calls :func:`train_run`; k-fold cross-validation
+(:mod:`lesionkit.kfold`) calls it once per fold. Nothing here reads command-line arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lesionkit import dataset_scan
+from mrcnn.checkpoints import checkpoints_in
+from mrcnn.config import Config
+
+#: Layers whose shape depends on NUM_CLASSES: not taken from COCO weights.
+COCO_EXCLUDE = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask")
+
+
+@dataclass(frozen=True)
+class StartWeights:
+    """Where training starts: ``kind`` is coco, imagenet, checkpoint (resume that run) or none."""
+
+    kind: str
+    path: Path | None = None
+
+    @property
+    def exclude(self) -> tuple[str, ...]:
+        """Layers not loaded: COCO's class-specific heads (another NUM_CLASSES)."""
+        return COCO_EXCLUDE if self.kind == "coco" else ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the schedule: train ``layers`` up to the absolute epoch ``final_epoch``."""
+
+    layers: str
+    final_epoch: int
+    learning_rate: float
+
+
+def training_stages(config: Config, start_epoch: int) -> list[Stage]:
+    """Stages still to run after ``start_epoch``: heads to HEADS_EPOCHS at LEARNING_RATE, then all
+    layers to ALL_EPOCHS at LEARNING_RATE / 10."""
+    todo = []
+    if start_epoch < config.HEADS_EPOCHS:
+        todo.append(Stage("heads", config.HEADS_EPOCHS, config.LEARNING_RATE))
+    if start_epoch < config.ALL_EPOCHS and config.ALL_EPOCHS > config.HEADS_EPOCHS:
+        todo.append(Stage("all", config.ALL_EPOCHS, config.LEARNING_RATE / 10))
+    return todo
+
+
+def complete_steps(config: Config, n_train: int, n_val: int) -> Config:
+    """``config`` with STEPS_PER_EPOCH / VALIDATION_STEPS of 0 resolved to one pass over each split."""
+    changes = {}
+    if config.STEPS_PER_EPOCH == 0:
+        changes["STEPS_PER_EPOCH"] = max(1, -(-n_train // config.BATCH_SIZE))
+    if config.VALIDATION_STEPS == 0 and n_val:
+        changes["VALIDATION_STEPS"] = max(1, -(-n_val // config.BATCH_SIZE))
+    return config.replace(**changes) if changes else config
+
+
+def image_ids(dataset: Any) -> list[str]:
+    """The ids (file stems) of a prepared dataset's images, in order."""
+    return [str(info["id"]) for info in dataset.image_info]
+
+
+def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights, logs: Path,
+              split_info: dict, augmentation: Any = None) -> Path:
+    """Build the training model, load ``start``, run the remaining stages; returns the run folder.
+
+    ``config`` must be complete (:func:`complete_steps`). Writes ``split.json`` (the train and
+    validation ids plus ``split_info``) into the run folder before the first step.
+    """
+    config = complete_steps(config, len(train_set.image_info), len(val_set.image_info))
+    print("Building the model (TensorFlow) ...", flush=True)
+    from mrcnn import model as modellib
+
+    model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(logs))
+    if start.path is not None:
+        print(f"Loading {start.kind} weights from {start.path}", flush=True)
+        model.load_weights(str(start.path), by_name=True, exclude=list(start.exclude))
+    log_dir = Path(model.log_dir)
+    dataset_scan.write_split(log_dir / "split.json", image_ids(train_set), image_ids(val_set), split_info)
+    todo = training_stages(config, model.epoch)
+    if not todo:
+        print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
+        return log_dir
+    started = time.time()
+    for stage in todo:
+        print(f"\nStage '{stage.layers}': epochs {model.epoch + 1}..{stage.final_epoch} at learning rate"
+              f" {stage.learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
+        model.train(train_set, val_set, learning_rate=stage.learning_rate, epochs=stage.final_epoch,
+                    layers=stage.layers, augmentation=augmentation)
+    cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
+    if cache is not None:
+        print(f"Preprocessing cache: {cache.summary()}")
+    report_training(log_dir, time.time() - started)
+    return log_dir
+
+
+def report_training(log_dir: Path, seconds: float) -> None:
+    """Plot the training curves and say where checkpoints, logs and plots are."""
+    log = log_dir / "training.csv"
+    plot = log_dir / "training_curves.png"
+    if log.is_file():
+        try:
+            from mrcnn.visualize import plot_training_curves
+
+            plot_training_curves(str(log), str(plot))
+        except (ImportError, ValueError, OSError) as exc:
+            print(f"note: could not plot the training curves ({exc})")
+    checkpoints = checkpoints_in(log_dir)
+    print(f"\nTraining done in {seconds / 60:.1f} min.")
+    print(f"  checkpoints: {log_dir}/ ({len(checkpoints)} files, newest {checkpoints[-1].name if checkpoints else '-'})")
+    print(f"  logs:        {log if log.is_file() else log_dir}")
+    if plot.is_file():
+        print(f"  plots:       {plot}")
