@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from factories import make_config
 
 from mrcnn import losses
-from mrcnn.config import Config
 
 RNG = np.random.default_rng(0)
 
@@ -40,7 +40,7 @@ def test_rpn_bbox_loss_vs_numpy():
     target = RNG.normal(size=(2, 8, 4)).astype(np.float32)
     expected = np.concatenate([_smooth_l1(target[0, :2], pred[0, [3, 7]]),
                                _smooth_l1(target[1, :3], pred[1, [1, 2, 20]])]).mean()
-    assert float(losses.rpn_bbox_loss(Config(), target, match, pred)) == pytest.approx(expected, rel=1e-5)
+    assert float(losses.rpn_bbox_loss(make_config(), target, match, pred)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_mrcnn_class_loss_vs_numpy():
@@ -75,7 +75,7 @@ def test_losses_are_zero_without_positives():
     zeros_match = np.zeros((1, 20, 1), np.int32)
     logits = RNG.normal(size=(1, 20, 2)).astype(np.float32)
     assert float(losses.rpn_class_loss(zeros_match, logits)) == 0.0
-    assert float(losses.rpn_bbox_loss(Config(), np.zeros((1, 8, 4), np.float32), zeros_match,
+    assert float(losses.rpn_bbox_loss(make_config(), np.zeros((1, 8, 4), np.float32), zeros_match,
                                       RNG.normal(size=(1, 20, 4)).astype(np.float32))) == 0.0
     ids = np.zeros((1, 5), np.int32)
     assert float(losses.mrcnn_bbox_loss(np.zeros((1, 5, 4), np.float32), ids, np.ones((1, 5, 2, 4), np.float32))) == 0
@@ -99,9 +99,7 @@ def test_losses_match_matterport(reference_dir, name):
     ref = np.load(reference_dir / "matterport_utils_reference.npz")
     args = [tf.constant(ref["loss_in_" + a]) for a in LOSS_ARGS[name]]
     if name == "rpn_bbox_loss":
-        config = Config()
-        config.IMAGES_PER_GPU = 2
-        args = [config, *args]
+        args = [make_config("matterport", IMAGES_PER_GPU=2), *args]
     value = float(getattr(losses, name)(*args))
     assert value == pytest.approx(float(ref["loss_out_" + name]), rel=1e-5)
 
