@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from matplotlib import lines, patches  # noqa: E402
 
 from mrcnn.fileio import atomic_path, write_bytes_atomic  # noqa: E402
+from mrcnn.imaging import binarize_mask  # noqa: E402
 
 LOSS_COLUMNS = ("loss", "rpn_class_loss", "rpn_bbox_loss", "mrcnn_class_loss", "mrcnn_bbox_loss", "mrcnn_mask_loss")
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "cairo", "pgf", "template"}
@@ -487,21 +488,26 @@ def _to_float(text: str | None) -> float:
         return math.nan
 
 
+def curve_points(log: dict[int, dict[str, float]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of one column of a training log read by ``_read_log`` (NaN where absent)."""
+    epochs = np.array(list(log), dtype=int)
+    return epochs, np.array([log[e].get(column, math.nan) for e in log], dtype=float)
+
+
 def plot_training_curves(csv_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     """Total loss and the five Mask R-CNN losses, train (solid) and val_ (dashed), per epoch -> PNG (1200x700).
 
-    Reads a Keras CSVLogger file (columns epoch, loss, rpn_class_loss, ..., val_loss, val_...).
-    Epochs are drawn 1-based, like Matterport's checkpoint numbers. Raises ValueError when the
-    file has no epoch rows.
+    Reads ``training.csv`` (columns epoch, loss, rpn_class_loss, ..., val_loss, val_...; its epoch
+    column is 1-based, the number of the checkpoint written after that epoch) and draws each row at
+    its epoch number. Raises ValueError when the file has no epoch rows.
     """
     log = _read_log(csv_path)
     if not log:
         raise ValueError(f"no epochs in {csv_path}")
-    epochs = np.array(list(log)) + 1
     fig, axes = plt.subplots(2, 3, figsize=(12, 7), dpi=100)
     for ax, name in zip(axes.ravel(), LOSS_COLUMNS, strict=True):
         for column, style in ((name, "-"), (f"val_{name}", "--")):
-            values = np.array([log[e].get(column, math.nan) for e in log])
+            epochs, values = curve_points(log, column)
             if np.isfinite(values).any():
                 ax.plot(epochs, values, style, marker="o", markersize=3, label=column)
         ax.set_title("total loss" if name == "loss" else name, fontsize=10)
@@ -516,13 +522,14 @@ def plot_training_curves(csv_path: str | os.PathLike, out_png: str | os.PathLike
 
 
 def _as_mask(mask: np.ndarray | None) -> np.ndarray | None:
-    """Bool [H, W] from a bool/0-255 mask [H, W] or instance masks [H, W, N] (union)."""
+    """Bool [H, W] from a bool/0-255 mask [H, W] (:func:`mrcnn.imaging.binarize_mask`) or instance
+    masks [H, W, N] (union)."""
     if mask is None:
         return None
     mask = np.asarray(mask)
     if mask.ndim == 3:
         mask = mask.any(axis=-1)
-    return mask > 128 if mask.dtype == np.uint8 else mask.astype(bool)
+    return binarize_mask(mask) if mask.dtype.kind in "ui" else mask.astype(bool)
 
 
 def _grid_row(item: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]:

@@ -87,6 +87,16 @@ def test_save_instances_and_display_instances(sample, tmp_path):
     assert _no_temp_files(tmp_path)
 
 
+def test_training_curves_draw_each_row_at_its_epoch_number(tmp_path):
+    """training.csv numbers epochs 1.. (the checkpoint number); the plot must not shift them by one."""
+    (tmp_path / "training.csv").write_text("epoch,loss\n1,2.0\n2,1.5\n3,1.2\n")
+    log = visualize._read_log(tmp_path / "training.csv")
+    epochs, values = visualize.curve_points(log, "loss")
+    assert epochs.tolist() == [1, 2, 3] and values.tolist() == [2.0, 1.5, 1.2]
+    epochs, values = visualize.curve_points(log, "val_loss")
+    assert epochs.tolist() == [1, 2, 3] and np.isnan(values).all()
+
+
 def test_matterport_plots_save(sample, tmp_path):
     image, masks, boxes, class_ids, scores = sample
     names = ["BG", "lesion"]
