@@ -27,22 +27,15 @@ HEADLINE = ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "
 
 
 def score_pairs(pred_dir: Path, truth: dict[str, Path]) -> tuple[list[dict], dict, list[str]]:
-    """(rows, summary, problems) for each ``id`` in ``truth`` with a prediction in ``pred_dir``."""
+    """(rows, summary, problems) for each ``id`` in ``truth`` with a prediction in ``pred_dir``
+    (:func:`lesionkit.metrics.score_pair`: colour masks are scored and listed in the problems)."""
     rows, problems = [], []
     for image_id, truth_path in sorted(truth.items()):
-        pred_path = Path(pred_dir) / f"{image_id}{metrics.PREDICTION_SUFFIX}"
-        if not pred_path.is_file():
-            problems.append(f"{image_id}: no prediction")
-            continue
-        try:
-            gt, pred = metrics.load_mask(truth_path), metrics.load_mask(pred_path)
-        except (OSError, ValueError) as exc:
-            problems.append(f"{image_id}: unreadable mask ({' '.join(str(exc).split())})")
-            continue
-        if gt.shape != pred.shape:
-            problems.append(f"{image_id}: prediction is {pred.shape[1]}x{pred.shape[0]}, truth {gt.shape[1]}x{gt.shape[0]}")
-            continue
-        rows.append({"image_id": image_id, **metrics.score_mask(gt, pred)})
+        row, pair_problems = metrics.score_pair(image_id, Path(truth_path),
+                                                Path(pred_dir) / f"{image_id}{metrics.PREDICTION_SUFFIX}")
+        problems += pair_problems
+        if row is not None:
+            rows.append(row)
     return rows, metrics.summarize(rows), problems
 
 

@@ -2,7 +2,10 @@
 
 Per-image metrics follow the official scorer (``isic-challenge-scoring``) exactly:
 
-* a mask file pixel counts as lesion when its grey value is ``> 128``;
+* a mask file pixel counts as lesion when its grey value is ``> 128`` (> 0 in a 0/1 label mask; the
+  one rule of :func:`mrcnn.imaging.binarize_mask`, which training and prediction use too); a colour
+  mask is lesion where any channel is > 128 and is reported in the problems (the official scorer
+  accepts single-channel masks only);
 * the metrics come from the confusion counts TP, FP, FN, TN of the whole image;
 * ``sensitivity`` is 1.0 when the truth is empty (TP + FN == 0), ``specificity`` is 1.0 when
   the truth covers the image (TN + FP == 0), ``jaccard`` and ``dice`` are 1.0 when truth and
@@ -27,16 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mrcnn.ap import compute_ap
 from mrcnn.boxes import extract_bboxes
 from mrcnn.fileio import json_safe, write_json_atomic, write_text_atomic
+from mrcnn.imaging import MASK_THRESHOLD_8BIT, binarize_mask, read_mask, read_mask_and_colour
 
 #: Metric names, in the order the CSV and the summary use (official scorer's names).
 METRIC_NAMES = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy")
 JACCARD_THRESHOLD = 0.65
-PIXEL_THRESHOLD = 128  # lesion pixel: value > 128
 PREDICTION_SUFFIX = "_segmentation.png"
 MASK_SUFFIXES = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg")
 _TRUTH_STEM_TAIL = re.compile(r"_(segmentation|lesion|mask)$", re.IGNORECASE)
@@ -59,12 +61,13 @@ def confusion(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _as_binary(mask: np.ndarray) -> np.ndarray:
-    """Bool mask: bool arrays as they are, integer arrays (0..255 images) as ``value > 128``."""
+    """Bool mask: bool arrays as they are, integer arrays by :func:`mrcnn.imaging.binarize_mask`
+    (0..255 images: ``value > 128``; 0/1 arrays: ``value > 0``)."""
     mask = np.asarray(mask)
     if mask.dtype == bool:
         return mask
     if np.issubdtype(mask.dtype, np.integer):
-        return mask > PIXEL_THRESHOLD
+        return binarize_mask(mask)
     raise ValueError(f"masks must be bool or integer 0..255 images, got dtype {mask.dtype}")
 
 
@@ -156,16 +159,14 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask image as bool [H, W] (grey value > 128 is lesion, or > 0 in a 0/1 label mask; colour images
-    are converted to grey)."""
-    with Image.open(path) as image:
-        image.load()
-        if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
-            image = image.convert("L")
-        values = np.asarray(image)
-        if values.max(initial=0) == 1:  # a 0/1 label mask: > 128 would make it empty
-            return values > 0
-        return values > PIXEL_THRESHOLD
+    """Read a mask file as bool [H, W]: :func:`mrcnn.imaging.read_mask` (the one binarisation rule)."""
+    return read_mask(path)
+
+
+def colour_mask_problem(image_id: str, which: str, mode: str) -> str:
+    """The problem line of a colour mask (``which``: "truth mask" or "prediction")."""
+    return (f"{image_id}: {which} is colour ({mode}); read as lesion where any channel > {MASK_THRESHOLD_8BIT};"
+            " the official scorer accepts only single-channel masks")
 
 
 def truth_id(path: Path) -> str:
@@ -185,7 +186,8 @@ def score_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
     ``IMD002.png``); the id is the stem without a ``_segmentation``/``_lesion``/``_mask`` tail.
     Returns ``(rows, summary, problems)``: rows ``{"image_id", <six metrics>}`` sorted by id,
     the :func:`summarize` of the rows, and one ``"<id>: <what is wrong>"`` line per missing or
-    unreadable file, size mismatch, or prediction without truth (those images are not scored).
+    unreadable file, size mismatch, or prediction without truth (those images are not scored), and
+    per colour mask (scored, see :func:`score_pair`).
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     rows: list[dict[str, Any]] = []
@@ -198,10 +200,9 @@ def score_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
     for truth_file in _mask_files(truth_dir):
         image_id = truth_id(truth_file)
         truth_ids.add(image_id)
-        row, problem = _score_pair(image_id, truth_file, pred_dir / f"{image_id}{PREDICTION_SUFFIX}")
-        if problem:
-            problems.append(problem)
-        else:
+        row, pair_problems = score_pair(image_id, truth_file, pred_dir / f"{image_id}{PREDICTION_SUFFIX}")
+        problems += pair_problems
+        if row is not None:
             rows.append(row)
     for pred_file in sorted(pred_dir.glob(f"*{PREDICTION_SUFFIX}")):
         image_id = pred_file.name[: -len(PREDICTION_SUFFIX)]
@@ -211,21 +212,30 @@ def score_folders(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike
     return rows, summarize(rows), problems
 
 
-def _score_pair(image_id: str, truth_file: Path, pred_file: Path) -> tuple[dict[str, Any], str | None]:
-    """One row, or an empty row and a problem line."""
+def score_pair(image_id: str, truth_file: Path, pred_file: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """(row ``{"image_id", <six metrics>}`` or None when the pair cannot be scored, problem lines).
+
+    Not scored: a missing or unreadable file, or sizes that differ. A colour mask is scored (lesion
+    where any channel > 128) and named in a problem line.
+    """
     if not pred_file.is_file():
-        return {}, f"{image_id}: missing prediction {pred_file.name}"
-    try:
-        truth = load_mask(truth_file)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        return {}, f"{image_id}: unreadable ground truth {truth_file.name} ({err})"
-    try:
-        pred = load_mask(pred_file)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        return {}, f"{image_id}: unreadable prediction {pred_file.name} ({err})"
+        return None, [f"{image_id}: missing prediction {pred_file.name}"]
+    problems = []
+    masks = []
+    for which, path in (("truth mask", truth_file), ("prediction", pred_file)):
+        try:
+            mask, colour = read_mask_and_colour(path)
+        except (OSError, ValueError) as err:
+            what = "ground truth" if which == "truth mask" else which
+            return None, [f"{image_id}: unreadable {what} {path.name} ({' '.join(str(err).split())})"]
+        if colour:
+            problems.append(colour_mask_problem(image_id, which, colour))
+        masks.append(mask)
+    truth, pred = masks
     if truth.shape != pred.shape:
-        return {}, f"{image_id}: prediction is {pred.shape[0]}x{pred.shape[1]}, truth is {truth.shape[0]}x{truth.shape[1]}"
-    return {"image_id": image_id, **score_mask(truth, pred)}, None
+        return None, [f"{image_id}: prediction is {pred.shape[0]}x{pred.shape[1]}, truth is "
+                      f"{truth.shape[0]}x{truth.shape[1]}"]
+    return {"image_id": image_id, **score_mask(truth, pred)}, problems
 
 
 def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | os.PathLike,

@@ -365,36 +365,48 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot convert image mode {img.mode} to RGB ({e})") from None
 
 
+#: The one mask rule (training, prediction, scoring): a pixel is lesion when its value is above
+#: 128/255 of the mask's full scale, i.e. > 128 in an 8-bit mask (the official ISIC scorer's rule,
+#: ``isic-challenge-scoring``), > 0 in a 0/1 label mask (maximum 1) and > 128 * 257 = 32896 in a
+#: 16-bit mask with values above 255. The full scale is 1, 255 or 65535, whichever the values fit.
+MASK_THRESHOLD_8BIT = 128
+
+
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file -> bool [H, W]: lesion where the value is above half the mask's value range.
+    """Read a mask file -> bool [H, W] (lesion = True), by :func:`binarize_mask`'s one rule.
 
     The mask is taken as stored: an EXIF orientation tag in a mask file is ignored, because ISIC
     masks are drawn in the displayed orientation of their image (whose EXIF rotation
-    :func:`read_image` applies), so image and mask stay aligned. Colour masks are converted to
-    grey. Threshold: > 127 for 8-bit values (0/255, or a mask saved as JPEG with compression
-    noise), > 0 for 0/1 label masks (maximum 1), > 32767 for 16-bit masks with values above 255.
+    :func:`read_image` applies), so image and mask stay aligned. A colour mask whose channels are
+    all equal is grey; any other colour mask (e.g. a red lesion drawn on black) is lesion where ANY
+    channel is > 128; alpha is ignored. :func:`read_mask_and_colour` also says whether it was colour.
     """
+    return read_mask_and_colour(path)[0]
+
+
+def read_mask_and_colour(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """(:func:`read_mask`'s bool [H, W], the file's Pillow mode such as "RGB" when it is a colour
+    mask whose channels differ, else None). Scoring reports colour masks: the official scorer
+    accepts only single-channel masks."""
     img = _open_image(path, upright=False)
     if img.mode in ("1", "L"):
-        values = np.asarray(img.convert("L"))
-    elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(img)
-    else:
-        values = np.asarray(_pil_to_grey(img, path))
-    return binarize_mask(values)
-
-
-def _pil_to_grey(img: Image.Image, path: str | Path) -> Image.Image:
-    """A colour / palette / alpha mask -> 8-bit grey (alpha dropped)."""
+        return binarize_mask(np.asarray(img.convert("L"))), None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return binarize_mask(np.asarray(img)), None
     try:
-        return Image.fromarray(_pil_to_rgb(img)).convert("L")
+        rgb = _pil_to_rgb(img)  # palette, alpha (dropped), CMYK, ... -> uint8 [H, W, 3]
     except (OSError, ValueError) as e:
-        raise ImageReadError(f"{path}: cannot convert mask mode {img.mode} to grey ({e})") from None
+        raise ImageReadError(f"{path}: cannot convert mask mode {img.mode} to RGB ({e})") from None
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return binarize_mask(rgb[..., 0]), None
+    return binarize_mask(rgb).any(axis=-1), img.mode
 
 
 def binarize_mask(values: np.ndarray) -> np.ndarray:
-    """Grey mask values -> bool: above half of the range the values use (1, 255 or 65535)."""
+    """Mask values (any shape) -> bool, elementwise: value > 128/255 of the full scale (1, 255 or
+    65535, the smallest that holds the values): > 128 for 8-bit masks, > 0 for 0/1 label masks,
+    > 32896 for 16-bit masks (see :data:`MASK_THRESHOLD_8BIT`)."""
     values = np.asarray(values)
     top = float(np.max(values, initial=0))
     scale = 1.0 if top <= 1 else 255.0 if top <= 255 else 65535.0
-    return values > scale / 2
+    return values > scale * MASK_THRESHOLD_8BIT / 255.0

@@ -279,7 +279,7 @@ CASES: dict[str, Case] = {
     "grayscale JPEG": Case(made(_gray, jpg), "pair", "converted to RGB (grey copied)", _check_gray, "ok"),
     "RGBA PNG": Case(made(_rgba, png), "pair", "converted to RGB (alpha dropped)", _check_rgba, "ok"),
     "16-bit PNG image": Case(made(_png16, png), "pair", "converted to 8-bit RGB (x 255/65535)", _check_png16, "ok"),
-    "16-bit PNG mask": Case(made(_mask16, jpg), "pair", "binarised (> 32767)", same_lesion, "ok"),
+    "16-bit PNG mask": Case(made(_mask16, jpg), "pair", "binarised (> 32896 = 128 x 257)", same_lesion, "ok"),
     "CMYK JPEG": Case(made(_cmyk, jpg), "pair", "converted to RGB", same_lesion, "ok"),
     "EXIF-rotated JPEG": Case(made(_exif, jpg), "pair", "image rotated upright; mask used as stored: aligned",
                               same_lesion, "ok", (W, H)),
@@ -292,7 +292,7 @@ CASES: dict[str, Case] = {
                                          _check_big, "ok", BIG),
     "mask of a different size": Case(made(_size_mismatch, jpg), "size_mismatch",
                                      "skipped and counted (size mismatch)", predict="ok"),
-    "non-binary mask (JPEG)": Case(made(_jpeg_mask, jpg), "pair", "binarised (> 127)", same_lesion, "ok"),
+    "non-binary mask (JPEG)": Case(made(_jpeg_mask, jpg), "pair", "binarised (> 128, as the ISIC scorer)", same_lesion, "ok"),
     "empty mask": Case(made(_empty_mask, jpg), "pair", "used as an image without lesion", _check_empty, "ok"),
     "0/1 label mask": Case(made(_labels01, jpg), "pair", "binarised (> 0)", same_lesion, "ok"),
     "missing mask": Case(made(lambda r: Image.fromarray(photo(lesion())).save(image_file(r, f"{ID}.jpg")), jpg),
@@ -410,7 +410,8 @@ def test_mask_binarisation_rules(tmp_path):
     Image.fromarray(lesion().astype(np.uint8)).save(tmp_path / "labels.png")  # evaluate's truth: 0/1 too
     assert np.array_equal(metrics.load_mask(tmp_path / "labels.png"), lesion())
     assert imaging.binarize_mask(np.array([0, 1], np.uint8)).tolist() == [False, True]
-    assert imaging.binarize_mask(np.array([0, 127, 128, 255], np.uint8)).tolist() == [False, False, True, True]
+    eight_bit = imaging.binarize_mask(np.array([0, 127, 128, 129, 255], np.uint8))
+    assert eight_bit.tolist() == [False, False, False, True, True]  # > 128, the ISIC scorer's rule
     assert imaging.binarize_mask(np.array([0, 200, 40000], np.uint16)).tolist() == [False, False, True]
     assert imaging.binarize_mask(np.zeros(3, np.uint8)).tolist() == [False] * 3
 

@@ -261,15 +261,48 @@ def test_read_image_errors(tmp_path):
 
 
 def test_read_mask(tmp_path):
-    m = np.array([[0, 127, 128, 255]], np.uint8)
+    # One rule (training, prediction, scoring): 8-bit lesion is > 128, the official ISIC scorer's.
+    m = np.array([[0, 127, 128, 129, 255]], np.uint8)
     np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "m.png", Image.fromarray(m), "PNG")),
-                                  [[False, False, True, True]])
-    rgb = np.dstack([m] * 3)
-    np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "m3.png", Image.fromarray(rgb), "PNG")),
-                                  [[False, False, True, True]])
+                                  [[False, False, False, True, True]])
+    rgb = np.dstack([m] * 3)  # grey saved as RGB: channels equal -> grey, not colour
+    assert I.read_mask_and_colour(_save(tmp_path / "m3.png", Image.fromarray(rgb), "PNG"))[1] is None
+    np.testing.assert_array_equal(I.read_mask(tmp_path / "m3.png"), [[False, False, False, True, True]])
+    labels = np.array([[0, 1, 1, 0]], np.uint8)  # 0/1 label mask: > 0
+    np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "l.png", Image.fromarray(labels), "PNG")),
+                                  [[False, True, True, False]])
+    wide = np.array([[0, 300, 32896, 32897, 65535]], np.uint16)  # 16-bit: > 128 * 257 = 32896
+    np.testing.assert_array_equal(I.read_mask(_save(tmp_path / "w.png", Image.fromarray(wide), "PNG")),
+                                  [[False, False, False, True, True]])
     one = Image.fromarray(np.array([[True, False]])).convert("1")
     got = I.read_mask(_save(tmp_path / "m1.png", one, "PNG"))
     assert got.dtype == bool and got.tolist() == [[True, False]]
+
+
+def test_read_colour_masks(tmp_path):
+    # A red lesion on black was EMPTY as luminance (76 < 128); now lesion where any channel > 128.
+    red = np.zeros((2, 3, 3), np.uint8)
+    red[0, :2] = (255, 0, 0)
+    red[1, 0] = (0, 129, 0)
+    red[1, 1] = (128, 128, 0)  # no channel above 128
+    mask, colour = I.read_mask_and_colour(_save(tmp_path / "red.png", Image.fromarray(red), "PNG"))
+    assert colour == "RGB" and mask.tolist() == [[True, True, False], [True, False, False]]
+    rgba = np.dstack([red, np.zeros((2, 3), np.uint8)])  # alpha ignored, even fully transparent
+    mask, colour = I.read_mask_and_colour(_save(tmp_path / "red_a.png", Image.fromarray(rgba), "PNG"))
+    assert colour == "RGBA" and mask.tolist() == [[True, True, False], [True, False, False]]
+    assert I.read_mask(tmp_path / "red.png").tolist() == mask.tolist()
+    palette = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)  # index 1 = dark red
+    assert I.read_mask_and_colour(_save(tmp_path / "p.png", palette, "PNG"))[0].tolist() == [[False, True]]
+
+
+def test_binarize_mask_rule():
+    assert I.binarize_mask(np.array([0, 127, 128, 129, 255], np.uint8)).tolist() == [False, False, False, True, True]
+    assert I.binarize_mask(np.array([0, 1], np.uint8)).tolist() == [False, True]
+    assert I.binarize_mask(np.array([0, 255, 32896, 32897], np.uint16)).tolist() == [False, False, False, True]
+    assert I.binarize_mask(np.array([0, 200], np.uint16)).tolist() == [False, True]  # 8-bit values in 16 bits
+    assert I.binarize_mask(np.zeros(3, np.uint8)).tolist() == [False] * 3
+    assert I.binarize_mask(np.array([False, True])).tolist() == [False, True]
 
 
 def test_to_rgb():

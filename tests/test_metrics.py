@@ -200,6 +200,33 @@ def test_score_folders_reports_problems(tmp_path):
     assert missing and "not found" in missing[0]
 
 
+def test_colour_truth_is_scored_by_any_channel_and_reported(tmp_path):
+    """A red-on-black truth was read as luminance (76 <= 128): an EMPTY truth, and an empty
+    prediction then scored 1.0 everywhere. Now: lesion where any channel > 128, and a problem line."""
+    from lesionkit import evaluation
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    red = np.zeros(TRUTH.shape + (3,), np.uint8)
+    red[TRUTH] = (255, 0, 0)
+    Image.fromarray(red).save(truth_dir / "ISIC_1_segmentation.png")
+    _save(pred_dir / "ISIC_1_segmentation.png", PRED)  # TP 2, FP 2, FN 2, TN 6
+    Image.fromarray(red).save(truth_dir / "ISIC_2_segmentation.png")
+    _save(pred_dir / "ISIC_2_segmentation.png", np.zeros_like(TRUTH))  # empty prediction: 0, not 1.0
+    rows, summary, problems = metrics.score_folders(pred_dir, truth_dir)
+    assert [r["image_id"] for r in rows] == ["ISIC_1", "ISIC_2"]
+    assert rows[0]["jaccard"] == pytest.approx(1 / 3) and rows[0]["dice"] == pytest.approx(0.5)
+    assert rows[0]["sensitivity"] == pytest.approx(0.5) and rows[0]["specificity"] == pytest.approx(0.75)
+    assert rows[1]["jaccard"] == 0.0 and rows[1]["dice"] == 0.0 and rows[1]["accuracy"] == pytest.approx(8 / 12)
+    assert summary["jaccard"] == pytest.approx(1 / 6)
+    assert problems == [f"ISIC_{i}: truth mask is colour (RGB); read as lesion where any channel > 128; the official"
+                        " scorer accepts only single-channel masks" for i in (1, 2)]
+    truth = {"ISIC_1": truth_dir / "ISIC_1_segmentation.png", "ISIC_2": truth_dir / "ISIC_2_segmentation.png"}
+    assert evaluation.score_pairs(pred_dir, truth) == (rows, summary, problems)
+    assert metrics.load_mask(truth_dir / "ISIC_1_segmentation.png").tolist() == TRUTH.tolist()
+
+
 def test_write_scores(tmp_path):
     rows = [{"image_id": "a", **metrics.score_mask(TRUTH, PRED)}, {"image_id": "b", **metrics.score_mask(TRUTH, TRUTH)}]
     summary = metrics.summarize(rows)
