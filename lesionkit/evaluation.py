@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from lesionkit import metrics
-from mrcnn.fileio import json_safe  # noqa: F401  (lesions.py still calls evaluation.json_safe)
 
 HEADLINE = ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
             "map50", "map")
