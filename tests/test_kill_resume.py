@@ -254,11 +254,11 @@ def test_gradients_are_clipped_to_the_configured_norm():
     changed; with two tensors neither moves further (whether the norm is per tensor or global)."""
     import numpy as np
     import tensorflow as tf
+    from factories import make_config
 
-    from mrcnn.config import Config
     from mrcnn.training import make_optimizer
 
-    config = Config()
+    config = make_config("matterport")
     clip, lr = float(config.GRADIENT_CLIP_NORM), 0.1
     assert clip == 5.0
 
@@ -278,7 +278,7 @@ def test_gradients_are_clipped_to_the_configured_norm():
     assert all(np.linalg.norm(u) <= lr * clip * (1 + 1e-5) for u in updates)
     # GRADIENT_CLIP_MODE: per_variable (default) clips each tensor to the norm; global their joint norm
     assert [np.linalg.norm(u) for u in updates] == pytest.approx([lr * clip, lr * clip], rel=1e-5)
-    config.GRADIENT_CLIP_MODE = "global"
+    config = make_config("matterport", GRADIENT_CLIP_MODE="global")
     updates = first_update(big, 3 * big[:2])
     joint = np.sqrt(sum(np.sum(u ** 2) for u in updates))
     assert joint == pytest.approx(lr * clip, rel=1e-5)
