@@ -28,7 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow C++ log lines below ERROR are hidden, and ERROR too (e.g. oneDNN's DT_BOOL notice at the first
+# step): real failures reach us as Python exceptions. TF_CPP_MIN_LOG_LEVEL=0 shows them all again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no TensorFlow)
 from lesionkit.training_run import StartWeights  # noqa: E402

@@ -6,3 +6,7 @@ Matterport import paths keep working: ``mrcnn.config.Config``, ``mrcnn.utils``,
 """
 
 __version__ = "0.1.0"
+
+from mrcnn import tf_startup as _tf_startup
+
+_tf_startup.install()  # TensorFlow's C++ start-up lines are dropped when it is first imported

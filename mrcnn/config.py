@@ -74,7 +74,7 @@ class Config:
     IMAGE_RESIZE_MODE = "square"
     IMAGE_MIN_DIM = 800
     IMAGE_MAX_DIM = 1024
-    IMAGE_MIN_SCALE = 0
+    IMAGE_MIN_SCALE = 0.0  # a float: --set IMAGE_MIN_SCALE=1.5 must be accepted (Matterport: 0)
     IMAGE_CHANNEL_COUNT = 3
     MEAN_PIXEL = np.array([123.7, 116.8, 103.9])
 

@@ -152,7 +152,7 @@ def entry_key(info: dict[str, Any], settings: dict[str, Any], code: str) -> str:
 
 def settings_folder(settings: dict[str, Any]) -> str:
     """Folder name for one set of resize settings, e.g. ``square_min800_max1024_scale0``."""
-    name = f"{settings['mode']}_min{settings['min_dim']}_max{settings['max_dim']}_scale{settings['min_scale']}"
+    name = f"{settings['mode']}_min{settings['min_dim']}_max{settings['max_dim']}_scale{settings['min_scale']:g}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 

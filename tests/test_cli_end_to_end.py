@@ -67,6 +67,8 @@ def test_predict_one_file_into_a_new_default_folder(trained):
     image = f"{IMAGES}/ISIC_0000004.jpg"
     proc = run_cli("--mode", "predict", "--image", image, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""  # no TensorFlow start-up lines (mrcnn.tf_startup), no warnings
+    assert "Re-starting from epoch" not in proc.stdout  # predict only loads weights
     outs = list((work / "predictions").iterdir())
     assert len(outs) == 1
     out = outs[0]

@@ -161,3 +161,22 @@ def test_parse_value():
     assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("[1, 2]") == [1, 2] and parse_value("resnet50") == "resnet50"
     assert parse_value("None") is None
+
+
+def test_image_min_scale_takes_a_fraction():
+    config = make_config(IMAGE_MIN_SCALE=1.5)
+    assert config.IMAGE_MIN_SCALE == 1.5
+    config.apply_overrides(["IMAGE_MIN_SCALE=2"])  # an integer is a number too
+    assert config.IMAGE_MIN_SCALE == 2.0
+
+
+def test_tensorflow_start_up_notices_are_dropped_and_other_lines_kept():
+    from mrcnn.tf_startup import drop_notices
+
+    text = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            "I0000 00:00:1796522945.214091   21197 port.cc:153] oneDNN custom operations are on.\n"
+            "I0000 00:00:1796522982.815927   21793 cpu_feature_guard.cc:227] This TensorFlow binary\n"
+            "To enable the following instructions: AVX2 AVX512F, in other operations, rebuild\n"
+            "E0000 00:00:1796522956.002356   21197 cuda.cc:1] a real error\n"
+            "ImportError: something real\n")
+    assert drop_notices(text) == "E0000 00:00:1796522956.002356   21197 cuda.cc:1] a real error\nImportError: something real\n"
