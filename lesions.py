@@ -246,6 +246,8 @@ def dataset_root(dataset: str, config: LesionConfig) -> Path:
     """The dataset folder: ``--dataset DIR``, or the generated demo data for ``--dataset demo``."""
     if str(dataset) == "demo":
         return prepare_demo_data(config)
+    if not Path(dataset).exists():
+        raise CliError(f"--dataset {dataset} does not exist (give a dataset folder, or --dataset demo)")
     return Path(dataset)
 
 

@@ -18,8 +18,8 @@ What it does:
    (:class:`benchmarks.budget.TimeBudget`, which also drives the learning-rate ``--schedule``);
    the checkpoint of the interrupted epoch is written as usual;
 3. evaluates that checkpoint on the validation split (all of it, or a seeded sample of
-   ``--max-val`` images) with :func:`lesions.load_inference_model` and
-   :func:`lesions.evaluate_model`, the code behind ``--mode evaluate`` (prediction PNGs,
+   ``--max-val`` images) with :func:`lesionkit.prediction_run.load_inference_model` and
+   :func:`lesionkit.evaluation_run.evaluate_model`, the code behind ``--mode evaluate`` (prediction PNGs,
    ``scores.csv`` and ``summary.json`` land in ``<run>/evaluation/``);
 4. prints ONE JSON line on stdout (all progress goes to stderr) and appends it to ``--record``.
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import random
@@ -49,6 +50,9 @@ if str(REPO_DIR) not in sys.path:
 
 import lesions  # noqa: E402  (light: TensorFlow is imported when the model is built)
 from benchmarks.budget import SCHEDULES, CpuMeter  # noqa: E402
+from lesionkit.training_run import complete_steps  # noqa: E402
+from mrcnn import checkpoints  # noqa: E402
+from mrcnn.errors import UserError  # noqa: E402
 
 DEFAULT_DATASET = REPO_DIR.parent / "shared" / "data" / "ham10000_200"
 DEFAULT_CONFIG = "ham10000_cpu"
@@ -95,12 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_args(args: argparse.Namespace, weights: Path | None = None) -> argparse.Namespace:
-    """The namespace lesions.py's helpers expect (config, set, dataset, weights, logs, ...)."""
-    return argparse.Namespace(config=args.config, set=list(args.set), dataset=args.dataset, logs=args.logs,
-                              weights=str(weights) if weights else None, top1=args.top1, crop=False, tta=False)
-
-
 # -------------------------------------------------------------------------------------------
 # Training
 
@@ -136,7 +134,7 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
 
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(run_dir.parent))
     model.log_dir = str(run_dir)
-    model.checkpoint_path = str(run_dir / f"mask_rcnn_{config.NAME.lower()}_{{epoch:04d}}.h5")
+    model.checkpoint_path = str(run_dir / checkpoints.checkpoint_template(config.NAME))
     budget = TimeBudget(args.budget_min * 60.0, base_lr=config.LEARNING_RATE, schedule=args.schedule,
                         warmup_steps=args.warmup_steps, max_steps=args.max_steps, cpu_seconds=args.cpu_budget_s)
     meter = CpuMeter().start()
@@ -144,17 +142,12 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
     model.train(train_set, None, learning_rate=config.LEARNING_RATE, epochs=100_000, layers=args.layers,
                 augmentation=augmentation(args.augment, config.SEED), custom_callbacks=[budget])
     load = meter.stop()
-    checkpoints = lesions.checkpoints_in(run_dir)
-    if not checkpoints:
+    written = checkpoints.checkpoints_in(run_dir)
+    if not written:
         raise RuntimeError(f"training wrote no checkpoint into {run_dir}")
     return {"train_seconds": round(time.time() - budget.start, 1), "steps": budget.steps,
-            "keras_epochs": checkpoint_epoch(checkpoints[-1]), "final_loss": round(budget.last_logs.get("loss", float("nan")), 4),
-            "final_lr": budget.last_lr, "train_cpu_seconds": round(budget.cpu_used(), 1), "checkpoint": checkpoints[-1], **budget.steady_step_times(), **load}
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """``mask_rcnn_lesion_0003.h5`` -> 3 (the epochs begun, the last one cut by the budget)."""
-    return int(lesions.CHECKPOINT_RE.match(path.name).group(1))
+            "keras_epochs": checkpoints.checkpoint_epoch(written[-1]), "final_loss": round(budget.last_logs.get("loss", float("nan")), 4),
+            "final_lr": budget.last_lr, "train_cpu_seconds": round(budget.cpu_used(), 1), "checkpoint": written[-1], **budget.steady_step_times(), **load}
 
 
 # -------------------------------------------------------------------------------------------
@@ -172,25 +165,28 @@ def sample_pairs(pairs: list, max_val: int, seed: int = 0) -> list:
 def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, pairs: list, out_dir: Path) -> dict[str, Any]:
     """Load ``checkpoint`` as ``--mode evaluate`` does and score ``pairs``; metrics and timing
     (with ``--tta`` also a ``"tta"`` object: the same, with test-time augmentation, in out_dir/tta)."""
+    from lesionkit.prediction_run import PredictOptions, load_inference_model
     from mrcnn.imaging import read_image
 
-    eval_args = config_args(args, checkpoint)
-    model, config, _, min_confidence = lesions.load_inference_model(eval_args)
+    config = lesions.config_for_weights(args, checkpoint, inference=True)
+    model = load_inference_model(config, checkpoint, Path(args.logs))
     model.detect([read_image(pairs[0].image_path)], verbose=0)  # trace once, outside the timing
-    out = score_model(model, pairs, out_dir, min_confidence, eval_args, tta=False)
-    out.update(min_confidence=min_confidence, mask_threshold=config.DETECTION_MASK_THRESHOLD)
+    options = PredictOptions(float(config.DETECTION_MIN_CONFIDENCE), top1=args.top1)
+    out = score_model(model, pairs, out_dir, options)
+    out.update(min_confidence=options.min_confidence, mask_threshold=config.DETECTION_MASK_THRESHOLD)
     if args.tta:
-        out["tta"] = score_model(model, pairs, out_dir / "tta", min_confidence, eval_args, tta=True)
+        out["tta"] = score_model(model, pairs, out_dir / "tta", dataclasses.replace(options, tta=True))
     return out
 
 
-def score_model(model: Any, pairs: list, out_dir: Path, min_confidence: float, eval_args: argparse.Namespace,
-                tta: bool) -> dict[str, Any]:
-    """``lesions.evaluate_model`` on ``pairs`` into ``out_dir``: metrics, counts, seconds per image, load."""
-    truth = {p.image_id: p.mask_path for p in pairs}
+def score_model(model: Any, pairs: list, out_dir: Path, options: Any) -> dict[str, Any]:
+    """``evaluate_model`` (the code behind --mode evaluate) on ``pairs`` into ``out_dir``: metrics,
+    counts, seconds per image, load."""
+    from lesionkit.evaluation_run import evaluate_model
+
     meter = CpuMeter().start()
     started = time.time()
-    summary = lesions.evaluate_model(model, pairs, out_dir, min_confidence, eval_args, truth, tta=tta)
+    summary = evaluate_model(model, pairs, out_dir, options)
     seconds = time.time() - started
     load = meter.stop()
     out = {key: _round(summary.get(key)) for key in METRIC_KEYS}
@@ -219,12 +215,12 @@ def _round(value: Any) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the JSON record."""
     started = time.time()
-    config = lesions.build_config(config_args(args))
+    config = lesions.build_config(args.config, args.set)
     report, train_ids, val_ids = lesions.scan_and_split(Path(args.dataset), config)
     if not val_ids:
         raise lesions.CliError(f"dataset {args.dataset} has no validation images")
-    lesions.resolve_steps(config, len(train_ids), len(val_ids))
-    config.VALIDATION_STEPS = 0  # no validation loss: every second of the budget trains
+    # no validation loss (VALIDATION_STEPS stays 0): every second of the budget trains
+    config = complete_steps(config, len(train_ids), 0)
     train_set, = lesions.make_datasets(report, train_ids)
     run_dir = new_run_dir(Path(args.logs))
     run_dir.mkdir(parents=True)
@@ -263,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             record = run(args)
     except Exception as exc:  # noqa: BLE001 - user mistakes as one line, bugs with a traceback
-        if lesions.is_user_error(exc):
+        if isinstance(exc, (UserError, OSError)):
             print(f"quality: error: {lesions.one_line(exc)}", file=sys.stderr)
             return 2
         raise

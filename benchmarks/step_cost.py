@@ -28,7 +28,7 @@ if str(REPO_DIR) not in sys.path:
 
 import lesions  # noqa: E402
 from benchmarks.budget import CpuMeter  # noqa: E402
-from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATASET, config_args, emit_record  # noqa: E402
+from benchmarks.quality import DEFAULT_CONFIG, DEFAULT_DATASET, emit_record  # noqa: E402
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict:
@@ -42,8 +42,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
     from mrcnn.training import compile_training_model
 
     sets = list(args.set) + [s for s in variant.split(",") if s.strip()]
-    ns = config_args(argparse.Namespace(config=args.config, set=sets, dataset=args.dataset, logs="", top1=False))
-    config = lesions.build_config(ns)
+    config = lesions.build_config(args.config, sets)
     report, train_ids, _ = lesions.scan_and_split(Path(args.dataset), config)
     train_set, = lesions.make_datasets(report, train_ids[:64])
     keras.utils.set_random_seed(0)

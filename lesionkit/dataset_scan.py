@@ -108,7 +108,7 @@ def find_layout(root: str | Path) -> tuple[str, Path, Path]:
     """
     root = Path(root)
     if not root.exists():
-        raise DatasetLayoutError(f"dataset folder {root} does not exist (use --dataset DIR, or --dataset demo)")
+        raise DatasetLayoutError(f"dataset folder {root} does not exist")
     if not root.is_dir():
         raise DatasetLayoutError(f"dataset path {root} is not a folder")
     for name, images, masks in LAYOUTS:
