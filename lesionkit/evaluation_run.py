@@ -7,20 +7,25 @@ follows the official ISIC 2018 scorer (:mod:`lesionkit.metrics`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lesionkit import evaluation, metrics
+from lesionkit import metrics
 from lesionkit.dataset_scan import Pair
 from lesionkit.prediction_files import InputError, write_summary
 from lesionkit.prediction_run import PredictOptions, load_inference_model, predict_images
 from mrcnn.config import Config
+from mrcnn.imaging import read_image, read_mask
 
 #: Summary keys that are per-run lists, not metrics.
 LIST_KEYS = ("rows", "problems")
+#: Rows of the printed table, in order.
+HEADLINE = ("n_images", "threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy",
+            "map50", "map")
 
 
 @dataclass(frozen=True)
@@ -44,16 +49,16 @@ def evaluate_model(model: Any, pairs: list[Pair], folder: Path, options: Predict
     truth = {p.image_id: p.mask_path for p in pairs}
     pred_dir = folder / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
-    ap = evaluation.ApAccumulator()
+    ap = metrics.ApAccumulator()
 
     def add_ap(image_id: str, result: dict, kept: list[int]) -> None:
         masks = np.asarray(result["masks"], dtype=bool)[..., kept]
-        ap.add(metrics.load_mask(truth[image_id]), masks, np.asarray(result["scores"])[kept])
+        ap.add(read_mask(truth[image_id]), masks, np.asarray(result["scores"])[kept])
 
     records, unreadable = predict_images(model, [p.image_path for p in pairs], pred_dir, options, on_result=add_ap)
     write_summary(pred_dir, records, {"min_confidence": options.min_confidence, "tta": options.tta,
                                       "unreadable": unreadable})
-    rows, summary, problems = evaluation.score_pairs(pred_dir, truth)
+    rows, summary, problems = metrics.score_pairs(pred_dir, truth)
     summary.update(ap.summary())
     problems = problems + [f"{name}: unreadable image" for name in unreadable]
     metrics.write_scores(rows, summary, folder, problems)
@@ -124,9 +129,9 @@ def report_evaluation(columns: dict[str, dict], out_dir: Path, images: dict[str,
     if len(first["problems"]) > 10:
         print(f"  ... {len(first['problems']) - 10} more problems in summary.json")
     print()
-    print("\n".join(evaluation.summary_lines(columns)))
+    print("\n".join(summary_lines(columns)))
     if grid.count:
-        entries = evaluation.grid_rows(first["rows"], images, truth, pred_dir, grid.count, grid.worst_first)
+        entries = grid_rows(first["rows"], images, truth, pred_dir, grid.count, grid.worst_first)
         if entries:
             from mrcnn.visualize import save_evaluation_grid
 
@@ -135,3 +140,42 @@ def report_evaluation(columns: dict[str, dict], out_dir: Path, images: dict[str,
             print("  note: no grid (it needs the images: give the image folder too)")
     print(f"  scores:  {out_dir / 'scores.csv'}")
     print(f"  summary: {out_dir / 'summary.json'}" + (f" (TTA: {out_dir / 'tta'}/)" if "tta" in columns else ""))
+
+
+def summary_lines(columns: dict[str, dict[str, Any]]) -> list[str]:
+    """A small text table: one row per headline metric, one column per summary (e.g. plain, tta)."""
+    names = list(columns)
+    lines = ["  " + f"{'metric':18}" + "".join(f"{n:>12}" for n in names)]
+    for key in HEADLINE:
+        values = [columns[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f"{_fmt(v):>12}" for v in values)
+        lines.append(f"  {key:18}{cells}")
+    return lines
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def grid_rows(rows: list[dict], images: dict[str, Path], truth: dict[str, Path], pred_dir: Path,
+              count: int, worst_first: bool) -> list[dict]:
+    """Up to ``count`` grid entries (image, truth, pred, title), worst Jaccard first if asked."""
+    chosen = [r for r in rows if r["image_id"] in images]
+    if worst_first:
+        chosen = sorted(chosen, key=lambda r: (r["jaccard"], r["image_id"]))
+    entries = []
+    for row in chosen[:count]:
+        image_id = row["image_id"]
+        entries.append({
+            "image": read_image(images[image_id]),
+            "truth": read_mask(truth[image_id]),
+            "pred": read_mask(Path(pred_dir) / f"{image_id}{metrics.PREDICTION_SUFFIX}"),
+            "title": f"{image_id}  J={row['jaccard']:.3f}",
+        })
+    return entries

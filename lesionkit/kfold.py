@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lesionkit import dataset_scan, evaluation
+from lesionkit import dataset_scan
+from lesionkit.evaluation_run import HEADLINE, evaluate_checkpoint, summary_lines
 from lesionkit.training_run import StartWeights, train_run
 from mrcnn.checkpoints import checkpoints_in, newest_checkpoint
 from mrcnn.config import Config
@@ -41,7 +42,6 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
     ``start.kind == "checkpoint"`` resumes each fold's own newest run. With more than one fold the
     mean and std are printed and written to ``<logs>/<name>_kfold_<stamp>.json``.
     """
-    from lesionkit.evaluation_run import evaluate_checkpoint
 
     split = dataset_scan.kfold_split([p.image_id for p in report.pairs], folds, config.SEED)
     summaries = []
@@ -59,7 +59,7 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
         wanted = set(val_ids)
         pairs = [p for p in report.pairs if p.image_id in wanted]
         summary = evaluate_checkpoint(checkpoints_in(log_dir)[-1], fold_config, pairs, log_dir / "evaluation")
-        print("\n".join(evaluation.summary_lines({f"fold {i}": summary})))
+        print("\n".join(summary_lines({f"fold {i}": summary})))
         summaries.append(summary)
     if len(summaries) > 1:
         write_kfold_summary(logs, base_name(config.NAME), summaries)
@@ -68,7 +68,7 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
 
 def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:
     """``<logs>/<name>_kfold_<stamp>.json``: per-fold summaries and mean/std; prints the table."""
-    stats = dataset_scan.mean_and_std(summaries, evaluation.HEADLINE[1:])
+    stats = dataset_scan.mean_and_std(summaries, HEADLINE[1:])
     path = logs / f"{name}_kfold_{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
     write_json_atomic(path, {"folds": len(summaries), "mean_std": stats,
                              "per_fold": {str(i): s for i, s in enumerate(summaries)}})

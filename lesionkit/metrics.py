@@ -238,6 +238,19 @@ def score_pair(image_id: str, truth_file: Path, pred_file: Path) -> tuple[dict[s
     return {"image_id": image_id, **score_mask(truth, pred)}, problems
 
 
+def score_pairs(pred_dir: Path, truth: dict[str, Path]) -> tuple[list[dict], dict, list[str]]:
+    """(rows, summary, problems) for each ``id`` in ``truth`` with a prediction in ``pred_dir``
+    (:func:`lesionkit.metrics.score_pair`: colour masks are scored and listed in the problems)."""
+    rows, problems = [], []
+    for image_id, truth_path in sorted(truth.items()):
+        row, pair_problems = score_pair(image_id, Path(truth_path),
+                                                Path(pred_dir) / f"{image_id}{PREDICTION_SUFFIX}")
+        problems += pair_problems
+        if row is not None:
+            rows.append(row)
+    return rows, summarize(rows), problems
+
+
 def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: str | os.PathLike,
                  problems: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/scores.csv`` (one row per image) and ``out_dir/summary.json``, atomically.
@@ -321,3 +334,26 @@ def map50(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
 def map(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:  # shadows builtin on purpose
     """COCO-style mask AP averaged over IoU 0.50:0.05:0.95 and over images (see :func:`mean_ap`)."""
     return mean_ap(items, COCO_IOU_THRESHOLDS)
+
+
+class ApAccumulator:
+    """Per-image mask AP (IoU 0.5 and mean over 0.5:0.95), averaged over images with a lesion."""
+
+    def __init__(self) -> None:
+        self.ap50: list[float] = []
+        self.ap: list[float] = []
+
+    def add(self, gt_mask: np.ndarray, pred_masks: np.ndarray, scores: np.ndarray) -> None:
+        """``gt_mask`` bool [H, W] (one lesion instance), ``pred_masks`` [H, W, N], ``scores`` [N]."""
+        gt = np.asarray(gt_mask, dtype=bool)[..., None]
+        first = image_ap(gt, pred_masks, scores, 0.5)
+        if first is None:  # no lesion in the ground truth: AP undefined, image not counted
+            return
+        self.ap50.append(first)
+        self.ap.append(float(np.mean([image_ap(gt, pred_masks, scores, t)
+                                      for t in COCO_IOU_THRESHOLDS])))
+
+    def summary(self) -> dict[str, float | None]:
+        """``{"map50": ..., "map": ...}`` (None when no image had a lesion)."""
+        return {"map50": float(np.mean(self.ap50)) if self.ap50 else None,
+                "map": float(np.mean(self.ap)) if self.ap else None}

@@ -23,7 +23,7 @@ def test_folds_are_deterministic_disjoint_and_cover_everything():
 
 
 def test_kfold_refuses_impossible_k():
-    with pytest.raises(dataset_scan.DatasetLayoutError, match="--folds 5"):
+    with pytest.raises(dataset_scan.DatasetLayoutError, match="5 folds needs 2 <= folds <= the number of images \\(3\\)"):
         dataset_scan.kfold_split(["a", "b", "c"], 5, 0)
 
 

@@ -203,7 +203,6 @@ def test_score_folders_reports_problems(tmp_path):
 def test_colour_truth_is_scored_by_any_channel_and_reported(tmp_path):
     """A red-on-black truth was read as luminance (76 <= 128): an EMPTY truth, and an empty
     prediction then scored 1.0 everywhere. Now: lesion where any channel > 128, and a problem line."""
-    from lesionkit import evaluation
 
     truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
     truth_dir.mkdir()
@@ -223,7 +222,7 @@ def test_colour_truth_is_scored_by_any_channel_and_reported(tmp_path):
     assert problems == [f"ISIC_{i}: truth mask is colour (RGB); read as lesion where any channel > 128; the official"
                         " scorer accepts only single-channel masks" for i in (1, 2)]
     truth = {"ISIC_1": truth_dir / "ISIC_1_segmentation.png", "ISIC_2": truth_dir / "ISIC_2_segmentation.png"}
-    assert evaluation.score_pairs(pred_dir, truth) == (rows, summary, problems)
+    assert metrics.score_pairs(pred_dir, truth) == (rows, summary, problems)
     assert metrics.load_mask(truth_dir / "ISIC_1_segmentation.png").tolist() == TRUTH.tolist()
 
 
