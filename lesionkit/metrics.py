@@ -34,7 +34,7 @@ import numpy as np
 from mrcnn.ap import compute_ap
 from mrcnn.boxes import extract_bboxes
 from mrcnn.fileio import json_safe, write_json_atomic, write_text_atomic
-from mrcnn.imaging import MASK_THRESHOLD_8BIT, binarize_mask, read_mask, read_mask_and_colour
+from mrcnn.imaging import MASK_THRESHOLD_8BIT, binarize_mask, read_mask_and_colour
 
 #: Metric names, in the order the CSV and the summary use (official scorer's names).
 METRIC_NAMES = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy")
@@ -157,11 +157,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------
-
-def load_mask(path: str | os.PathLike) -> np.ndarray:
-    """Read a mask file as bool [H, W]: :func:`mrcnn.imaging.read_mask` (the one binarisation rule)."""
-    return read_mask(path)
-
 
 def colour_mask_problem(image_id: str, which: str, mode: str) -> str:
     """The problem line of a colour mask (``which``: "truth mask" or "prediction")."""

@@ -405,10 +405,8 @@ def test_a_dataset_of_only_bad_pairs_is_one_line_exit_2(tmp_path, monkeypatch, c
 
 
 def test_mask_binarisation_rules(tmp_path):
-    from lesionkit import metrics
-
     Image.fromarray(lesion().astype(np.uint8)).save(tmp_path / "labels.png")  # evaluate's truth: 0/1 too
-    assert np.array_equal(metrics.load_mask(tmp_path / "labels.png"), lesion())
+    assert np.array_equal(imaging.read_mask(tmp_path / "labels.png"), lesion())
     assert imaging.binarize_mask(np.array([0, 1], np.uint8)).tolist() == [False, True]
     eight_bit = imaging.binarize_mask(np.array([0, 127, 128, 129, 255], np.uint8))
     assert eight_bit.tolist() == [False, False, False, True, True]  # > 128, the ISIC scorer's rule

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lesionkit import metrics
 from lesionkit.synthetic import make_lesion_image
+from mrcnn.imaging import read_mask
 
 
 def _m(rows):
@@ -223,7 +224,7 @@ def test_colour_truth_is_scored_by_any_channel_and_reported(tmp_path):
                         " scorer accepts only single-channel masks" for i in (1, 2)]
     truth = {"ISIC_1": truth_dir / "ISIC_1_segmentation.png", "ISIC_2": truth_dir / "ISIC_2_segmentation.png"}
     assert metrics.score_pairs(pred_dir, truth) == (rows, summary, problems)
-    assert metrics.load_mask(truth_dir / "ISIC_1_segmentation.png").tolist() == TRUTH.tolist()
+    assert read_mask(truth_dir / "ISIC_1_segmentation.png").tolist() == TRUTH.tolist()
 
 
 def test_write_scores(tmp_path):
