@@ -252,31 +252,11 @@ def dataset_root(dataset: str, config: LesionConfig) -> Path:
 
 
 def scan_and_split(root: Path, config: LesionConfig) -> tuple[dataset_scan.ScanReport, list[str], list[str]]:
-    """Scan the dataset, report problems, split it; refuse when a split would be empty."""
-    print(f"Scanning dataset {root} ...", flush=True)
-    report = dataset_scan.scan_dataset(root)
-    ids = [p.image_id for p in report.pairs]
-    train, val = dataset_scan.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
-    how = "split column of metadata.csv" if report.splits else (
-        f"VALIDATION_FRACTION {config.VALIDATION_FRACTION}, SEED {config.SEED}")
-    print(f"  layout {report.layout}: {len(ids)} usable image/mask pairs -> {len(train)} train,"
-          f" {len(val)} validation ({how})")
-    for line in report.problem_lines():
-        print(f"  warning: {line}")
+    """Scan and split ``root`` with the config's VALIDATION_FRACTION and SEED (printed, problems named)."""
+    report, train, val = dataset_scan.scan_and_split(root, config.VALIDATION_FRACTION, config.SEED)
     if not train:
         raise CliError(f"dataset {root} leaves no training image after the split")
     return report, train, val
-
-
-def warn_if_masks_empty(report: dataset_scan.ScanReport, train_ids: list[str]) -> None:
-    """Warn when every training mask checked holds no lesion (nothing to learn; inverted masks?)."""
-    wanted = set(train_ids)
-    checked, empty = dataset_scan.count_empty_masks([p for p in report.pairs if p.image_id in wanted])
-    if checked and empty == checked:
-        print(f"  warning: all {checked} training masks checked are empty (no lesion pixel > 128): the model"
-              " cannot learn a lesion; masks must show the lesion in white (255) on black (0)")
-    elif empty:
-        print(f"  note: {empty} of {checked} training masks checked are empty (images without a lesion)")
 
 
 def make_datasets(report: dataset_scan.ScanReport, *id_lists: list[str],
@@ -393,14 +373,15 @@ def run_train(args: argparse.Namespace) -> int:
         from lesionkit.kfold import run_kfold
 
         which = range(args.folds) if args.fold in (None, "all") else [int(args.fold)]
-        warn_if_masks_empty(report, [p.image_id for p in report.pairs])
+        dataset_scan.report_empty_masks(report.pairs)
         run_kfold(config, report, args.folds, list(which), start, logs,
                   lambda train, val: tuple(make_datasets(report, train, val, cache_dir=cache_dir)),
                   {"dataset": str(root)}, augmentation)
         return 0
     if not val_ids:
         raise CliError(f"dataset {root} leaves no validation image (raise VALIDATION_FRACTION or add images)")
-    warn_if_masks_empty(report, train_ids)
+    train_set_ids = set(train_ids)
+    dataset_scan.report_empty_masks([p for p in report.pairs if p.image_id in train_set_ids])
     train_set, val_set = make_datasets(report, train_ids, val_ids, cache_dir=cache_dir)
     train_run(config, train_set, val_set, start, logs, {"dataset": str(root)}, augmentation)
     print("  next:        python lesions.py --mode predict --image PATH   (uses the newest checkpoint)")

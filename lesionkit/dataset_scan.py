@@ -456,3 +456,38 @@ def count_empty_masks(pairs: list[Pair], limit: int = 200) -> tuple[int, int]:
         checked += 1
         empty += not mask.any()
     return checked, empty
+
+
+def report_empty_masks(pairs: list[Pair]) -> tuple[int, int]:
+    """Print a warning when every training mask checked holds no lesion (nothing to learn: inverted
+    or colour-coded masks?), a note when some do; returns :func:`count_empty_masks`."""
+    checked, empty = count_empty_masks(pairs)
+    if checked and empty == checked:
+        print(f"  warning: all {checked} training masks checked are empty (no lesion pixel): the model cannot"
+              " learn a lesion; masks must show the lesion in white (255) on black (0)")
+    elif empty:
+        print(f"  note: {empty} of {checked} training masks checked are empty (images without a lesion)")
+    return checked, empty
+
+
+# -------------------------------------------------------------------------------------------
+# Scan and split, reported
+
+
+def scan_and_split(root: str | Path, val_fraction: float, seed: int | None
+                   ) -> tuple[ScanReport, list[str], list[str]]:
+    """(scan report, train ids, validation ids) of ``root``, printing the layout, counts and problems.
+
+    A ``split`` column in ``metadata.csv`` decides the split; otherwise :func:`split_ids` with
+    ``val_fraction`` and ``seed``.
+    """
+    print(f"Scanning dataset {root} ...", flush=True)
+    report = scan_dataset(root)
+    ids = [p.image_id for p in report.pairs]
+    train, val = split_ids(ids, val_fraction, seed, report.splits)
+    how = "split column of metadata.csv" if report.splits else f"VALIDATION_FRACTION {val_fraction}, SEED {seed}"
+    print(f"  layout {report.layout}: {len(ids)} usable image/mask pairs -> {len(train)} train,"
+          f" {len(val)} validation ({how})")
+    for line in report.problem_lines():
+        print(f"  warning: {line}")
+    return report, train, val
