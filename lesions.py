@@ -437,7 +437,7 @@ def run_predict(args: argparse.Namespace) -> int:
         summary = prediction_files.write_summary(out_dir, records, meta)
     finally:
         if created:
-            prediction_files.remove_empty_dirs(out_dir)
+            prediction_files.remove_empty_dirs(*created)
     found = sum(1 for r in records if r["instances"])
     print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
           f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s)"
@@ -475,7 +475,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                        Path(args.images) if args.images else None, grid)
         finally:
             if created:
-                prediction_files.remove_empty_dirs(out_dir)
+                prediction_files.remove_empty_dirs(*created)
         return 0
     if bool(args.images) != bool(args.masks):
         raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
@@ -491,7 +491,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     finally:
         if created:
             prediction_files.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta",
-                                               out_dir / "predictions", out_dir)
+                                               out_dir / "predictions", *created)
     return 0
 
 

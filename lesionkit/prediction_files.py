@@ -92,8 +92,9 @@ def drop_duplicate_ids(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return kept, duplicates
 
 
-def make_output_dir(requested: str | Path | None, parent: str | Path) -> tuple[Path, bool]:
-    """``requested``, or a new timestamped folder under ``parent``; returns (path, created now).
+def make_output_dir(requested: str | Path | None, parent: str | Path) -> tuple[Path, list[Path]]:
+    """``requested``, or a new timestamped folder under ``parent``; returns (path, the folders this
+    call created, innermost first: what :func:`remove_empty_dirs` may remove after a failure).
 
     Raises :class:`InputError` when the folder is a file or cannot be created (permissions, a
     read-only or virtual file system).
@@ -108,7 +109,7 @@ def make_output_dir(requested: str | Path | None, parent: str | Path) -> tuple[P
         while out.exists():
             n += 1
             out = Path(parent) / f"{stamp}-{n}"
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):

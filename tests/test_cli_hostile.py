@@ -136,8 +136,6 @@ def test_evaluate_pred_refuses_an_incomplete_submission(tmp_path):
     assert not (tmp_path / "ev").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the default parent evaluations/ is created before the submission is"
-                                       " checked and stays behind, empty (README: no folder left behind)")
 def test_evaluate_pred_incomplete_leaves_no_evaluations_folder(tmp_path):
     truth_dir, pred_dir, work = incomplete_submission(tmp_path)
     proc = run_cli("--mode", "evaluate", "--pred", str(pred_dir), "--masks", str(truth_dir), cwd=work)
