@@ -363,7 +363,10 @@ def run_train(args: argparse.Namespace) -> int:
     logs = Path(args.logs)
     # The preset and --set decide NAME, and so which run --weights last continues.
     named = build_config(args.config, args.set)
-    start = resolve_train_weights(args.weights, logs, named.NAME)
+    if args.folds and args.weights == "last":
+        start = StartWeights("last")  # each fold resumes its own run (lesionkit.kfold.fold_start_weights)
+    else:
+        start = resolve_train_weights(args.weights, logs, named.NAME)
     config = config_for_weights(args, start.path if start.kind in ("last", "checkpoint") else None)
     root = dataset_root(args.dataset, config)
     report, train_ids, val_ids = scan_and_split(root, config)

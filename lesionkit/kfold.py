@@ -39,7 +39,7 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
               augmentation: Any = None) -> list[dict]:
     """Train and evaluate the folds ``which`` of ``folds``; returns each fold's summary.
 
-    ``start.kind == "checkpoint"`` resumes each fold's own newest run. With more than one fold the
+    ``start.kind == "last"`` resumes each fold's own newest run (:func:`fold_start_weights`). With more than one fold the
     mean and std are printed and written to ``<logs>/<name>_kfold_<stamp>.json``.
     """
 
@@ -48,10 +48,7 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
     for i in which:
         train_ids, val_ids = split[i]
         fold_config = config.replace(NAME=fold_name(config.NAME, i))
-        fold_start = start
-        if start.kind == "checkpoint":  # resume this fold's own run (none yet: start it fresh)
-            found = newest_checkpoint(logs, fold_config.NAME)
-            fold_start = StartWeights("checkpoint", found) if found else StartWeights("none")
+        fold_start = fold_start_weights(start, logs, fold_config.NAME)
         print(f"\n=== Fold {i} of {folds} (0-based): {len(train_ids)} train, {len(val_ids)} validation ===")
         train_set, val_set = make_datasets(train_ids, val_ids)
         info = split_info | {"folds": folds, "fold": i, "seed": config.SEED, "all_folds": [f[1] for f in split]}
@@ -64,6 +61,15 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
     if len(summaries) > 1:
         write_kfold_summary(logs, base_name(config.NAME), summaries)
     return summaries
+
+
+def fold_start_weights(start: StartWeights, logs: Path, name: str) -> StartWeights:
+    """Where fold ``name`` starts: with ``start.kind == "last"`` its own newest checkpoint (a fold
+    not trained yet starts from random weights), otherwise ``start`` itself."""
+    if start.kind != "last":
+        return start
+    found = newest_checkpoint(logs, name)
+    return StartWeights("last", found) if found else StartWeights("none")
 
 
 def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:

@@ -55,3 +55,19 @@ def test_train_and_evaluate_one_fold_through_the_cli(tmp_path):
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
     assert summary["n_images"] == 2 and "jaccard" in summary and "map50" in summary
     assert (run / "mask_rcnn_lesion_fold1_0001.h5").is_file()
+
+
+def test_each_fold_resumes_its_own_run(tmp_path):
+    from lesionkit.kfold import fold_start_weights
+    from lesionkit.training_run import StartWeights
+
+    run = tmp_path / "lesion_fold120260404T0000"
+    run.mkdir()
+    (run / "mask_rcnn_lesion_fold1_0003.h5").write_bytes(b"")
+    (tmp_path / "lesion20260505T0000").mkdir()  # the plain run is not a fold's
+    (tmp_path / "lesion20260505T0000" / "mask_rcnn_lesion_0009.h5").write_bytes(b"")
+    last = StartWeights("last")
+    assert fold_start_weights(last, tmp_path, "lesion_fold1") == StartWeights("last", run / "mask_rcnn_lesion_fold1_0003.h5")
+    assert fold_start_weights(last, tmp_path, "lesion_fold0") == StartWeights("none")  # not trained yet
+    coco = StartWeights("coco", tmp_path / "coco.h5")
+    assert fold_start_weights(coco, tmp_path, "lesion_fold1") == coco
