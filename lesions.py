@@ -444,8 +444,8 @@ def run_predict(args: argparse.Namespace) -> int:
     found = sum(1 for r in records if r["instances"])
     print(f"\nPredicted {len(records)} image(s): lesion found in {found}."
           f" Skipped {len(skipped)} non-image and {len(unreadable)} unreadable file(s)"
-          + (f", {len(duplicates)} duplicate id(s)" if duplicates else "")
-          + (f", {len(too_long)} name(s) too long" if too_long else "") + ".")
+          + (f" and {len(duplicates)} duplicate id(s)" if duplicates else "")
+          + (f" and {len(too_long)} name(s) too long for their outputs" if too_long else "") + ".")
     print(f"  masks and overlays: {out_dir}/")
     print(f"  summary:            {summary}")
     return 0

@@ -459,6 +459,7 @@ CHILD = textwrap.dedent(r"""
     import keras
     import numpy as np
     import lesions
+    from lesionkit import prediction_run
     from mrcnn.model import MaskRCNN
     from mrcnn.weights import WeightsError
 
@@ -481,23 +482,26 @@ CHILD = textwrap.dedent(r"""
     model.save_weights(str(checkpoint))
     config.save(str(run / "config.json"))
 
-    def reuse_model(args):  # lesions.load_inference_model without building the model again
-        weights = lesions.resolve_model_weights(args.weights, Path(args.logs))
-        model.load_weights(str(weights), by_name=True, verbose=0)
-        return model, config, weights, 0.5
+    original_load = prediction_run.load_inference_model
 
-    lesions.load_inference_model = reuse_model
+    def reuse_model(run_config, weights, logs):  # load_inference_model without building the model again
+        if str(weights) != str(checkpoint):
+            return original_load(run_config, weights, logs)  # the bad weights files below: the real loader
+        model.load_weights(str(weights), by_name=True, verbose=0)
+        return model
+
+    prediction_run.load_inference_model = reuse_model
     seconds = {"build": time.monotonic() - started}
     marks = {}
-    original = lesions.predict_images
+    original = prediction_run.predict_images
 
-    def measured(model, paths, out_dir, min_confidence, args, tta=False, on_result=None):
+    def measured(model, paths, out_dir, options, on_result=None):
         done = [0]
         def after(image_id, result, kept):
             done[0] += 1
             if done[0] in (1, 50, len(paths)):
                 marks[done[0]] = vm()
-        return original(model, paths, out_dir, min_confidence, args, tta=tta, on_result=after)
+        return original(model, paths, out_dir, options, on_result=after)
 
     def cli(*argv):
         out, err = io.StringIO(), io.StringIO()
@@ -509,7 +513,7 @@ CHILD = textwrap.dedent(r"""
                          "--output", str(work / "out bad é"))}
     seconds["bad"] = time.monotonic() - started - sum(seconds.values())
     if measure:
-        lesions.predict_images = measured
+        prediction_run.predict_images = measured
         result["many"] = cli("--mode", "predict", "--image", str(many), "--weights", str(checkpoint),
                              "--output", str(work / "out many"))
         result["memory"] = marks
