@@ -37,6 +37,7 @@ from lesionkit.training_run import StartWeights  # noqa: E402
 from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
+from mrcnn.downloads import COCO, IMAGENET_RESNET50, WEIGHTS_DIR, fetch_weights  # noqa: E402
 from mrcnn.errors import TrainingDivergedError, UserError  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -45,11 +46,8 @@ CONFIG_DIR = REPO_DIR / "configs"
 DEFAULT_DATASET = Path("isic2018")
 DEFAULT_LOGS = Path("logs")
 DEMO_DIR = Path("demo_data")
-COCO_WEIGHTS = Path("weights") / "mask_rcnn_coco.h5"
-IMAGENET_WEIGHTS = Path("weights") / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-COCO_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
-IMAGENET_URL = ("https://github.com/fchollet/deep-learning-models/releases/download/v0.2/"
-                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+COCO_WEIGHTS = WEIGHTS_DIR / COCO.name
+IMAGENET_WEIGHTS = WEIGHTS_DIR / IMAGENET_RESNET50.name
 
 
 class CliError(UserError):
@@ -317,20 +315,14 @@ def resolve_train_weights(choice: str | None, logs: Path, name: str) -> StartWei
         if COCO_WEIGHTS.is_file():
             return StartWeights("coco", COCO_WEIGHTS)
         print(f"note: {COCO_WEIGHTS} not found, so training starts from random initialisation"
-              f" (fine for the demo; for real data download {COCO_URL} into weights/, see weights/README.md)")
+              f" (fine for the demo; for real data use --weights coco, which downloads {COCO.url} into weights/)")
         return StartWeights("none")
     if choice == "none":
         return StartWeights("none")
-    if choice == "coco":
-        if not COCO_WEIGHTS.is_file():
-            raise CliError(f"--weights coco: {COCO_WEIGHTS} not found; download {COCO_URL} into weights/"
-                           " (or use --weights none)")
-        return StartWeights("coco", COCO_WEIGHTS)
+    if choice == "coco":  # downloaded (progress bar, checksum) when missing
+        return StartWeights("coco", fetch_weights(COCO, COCO_WEIGHTS))
     if choice == "imagenet":
-        if not IMAGENET_WEIGHTS.is_file():
-            raise CliError(f"--weights imagenet: ImageNet weights are not available offline; download"
-                           f" {IMAGENET_URL} into weights/ (or use --weights coco|none)")
-        return StartWeights("imagenet", IMAGENET_WEIGHTS)
+        return StartWeights("imagenet", fetch_weights(IMAGENET_RESNET50, IMAGENET_WEIGHTS))
     if choice == "last":
         return StartWeights("last", find_last_checkpoint(logs, name))
     path = Path(choice)

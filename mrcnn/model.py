@@ -243,6 +243,13 @@ class MaskRCNN:
         self.log_dir = os.path.join(self.model_dir, checkpoints.run_folder_name(self.config.NAME, now))
         self.checkpoint_path = os.path.join(self.log_dir, checkpoints.checkpoint_template(self.config.NAME))
 
+    def get_imagenet_weights(self) -> str:
+        """Path of the ResNet-50 ImageNet weights (``weights/``), downloaded and verified when missing
+        (Matterport's method; :func:`mrcnn.downloads.fetch_weights`)."""
+        from mrcnn.downloads import IMAGENET_RESNET50, fetch_weights
+
+        return str(fetch_weights(IMAGENET_RESNET50))
+
     def find_last(self) -> str:
         """Path of the last checkpoint of the newest run of this config's NAME in ``model_dir``."""
         found = checkpoints.newest_checkpoint(self.model_dir, self.config.NAME)

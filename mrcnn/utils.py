@@ -29,6 +29,7 @@ from mrcnn.boxes import (
     trim_zeros,
 )
 from mrcnn.dataset import Dataset
+from mrcnn.downloads import COCO
 from mrcnn.imaging import (
     ImageReadError,
     compose_image_meta,
@@ -57,7 +58,7 @@ from mrcnn.tf_boxes import (
 )
 
 #: Where Matterport published the COCO-trained weights (release v2.0).
-COCO_MODEL_URL = "https://github.com/matterport/Mask_RCNN/releases/download/v2.0/mask_rcnn_coco.h5"
+COCO_MODEL_URL = COCO.url
 
 __all__ = [
     "COCO_MODEL_URL", "Dataset", "ImageReadError",
@@ -92,9 +93,12 @@ def batch_slice(inputs: Any, graph_fn: Callable[..., Any], batch_size: int,
     return result[0] if len(result) == 1 else result
 
 
-def download_trained_weights(path: str = "weights/mask_rcnn_coco.h5", verbose: int = 1) -> None:
-    """Not available offline: raises RuntimeError explaining where to put mask_rcnn_coco.h5."""
-    raise RuntimeError(
-        f"download_trained_weights: downloading is not supported (this toolkit works offline). "
-        f"Fetch {COCO_MODEL_URL} on a connected machine and place the file at {path!s} "
-        "(the default location is weights/mask_rcnn_coco.h5 in the project root).")
+def download_trained_weights(coco_model_path: str = "weights/mask_rcnn_coco.h5", verbose: int = 1) -> str:
+    """Download Matterport's COCO weights to ``coco_model_path`` (Matterport's signature).
+
+    Progress bar, checksum check and an atomic rename (:func:`mrcnn.downloads.fetch_weights`);
+    raises :class:`mrcnn.downloads.DownloadError` (one line: URL and path) offline or on a bad file.
+    """
+    from mrcnn.downloads import COCO, fetch_weights
+
+    return str(fetch_weights(COCO, coco_model_path, verbose=verbose))
