@@ -1,10 +1,12 @@
 """Training input: load + resize + augment one image (``load_image_gt``), build its RPN targets,
 pad to fixed shapes, and feed batches through a parallel, deterministic ``tf.data`` pipeline.
 
-Augmentation uses **albumentations**: ``augmentation=`` takes an albumentations transform (a
-``Compose`` or a single transform) applied to the image and, identically, to every instance
-mask. imgaug (Matterport's choice) is unmaintained and not accepted. Shape-changing transforms
-are refused (the training graph needs IMAGE_SHAPE).
+Augmentation uses **albumentations** by default: ``augmentation=`` takes an albumentations
+transform (a ``Compose`` or a single transform) applied to the image and, identically, to every
+instance mask. An **imgaug** augmenter (Matterport's choice; imgaug 0.4 does not import on NumPy 2,
+a NumPy-2 fork that installs the ``imgaug`` module does, see requirements-matterport.txt) is
+accepted too: the masks go only through its geometric augmenters (see :func:`augment_imgaug`).
+Shape-changing transforms are refused (the training graph needs IMAGE_SHAPE).
 
 Per-sample randomness (shuffling, augmentation, RPN subsampling) is drawn from
 ``numpy.random.default_rng([seed, sample_index])`` so a run is reproducible for a given
@@ -21,6 +23,7 @@ the image's instance count are zero.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -63,31 +66,91 @@ def default_augmentation(seed: int | None = None):
     ], seed=seed)
 
 
-def check_augmentation(augmentation: Any) -> None:
-    """Raise TypeError unless ``augmentation`` is None or an albumentations transform."""
-    if augmentation is None:
-        return
-    module = type(augmentation).__module__ or ""
-    if module.startswith("imgaug") or hasattr(augmentation, "to_deterministic"):
-        raise TypeError("augmentation= takes an albumentations transform (e.g. albumentations.Compose([...]) or "
-                        "mrcnn.input_pipeline.default_augmentation(seed)); imgaug augmenters are not supported")
+def is_imgaug(augmentation: Any) -> bool:
+    """True for an imgaug augmenter (from imgaug itself or a fork installing the ``imgaug`` module)."""
+    meta = sys.modules.get("imgaug.augmenters.meta")  # not imported: the object cannot be one
+    return meta is not None and isinstance(augmentation, meta.Augmenter)
+
+
+def _is_albumentations(augmentation: Any) -> bool:
+    """True for an albumentations transform or Compose."""
     import albumentations as A
 
-    if not isinstance(augmentation, (A.BaseCompose, A.BasicTransform)):
-        raise TypeError(f"augmentation= takes an albumentations transform, got {type(augmentation).__name__}")
+    return isinstance(augmentation, (A.BaseCompose, A.BasicTransform))
+
+
+def check_augmentation(augmentation: Any) -> None:
+    """Raise TypeError (one line) unless ``augmentation`` is None, an albumentations transform or an
+    imgaug augmenter; an imgaug pipeline that fails on a probe image raises ValueError."""
+    if augmentation is None or _is_albumentations(augmentation):
+        return
+    if is_imgaug(augmentation):
+        _probe_imgaug(augmentation)
+        return
+    kind = f"{type(augmentation).__module__}.{type(augmentation).__qualname__}"
+    raise TypeError(f"augmentation= takes an albumentations transform (e.g. albumentations.Compose([...]) or "
+                    f"mrcnn.input_pipeline.default_augmentation(seed)) or an imgaug augmenter, got {kind}")
+
+
+#: Seeds of the probe run that checks an imgaug pipeline before training.
+IMGAUG_PROBE_SEEDS = range(4)
+
+
+def _probe_imgaug(augmentation: Any) -> None:
+    """Run a copy of an imgaug pipeline on a small image and mask; ValueError (one line) if it fails.
+
+    Some augmenters of the imgaug forks fail under NumPy 2 (Crop, CropAndPad, Pad raise
+    ``TypeError: only 0-dimensional arrays ...``); this says so before training starts, not after
+    the first images were skipped.
+    """
+    image = np.full((32, 32, 3), 128, np.uint8)
+    masks = np.zeros((32, 32, 1), bool)
+    masks[8:24, 8:24] = True
+    probe = augmentation.deepcopy()
+    for seed in IMGAUG_PROBE_SEEDS:
+        try:
+            new_image, new_masks = augment_imgaug(probe, image, masks, seed)
+        except Exception as exc:  # noqa: BLE001 - reported as one line, with the cause chained
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise ValueError(f"augmentation= the imgaug pipeline fails on a test image ({reason}); some augmenters of "
+                             "the imgaug forks (e.g. Crop, CropAndPad, Pad) fail on NumPy 2: use their "
+                             "albumentations equivalents (README, 'Coming from Matterport')") from exc
+        _check_same_shape(image, new_image, new_masks)
 
 
 _AUGMENT_LOCK = threading.Lock()
+#: Instance masks go through imgaug this many at a time (its segmentation maps are int32 copies).
+IMGAUG_MASK_CHUNK = 16
 
 
-def augment(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply one albumentations transform to image [H, W, C] and bool masks [H, W, N] alike.
+def augment_imgaug(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply an imgaug augmenter to image [H, W, C] and, geometrically only, to bool masks [H, W, N].
 
-    ``seed`` re-seeds the transform first (thread-safe), making the result reproducible.
-    Returns (image, masks bool [H, W, N]); raises ValueError if the transform changed the shape.
+    Like Matterport, one deterministic copy (``to_deterministic()``) augments the image and then the
+    masks, so both see the same random draws. Matterport chose what touches the masks with a hook
+    listing mask-safe augmenter class names; here the masks are imgaug segmentation maps, so imgaug
+    itself applies only its geometric augmenters to them (flips, Affine, Crop, PiecewiseAffine, ...),
+    with nearest-neighbour sampling and background 0, and skips the colour ones (Multiply, blur,
+    noise). ``seed`` re-seeds the augmenter first, making the result reproducible.
     """
-    check_augmentation(augmentation)
+    from imgaug.augmentables.segmaps import SegmentationMapsOnImage
+
+    with _AUGMENT_LOCK:  # seeding and to_deterministic() advance the shared augmenter's state
+        if seed is not None:
+            augmentation.seed_(int(seed))
+        deterministic = augmentation.to_deterministic()
+    new_image = deterministic(image=image)
+    chunks = [deterministic(segmentation_maps=SegmentationMapsOnImage(masks[:, :, i:i + IMGAUG_MASK_CHUNK],
+                                                                      shape=image.shape)).get_arr()
+              for i in range(0, masks.shape[-1], IMGAUG_MASK_CHUNK)]
+    new_masks = np.concatenate(chunks, axis=-1).astype(bool) if chunks else masks
+    return new_image, new_masks
+
+
+def augment_albumentations(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one albumentations transform to image [H, W, C] and bool masks [H, W, N] alike."""
     kwargs: dict[str, Any] = {"image": image}
     if masks.shape[-1]:
         kwargs["masks"] = [masks[:, :, i].astype(np.uint8) for i in range(masks.shape[-1])]
@@ -95,15 +158,32 @@ def augment(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int |
         if seed is not None and hasattr(augmentation, "set_random_seed"):
             augmentation.set_random_seed(int(seed))
         out = augmentation(**kwargs)
-    new_image = out["image"]
-    if new_image.shape != image.shape:
+    if masks.shape[-1]:
+        return out["image"], np.stack([np.asarray(m) for m in out["masks"]], axis=-1).astype(bool)
+    return out["image"], masks
+
+
+def augment(augmentation: Any, image: np.ndarray, masks: np.ndarray, seed: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Apply an albumentations transform or an imgaug augmenter to image [H, W, C] and bool masks [H, W, N].
+
+    ``seed`` re-seeds the transform first (thread-safe), making the result reproducible.
+    Returns (image, masks bool [H, W, N]); raises ValueError if the transform changed the shape.
+    """
+    if is_imgaug(augmentation):  # (probed once by check_augmentation, when training starts)
+        new_image, new_masks = augment_imgaug(augmentation, image, masks, seed)
+    else:
+        check_augmentation(augmentation)
+        new_image, new_masks = augment_albumentations(augmentation, image, masks, seed)
+    _check_same_shape(image, new_image, new_masks)
+    return new_image, new_masks
+
+
+def _check_same_shape(image: np.ndarray, new_image: np.ndarray, new_masks: np.ndarray) -> None:
+    """ValueError unless the augmented image (and masks) kept the image's shape."""
+    if new_image.shape != image.shape or new_masks.shape[:2] != image.shape[:2]:
         raise ValueError(f"augmentation changed the image shape {image.shape} -> {new_image.shape};"
                          " only shape-preserving transforms are allowed")
-    if masks.shape[-1]:
-        new_masks = np.stack([np.asarray(m) for m in out["masks"]], axis=-1).astype(bool)
-    else:
-        new_masks = masks
-    return new_image, new_masks
 
 
 # -------------------------------------------------------------------------------------------

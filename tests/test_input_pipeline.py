@@ -88,14 +88,81 @@ def test_augmentation_is_reproducible_with_seed_and_drops_emptied_instances():
     assert len(class_ids) == 1 and mask.shape[-1] == 1 and bbox.shape == (1, 4)
 
 
-def test_imgaug_like_objects_are_refused_clearly():
-    class FakeImgaug:
+def test_other_augmentation_objects_get_one_line_error():
+    class FakeImgaug:  # looks like imgaug (to_deterministic) but is not an imgaug augmenter
         def to_deterministic(self):
             return self
-    with pytest.raises(TypeError, match="albumentations"):
-        check_augmentation(FakeImgaug())
-    with pytest.raises(TypeError, match="albumentations"):
-        check_augmentation(lambda image: image)
+    for wrong in (FakeImgaug(), lambda image: image, "fliplr", 0.5):
+        with pytest.raises(TypeError, match="albumentations transform .* or an imgaug augmenter, got ") as info:
+            check_augmentation(wrong)
+        assert "\n" not in str(info.value) and type(wrong).__qualname__ in str(info.value)
+    with pytest.raises(TypeError, match="imgaug augmenter"):
+        augment(FakeImgaug(), np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 0), bool))
+
+
+# ---- imgaug (a NumPy-2 fork, e.g. sindre-imgaug; requirements-matterport.txt) -------------------
+
+@pytest.fixture(scope="module")
+def iaa():
+    """imgaug.augmenters, or a skip: not installed, or imgaug 0.4 failing to import on NumPy 2."""
+    try:
+        import imgaug.augmenters as augmenters
+    except Exception as exc:  # noqa: BLE001 - imgaug 0.4 raises AttributeError (np.sctypes) on NumPy 2
+        pytest.skip(f"no working imgaug ({type(exc).__name__}: {exc})")
+    return augmenters
+
+
+def test_imgaug_moves_masks_with_the_image_and_only_geometrically(iaa):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 50, (48, 64, 3), dtype=np.uint8)
+    masks = np.zeros((48, 64, 20), bool)      # 20 instances: more than one chunk of IMGAUG_MASK_CHUNK
+    for i in range(20):
+        masks[i:i + 9, 2 * i:2 * i + 12, i] = True
+    image[masks[:, :, 3]] = 255
+    flips = iaa.Sequential([iaa.Fliplr(1.0), iaa.Flipud(1.0), iaa.Multiply(1.2), iaa.GaussianBlur(sigma=0.5)])
+    check_augmentation(flips)
+    out_image, out_masks = augment(flips, image, masks, seed=5)
+    assert out_image.shape == image.shape and out_masks.dtype == bool and out_masks.shape == masks.shape
+    np.testing.assert_array_equal(out_masks, masks[::-1, ::-1])        # geometry only: blur/multiply skip masks
+    assert not np.array_equal(out_image, image[::-1, ::-1])           # ... but changed the image
+    bright = out_image[..., 0] > 200
+    assert (bright & out_masks[..., 3]).sum() >= 0.8 * out_masks[..., 3].sum()
+
+
+def test_imgaug_matterport_pipeline_trains_reproducibly(iaa):
+    """Matterport's nucleus augmentation through load_image_gt and the tf.data pipeline."""
+    image, masks = reference_image_and_masks()
+    dataset = ArrayDataset([(image, masks)])
+    nucleus = iaa.SomeOf((0, 2), [
+        iaa.Fliplr(0.5), iaa.Flipud(0.5),
+        iaa.OneOf([iaa.Affine(rotate=90), iaa.Affine(rotate=180), iaa.Affine(rotate=270)]),
+        iaa.Multiply((0.8, 1.5)), iaa.GaussianBlur(sigma=(0.0, 5.0))])
+    config = square_config()
+    first = [load_image_gt(dataset, config, 0, nucleus, seed=s) for s in range(6)]
+    again = [load_image_gt(dataset, config, 0, nucleus, seed=s) for s in range(6)]
+    for a, b in zip(first, again, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert len({out[0].tobytes() for out in first}) > 1                 # the seeds draw different results
+    for out_image, _, class_ids, _, out_masks in first:                 # the ellipse's colour stays on its mask
+        ellipse = out_masks[:, :, 0]
+        assert len(class_ids) == 2 and (out_image[ellipse][:, 2] < 150).mean() > 0.9
+    batches = [next(make_dataset(dataset, config, augmentation=nucleus).as_numpy_iterator()) for _ in range(2)]
+    for name in batches[0]:
+        np.testing.assert_array_equal(batches[0][name], batches[1][name])
+
+
+def test_imgaug_pipeline_that_fails_on_numpy2_is_one_line_before_training(iaa):
+    crop = iaa.Sequential([iaa.Fliplr(0.5), iaa.Crop(px=(1, 4))])
+    try:
+        check_augmentation(crop)
+    except ValueError as exc:   # the forks' Crop raises TypeError on NumPy 2.4
+        assert "\n" not in str(exc) and "imgaug pipeline fails" in str(exc) and "albumentations" in str(exc)
+    else:                       # a fork that fixed Crop: it must then work like any other augmenter
+        image, masks = reference_image_and_masks()
+        assert augment(crop, image, masks, seed=1)[1].shape == masks.shape
+    with pytest.raises(ValueError, match="changed the image shape"):
+        check_augmentation(iaa.Resize(0.5))
 
 
 def test_make_dataset_shapes_padding_and_determinism():
