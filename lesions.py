@@ -190,6 +190,7 @@ class LesionDataset(Dataset):
     """ISIC-style lesion dataset: one class ``lesion``; each image's mask is one instance."""
 
     SOURCE = "lesion"
+    APPLY_EXIF_ORIENTATION = True  # ISIC masks are drawn on the displayed (EXIF-rotated) image
 
     def load_lesions(self, dataset_dir: str | Path, subset: str, config: LesionConfig) -> None:
         """Add the ``subset`` ("train", "val" or "all") images of ``dataset_dir`` (tutorial style)."""

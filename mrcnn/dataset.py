@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 class Dataset:
     """Registry of classes and images from one or more sources (e.g. "isic", "coco")."""
 
+    #: Whether :meth:`load_image` applies a photo's EXIF orientation tag. False (Matterport's
+    #: behaviour: ``skimage.io.imread`` returns the pixels as stored) keeps masks drawn from stored
+    #: pixel coordinates (e.g. the balloon sample's VIA polygons) aligned with the image. Set it to
+    #: True in a subclass whose masks are drawn on the displayed, upright image (the CLI's
+    #: ``LesionDataset``: ISIC masks). Part of the preprocessing cache's key.
+    APPLY_EXIF_ORIENTATION: bool = False
+
     def __init__(self, class_map: Any = None) -> None:
         # class_map is accepted for Matterport compatibility and ignored.
         self._image_ids: Any = []
@@ -86,8 +93,11 @@ class Dataset:
     # ---- loading --------------------------------------------------------------------------
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """Read image ``image_id`` -> uint8 [H, W, 3] RGB (gray converted, alpha dropped)."""
-        return read_image(self.image_info[image_id]["path"])
+        """Read image ``image_id`` -> uint8 [H, W, 3] RGB (gray converted, alpha dropped).
+
+        The EXIF orientation is applied only with ``APPLY_EXIF_ORIENTATION`` (default: pixels as stored).
+        """
+        return read_image(self.image_info[image_id]["path"], upright=self.APPLY_EXIF_ORIENTATION)
 
     def load_mask(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Instance masks bool [H, W, N] and int32 internal class ids [N]; override this.

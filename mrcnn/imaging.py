@@ -353,12 +353,15 @@ def _wide_array(img: Image.Image) -> np.ndarray:
     return arr
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file -> uint8 [H, W, 3] RGB (EXIF orientation applied; gray/RGBA/P/CMYK/16-bit ok).
+def read_image(path: str | Path, upright: bool = True) -> np.ndarray:
+    """Read an image file -> uint8 [H, W, 3] RGB (gray/RGBA/P/CMYK/16-bit ok).
 
+    With ``upright`` (the default: photos, prediction) a JPEG's EXIF orientation is applied, so the
+    array is the image as viewers display it; without it the pixels come as stored in the file
+    (what ``skimage.io.imread`` returns, and the grid of annotations made on the stored pixels).
     Raises ImageReadError for missing, empty, truncated or non-image files.
     """
-    img = _open_image(path)
+    img = _open_image(path, upright=upright)
     try:
         return _pil_to_rgb(img)
     except (OSError, ValueError) as e:

@@ -9,8 +9,10 @@ per image::
     <cache root>/<mode>_min<IMAGE_MIN_DIM>_max<IMAGE_MAX_DIM>_scale<IMAGE_MIN_SCALE>/<image id>-<hash>.npz
 
 Each entry records a key: the source files' absolute paths, sizes and mtimes (``path`` and every
-``*_path`` of the image's ``image_info``), the resize settings, the dataset class's
-``load_image``/``load_mask`` code, ``mrcnn/imaging.py`` and the library versions. An entry whose
+``*_path`` of the image's ``image_info``), the resize settings, whether the dataset applies EXIF
+orientation (``APPLY_EXIF_ORIENTATION``, also part of the entry's file name, so a dataset reading
+stored pixels and one reading upright images keep separate entries of the same file), the dataset
+class's ``load_image``/``load_mask`` code, ``mrcnn/imaging.py`` and the library versions. An entry whose
 key differs, or that cannot be read completely (truncated, bad CRC, wrong shapes), is rebuilt
 and replaced. Entries are written to a temporary file and renamed into place, so parallel
 tf.data workers (or two runs) never see half a file; a cache folder that cannot be written only
@@ -143,11 +145,16 @@ def code_fingerprint(dataset_class: type) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def entry_key(info: dict[str, Any], settings: dict[str, Any], code: str) -> str:
+def exif_orientation(dataset: Any) -> bool:
+    """The dataset's ``APPLY_EXIF_ORIENTATION`` (False, pixels as stored, when it has none)."""
+    return bool(getattr(dataset, "APPLY_EXIF_ORIENTATION", False))
+
+
+def entry_key(info: dict[str, Any], settings: dict[str, Any], code: str, exif: bool = False) -> str:
     """The JSON key stored in (and compared with) an entry."""
     stamps = [file_stamp(p) for p in source_files(info)]
     return json.dumps({"version": FORMAT_VERSION, "id": str(info.get("id")), "source": str(info.get("source")),
-                       "files": stamps, "settings": settings, "code": code}, sort_keys=True)
+                       "files": stamps, "settings": settings, "exif": bool(exif), "code": code}, sort_keys=True)
 
 
 def settings_folder(settings: dict[str, Any]) -> str:
@@ -156,9 +163,9 @@ def settings_folder(settings: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", name)
 
 
-def entry_name(info: dict[str, Any]) -> str:
-    """File name of an image's entry: its id (sanitised) plus a hash of its source and path."""
-    ident = f"{info.get('source')}\n{info.get('id')}\n{'|'.join(source_files(info))}"
+def entry_name(info: dict[str, Any], exif: bool = False) -> str:
+    """File name of an image's entry: its id (sanitised) plus a hash of its source, path and EXIF setting."""
+    ident = f"{info.get('source')}\n{info.get('id')}\n{'|'.join(source_files(info))}\nexif={bool(exif)}"
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(info.get("id")))[:80] or "image"
     return f"{stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}.npz"
 
@@ -251,7 +258,8 @@ class PreprocessCache:
 
     def entry_path(self, dataset: Any, config: Any, image_id: int) -> Path:
         """Where image ``image_id``'s entry for ``config``'s resize settings lives."""
-        return self.root / settings_folder(resize_settings(config)) / entry_name(dataset.image_info[image_id])
+        return (self.root / settings_folder(resize_settings(config))
+                / entry_name(dataset.image_info[image_id], exif_orientation(dataset)))
 
     def load(self, dataset: Any, config: Any, image_id: int) -> ResizedSample:
         """The resized sample: read from the cache, or built with :func:`resize_sample` and stored."""
@@ -260,8 +268,9 @@ class PreprocessCache:
             self._count("uncached")
             return resize_sample(dataset, config, image_id)
         info = dataset.image_info[image_id]
-        key = entry_key(info, settings, self.fingerprint(type(dataset)))
-        path = self.root / settings_folder(settings) / entry_name(info)
+        exif = exif_orientation(dataset)
+        key = entry_key(info, settings, self.fingerprint(type(dataset)), exif)
+        path = self.root / settings_folder(settings) / entry_name(info, exif)
         sample, status = read_entry(path, key)
         self._count(status)
         if sample is not None:

@@ -92,3 +92,20 @@ def tiny_backbone(image, stage5: bool = True, train_bn: bool | None = False) -> 
 def tiny_backbone_shapes(image_shape) -> np.ndarray:
     """Feature map sizes of tiny_backbone's P2..P6 (strides 4..64)."""
     return np.array([[math.ceil(image_shape[0] / s), math.ceil(image_shape[1] / s)] for s in (4, 8, 16, 32, 64)])
+
+
+def exif_rotated_jpeg(path, stored_hw: tuple[int, int] = (60, 100)):
+    """Write a JPEG stored as ``stored_hw`` with a white left half and EXIF orientation 6.
+
+    Viewers (and ``read_image(upright=True)``) turn it 90 degrees clockwise: displayed it is
+    (w, h) with the white half on top. Returns ``path``.
+    """
+    from PIL import Image
+
+    h, w = stored_hw
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(path, "JPEG", exif=exif.tobytes(), quality=95)
+    return path

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import exif_rotated_jpeg
 from PIL import Image
 
 from mrcnn import boxes as B
@@ -107,3 +108,36 @@ def test_reference_dataset_and_load_chain(reference_dir, tmp_path):
     np.testing.assert_array_equal(bbox, ref["load_image_gt_bbox"])
     np.testing.assert_array_equal(I.minimize_mask(bbox, masks, (56, 56)), ref["load_image_gt_mini_mask"])
     np.testing.assert_array_equal(meta, ref["load_image_gt_meta"])
+
+
+class _StoredPolygonDataset(Dataset):
+    """Matterport's balloon sample in small: the mask is drawn from coordinates of the stored pixels."""
+
+    def load_mask(self, image_id):
+        info = self.image_info[image_id]
+        mask = np.zeros((info["height"], info["width"], 1), bool)
+        mask[:, : info["width"] // 2] = True  # the annotation tool saw the stored (unrotated) grid
+        return mask, np.ones([1], np.int32)
+
+
+def test_exif_orientation_is_not_applied_by_default_as_in_matterport(tmp_path):
+    path = exif_rotated_jpeg(tmp_path / "photo.jpg", (60, 100))
+    ds = _StoredPolygonDataset()
+    ds.add_class("balloon", 1, "balloon")
+    ds.add_image("balloon", "photo.jpg", str(path), height=60, width=100)
+    ds.prepare()
+    assert Dataset.APPLY_EXIF_ORIENTATION is False
+    image, (mask, _) = ds.load_image(0), ds.load_mask(0)
+    assert image.shape == (60, 100, 3) and mask.shape[:2] == image.shape[:2]   # pixels as stored
+    assert image[mask[..., 0]].mean() > 240 and image[~mask[..., 0]].mean() < 15  # the polygon lines up
+
+    class Upright(_StoredPolygonDataset):
+        APPLY_EXIF_ORIENTATION = True
+
+    upright = Upright()
+    upright.image_info, upright.class_info = ds.image_info, ds.class_info
+    upright.prepare()
+    turned = upright.load_image(0)
+    assert turned.shape == (100, 60, 3) and turned[:45].mean() > 240 and turned[55:].mean() < 15
+    ds.APPLY_EXIF_ORIENTATION = True  # an instance may choose too
+    assert ds.load_image(0).shape == (100, 60, 3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import make_config
+from helpers import exif_rotated_jpeg
 from PIL import Image
 
 import lesions
@@ -257,3 +258,43 @@ def test_the_tf_data_pipeline_gives_the_same_batches_with_the_cache(data):
     # two workers may build the same entry at once: both write atomically, one file remains
     assert cache.stats["missing"] >= 3 and cache.stats["corrupt"] == 0 and cache.stats["hit"] >= 6
     assert len(entries(cache.root)) == 3 and not list(cache.root.rglob(".tmp-*"))
+
+
+def test_exif_setting_is_part_of_the_key_and_keeps_both_readings_apart(tmp_path):
+    """One EXIF-rotated JPEG: LesionDataset reads it upright (its mask is drawn on the displayed
+    image), a Matterport-style Dataset as stored (its mask drawn on the stored pixels); both align
+    and the cache keeps one entry for each, with no rebuilding back and forth."""
+    from mrcnn.dataset import Dataset
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    exif_rotated_jpeg(root / "images" / "x.jpg", (60, 100))     # displayed: 100 high, white top half
+    upright_mask = np.zeros((100, 60), np.uint8)
+    upright_mask[:50] = 255
+    Image.fromarray(upright_mask).save(root / "masks" / "x_segmentation.png")
+    lesion = make_dataset(root)
+
+    class StoredPixels(Dataset):
+        def load_mask(self, image_id):
+            mask = np.zeros((60, 100, 1), bool)
+            mask[:, :50] = True
+            return mask, np.ones([1], np.int32)
+
+    stored = StoredPixels()
+    stored.add_class("lesion", 1, "lesion")
+    stored.add_image("lesion", "x", str(root / "images" / "x.jpg"))    # same source, id and file
+    stored.prepare()
+    assert lesion.load_image(0).shape == (100, 60, 3) and stored.load_image(0).shape == (60, 100, 3)
+
+    cache, config = PreprocessCache(root / "cache"), small_config()
+    for _ in range(2):
+        for dataset, shape in ((lesion, (100, 60, 3)), (stored, (60, 100, 3))):
+            sample = cache.load(dataset, config, 0)
+            assert tuple(sample.original_shape) == shape
+            assert_same(sample, resize_sample(dataset, config, 0))
+            inside = sample.image[sample.mask[..., 0]]
+            assert inside.mean() > 200                              # image and mask line up
+    assert cache.stats["missing"] == 2 and cache.stats["hit"] == 2 and cache.stats["stale"] == 0
+    assert len(entries(cache.root)) == 2
+    assert cache.entry_path(lesion, config, 0) != cache.entry_path(stored, config, 0)
