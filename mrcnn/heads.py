@@ -124,6 +124,52 @@ class MatmulConv2DTranspose(KL.Conv2DTranspose):
         return y
 
 
+class MaskPredictor(KL.Conv2D):
+    """Matterport's ``mrcnn_mask`` layer: the per-class 1x1 sigmoid conv of the mask head, with
+    its output in Matterport's shape [B, N, mh, mw, C].
+
+    Inputs: [features [B*n, mh, mw, F] (ROIs folded into the batch axis), rois [B, n, 4]]. The
+    conv runs on the folded features (the fast formulation of this module), then the result is
+    unfolded to [B, n, mh, mw, C]; with ``pad_to``, zero rows are appended up to ``pad_to`` ROIs
+    (inference: the head runs on the real detections only, the output keeps Matterport's
+    DETECTION_MAX_INSTANCES slots). The weights are a Conv2D's, kernel (1, 1, F, C) and bias (C,),
+    under the layer name ``mrcnn_mask``: Keras-2 weight files load by name as before, and
+    ``get_layer("mrcnn_mask").output`` is the mask probabilities Matterport's notebooks expect.
+    """
+
+    def __init__(self, filters: int, pad_to: int | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("kernel_size", (1, 1))
+        kwargs.setdefault("activation", "sigmoid")
+        super().__init__(filters, **kwargs)
+        self.pad_to = None if pad_to is None else int(pad_to)
+        self.input_spec = None  # two inputs; Conv2D's spec would describe the features only
+
+    def build(self, input_shape: Any) -> None:
+        super().build(tuple(input_shape[0]))
+        self.input_spec = None
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        features, rois = inputs
+        y = super().call(features)                                     # [B*n, mh, mw, C]
+        rois_shape = tf.shape(rois)
+        y = tf.reshape(y, tf.concat([rois_shape[:2], tf.shape(y)[1:]], 0))
+        if self.pad_to is None:
+            return y
+        y = tf.pad(y, [[0, 0], [0, self.pad_to - rois_shape[1]], [0, 0], [0, 0], [0, 0]])
+        return tf.ensure_shape(y, (None, self.pad_to, *y.shape[2:]))
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        if not isinstance(input_shape[0], (tuple, list)):  # Conv2D.build validates the features alone
+            return super().compute_output_shape(input_shape)
+        features_shape, rois_shape = input_shape
+        folded = super().compute_output_shape(tuple(features_shape))
+        rois = self.pad_to if self.pad_to is not None else rois_shape[1]
+        return (rois_shape[0], rois, *folded[1:])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "pad_to": self.pad_to}
+
+
 def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str,
                   train_bn: bool | None, padding: str) -> Any:
     conv = MatmulConv2D if padding == "valid" else KL.Conv2D
@@ -153,8 +199,9 @@ def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any
 
 def build_fpn_mask_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
                          num_classes: int, train_bn: bool | None = False, conv_layers: int = 4,
-                         channels: int = 256) -> Any:
-    """Mask head. rois [B, N, 4] normalised -> per-class mask probabilities [B, N, 2*pool, 2*pool, C].
+                         channels: int = 256, pad_to: int | None = None) -> Any:
+    """Mask head. rois [B, N, 4] normalised -> per-class mask probabilities [B, N, 2*pool, 2*pool, C]
+    (or [B, pad_to, ...] with zero rows after the first N), the output of the layer "mrcnn_mask".
 
     ``conv_layers`` 3x3 convs of ``channels`` (and the deconv's channels): Matterport's 4 x 256
     by default (config MASK_HEAD_CONV_LAYERS / MASK_HEAD_CHANNELS)."""
@@ -163,5 +210,4 @@ def build_fpn_mask_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any
     for i in range(1, conv_layers + 1):
         x = _conv_bn_relu(x, channels, 3, f"mrcnn_mask_conv{i}", f"mrcnn_mask_bn{i}", train_bn, "same")
     x = MatmulConv2DTranspose(channels, (2, 2), strides=2, activation="relu", name="mrcnn_mask_deconv")(x)
-    x = KL.Conv2D(num_classes, (1, 1), strides=1, activation="sigmoid", name="mrcnn_mask", dtype="float32")(x)
-    return UnfoldRois(name="mrcnn_mask_rois", dtype="float32")([x, rois])
+    return MaskPredictor(num_classes, pad_to=pad_to, name="mrcnn_mask", dtype="float32")([x, rois])

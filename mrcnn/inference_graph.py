@@ -107,7 +107,7 @@ def build_inference_model(config: Any) -> keras.Model:
         mrcnn_mask = build_fpn_mask_graph(detection_boxes, mrcnn_feature_maps, input_image_meta,
                                           config.MASK_POOL_SIZE, config.NUM_CLASSES, train_bn=train_bn,
                                           conv_layers=config.MASK_HEAD_CONV_LAYERS,
-                                          channels=config.MASK_HEAD_CHANNELS)
-        mrcnn_mask = PadRois(config.DETECTION_MAX_INSTANCES, name="mrcnn_mask_padded")(mrcnn_mask)
+                                          channels=config.MASK_HEAD_CHANNELS,
+                                          pad_to=config.DETECTION_MAX_INSTANCES)
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

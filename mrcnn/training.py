@@ -274,7 +274,7 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
 def _build_graph(config) -> TrainingModel:
     from mrcnn.backbone import build_backbone_and_fpn
     from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
-    from mrcnn.inference_graph import PadRois, build_rpn_for_config, check_image_shape
+    from mrcnn.inference_graph import build_rpn_for_config, check_image_shape
     from mrcnn.rpn import ProposalLayer, apply_rpn
 
     check_image_shape(config)
@@ -292,15 +292,14 @@ def _build_graph(config) -> TrainingModel:
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
         rois, mrcnn_feature_maps, meta, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
         fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
-    mask_rois = rois
-    if config.TRAIN_MASKS_ON_POSITIVES_ONLY:
+    mask_rois, positives = rois, None
+    if config.TRAIN_MASKS_ON_POSITIVES_ONLY:  # the mask layer pads back to the static slot, zero rows
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
         mask_rois = PositiveRois(positives, name="positive_rois", dtype="float32")([rois, target_class_ids])
     mrcnn_mask = build_fpn_mask_graph(mask_rois, mrcnn_feature_maps, meta, config.MASK_POOL_SIZE,
                                       config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-                                      conv_layers=config.MASK_HEAD_CONV_LAYERS, channels=config.MASK_HEAD_CHANNELS)
-    if config.TRAIN_MASKS_ON_POSITIVES_ONLY:  # back to the static slot, zero rows
-        mrcnn_mask = PadRois(positives, name="mrcnn_mask_padded")(mrcnn_mask)
+                                      conv_layers=config.MASK_HEAD_CONV_LAYERS, channels=config.MASK_HEAD_CHANNELS,
+                                      pad_to=positives)
     output_rois = Identity(name="output_rois", dtype="float32")(rois)
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,

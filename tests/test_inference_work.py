@@ -36,7 +36,7 @@ def test_mask_head_runs_on_real_detections_only(model):
     km = model.keras_model
     levels = [km.get_layer(n).output for n in ("fpn_p2", "fpn_p3", "fpn_p4", "fpn_p5")]
     head = keras.Model([*levels, km.get_layer("detection_boxes").output, km.inputs[1]],
-                       km.get_layer("mrcnn_mask_rois").output)
+                       km.get_layer("mrcnn_mask").output)
     pyramid = keras.Model(km.inputs, levels)([molded, metas.astype(np.float32), anchors.astype(np.float32)])
     every_slot = keras.ops.convert_to_numpy(head([*pyramid, keras.ops.convert_to_tensor(detections[..., :4]),
                                                  keras.ops.convert_to_tensor(metas.astype(np.float32))]))

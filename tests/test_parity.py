@@ -188,7 +188,7 @@ def test_detection_layer_on_stored_inputs(coco, ref):
 def test_mask_head_on_stored_inputs(coco, ref):
     model, _ = coco
     head = _sub_model(model.keras_model, ["fpn_p2", "fpn_p3", "fpn_p4", "fpn_p5", "detection_boxes", "input_image_meta"],
-                      ["roi_align_mask", "mrcnn_mask_rois"])
+                      ["roi_align_mask", "mrcnn_mask"])
     pooled, masks = (keras.ops.convert_to_numpy(t) for t in head(
         [ref["P2"], ref["P3"], ref["P4"], ref["P5"], ref["detections"][..., :4], ref["image_meta"].astype(np.float32)]))
     np.testing.assert_allclose(pooled[:, :8], ref["roi_align_mask_first8"], rtol=RTOL, atol=ATOL)
