@@ -8,9 +8,11 @@ postprocess.py, training in training.py. Matterport's module-level names that us
 
 from __future__ import annotations
 
+import collections
 import datetime
 import errno
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import keras
@@ -202,16 +204,61 @@ class MaskRCNN:
                                  self.config.DETECTION_MASK_THRESHOLD)
 
     def run_graph(self, images: Sequence[np.ndarray], outputs: Sequence[tuple[str, Any]],
-                  image_metas: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Evaluate named intermediate Keras tensors ``[(name, tensor)]`` on ``images`` (debugging)."""
-        molded, metas, _ = self.mold_inputs([self._model_image(im) for im in images])
-        if image_metas is not None:
-            metas = image_metas
+                  image_metas: np.ndarray | None = None, *, verbose: int = 1) -> dict[str, np.ndarray]:
+        """Evaluate named symbolic tensors of the inference model ``[(name, tensor)]`` (debugging).
+
+        Without ``image_metas`` the images are molded first (:meth:`mold_inputs`); with
+        ``image_metas`` they are taken as already molded (resized, padded, mean subtracted), as in
+        Matterport. Returns {name: numpy array} in the given order and, with ``verbose``, logs each
+        (name, shape, min, max, dtype) as Matterport does.
+        """
+        if any(tensor is None for _, tensor in outputs):
+            missing = [name for name, tensor in outputs if tensor is None]
+            raise ValueError(f"run_graph: no tensor for {', '.join(missing)} (an ancestor() that found nothing?)")
+        if image_metas is None:
+            molded, metas, _ = self.mold_inputs([self._model_image(im) for im in images])
+        else:
+            molded, metas = np.asarray(images, dtype=np.float32), np.asarray(image_metas)
         anchors = self._batch_anchors(molded)
         probe = keras.Model(self.keras_model.inputs, [t for _, t in outputs])
         values = probe([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
-        return {name: keras.ops.convert_to_numpy(v) for (name, _), v in zip(outputs, values, strict=True)}
+        results = {name: keras.ops.convert_to_numpy(v) for (name, _), v in zip(outputs, values, strict=True)}
+        if verbose:
+            for name, value in results.items():
+                log(name, value)
+        return results
+
+    def ancestor(self, tensor: Any, name: str | re.Pattern, checked: list | None = None) -> Any:
+        """The nearest ancestor of the symbolic ``tensor`` in the Keras graph named ``name``, or None.
+
+        Keras 3 keeps each symbolic tensor's history (the layer that produced it, that layer's
+        input tensors), so the search walks back through layer calls, nearest first. A tensor's
+        names are its layer's name and ``<layer>:<output index>`` (``"rpn_class"``,
+        ``"proposal_targets:1"``); ``name`` (a string or compiled pattern) must match one of them
+        entirely. Matterport's Keras 2 graph also held the TF ops inside a layer (e.g.
+        ``"ROI/refined_anchors:0"``); Keras 3 records layer calls only, so such names give None,
+        as do the layers inside a nested model (``rpn_model``). ``checked``: tensors to skip
+        (visited tensors are appended to it).
+        """
+        pattern = re.compile(name) if isinstance(name, str) else name
+        if getattr(tensor, "_keras_history", None) is None:
+            raise TypeError(f"ancestor() needs a symbolic Keras tensor (e.g. keras_model.get_layer(...).output), "
+                            f"got {type(tensor).__name__}")
+        seen = {id(t) for t in checked} if checked is not None else set()
+        queue = collections.deque(_parent_tensors(tensor))
+        while queue:
+            parent = queue.popleft()
+            if id(parent) in seen:
+                continue
+            seen.add(id(parent))
+            if checked is not None:
+                checked.append(parent)
+            operation, _, index = parent._keras_history  # noqa: SLF001 (Keras' public-by-convention history)
+            if any(pattern.fullmatch(n) for n in (operation.name, f"{operation.name}:{index}")):
+                return parent
+            queue.extend(_parent_tensors(parent))
+        return None
 
     # -----------------------------------------------------------------------------------------
     # Weights and log dirs
@@ -322,6 +369,16 @@ def __getattr__(name: str) -> Any:
         module, _, attribute = _LAZY_EXPORTS[name].partition(":")
         return getattr(importlib.import_module(module), attribute or name)
     raise AttributeError(f"module 'mrcnn.model' has no attribute {name!r}")
+
+
+def _parent_tensors(tensor: Any) -> list:
+    """The input tensors of the layer call that produced the symbolic ``tensor`` ([] for an Input)."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return []
+    operation, node_index, _ = history
+    nodes = getattr(operation, "_inbound_nodes", [])
+    return list(nodes[node_index].input_tensors) if node_index < len(nodes) else []
 
 
 def log(text: str, array: np.ndarray | None = None) -> None:

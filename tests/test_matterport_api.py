@@ -38,3 +38,51 @@ def test_mrcnn_mask_layer_has_matterports_output_shape(inference_model, tmp_path
     training = modellib.MaskRCNN("training", make_config("small", TRAIN_MASKS_ON_POSITIVES_ONLY=False), str(tmp_path))
     shape = training.keras_model.get_layer("mrcnn_mask").output.shape
     assert tuple(shape[1:]) == (training.config.TRAIN_ROIS_PER_IMAGE, mask_h, mask_w, config.NUM_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# run_graph, ancestor, set_trainable
+
+
+def test_run_graph_takes_images_as_molded_when_metas_are_given(inference_model, capsys):
+    km = inference_model.keras_model
+    image = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    outputs = [("rpn_class", km.get_layer("rpn_class").output), ("proposals", km.get_layer("ROI").output)]
+    from_raw = inference_model.run_graph([image], outputs)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed] == ["rpn_class", "proposals"] and "shape:" in printed[0]
+    molded, metas, _ = inference_model.mold_inputs([image])
+    from_molded = inference_model.run_graph(molded, outputs, metas, verbose=0)  # Matterport's positional call
+    assert capsys.readouterr().out == ""
+    for name, value in from_raw.items():
+        np.testing.assert_allclose(from_molded[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_ancestor_walks_a_keras3_functional_graph(inference_model):
+    import keras
+
+    x = keras.Input((4,), name="x")
+    a = keras.layers.Dense(3, name="dense_a")(x)
+    b = keras.layers.Dense(2, name="dense_b")(a)
+    joined = keras.layers.Concatenate(name="joined")([a, b])
+    out = keras.layers.Dense(1, name="out")(joined)
+    find = inference_model.ancestor
+    assert find(out, "joined") is joined
+    assert find(out, "dense_a") is a and find(out, "dense_b:0") is b and find(out, "x") is x
+    assert find(out, "dense_.*") is a        # nearest first: a feeds `joined` directly
+    assert find(out, "dense_b:1") is None and find(out, "missing") is None and find(out, "out") is None
+    checked: list = []
+    assert find(out, "x", checked) is x and any(t is a for t in checked)
+    with pytest.raises(TypeError, match="symbolic"):
+        find(np.zeros(3), "x")
+
+    km = inference_model.keras_model
+    pillar = km.get_layer("ROI").output       # the inspect_model notebook's starting point
+    assert find(pillar, "rpn_class") is km.get_layer("rpn_class").output
+    assert find(pillar, "input_anchors") is km.inputs[2]
+    assert find(pillar, "ROI/rpn_non_max_suppression:0") is None   # a TF op inside a layer: not in Keras 3's graph
+    values = inference_model.run_graph([np.zeros((64, 64, 3), np.uint8)],
+                                       [("rpn_bbox", find(pillar, "rpn_bbox"))], verbose=0)
+    assert values["rpn_bbox"].shape[-1] == 4
+    with pytest.raises(ValueError, match="no tensor for nms"):
+        inference_model.run_graph([np.zeros((64, 64, 3), np.uint8)], [("nms", None)])
