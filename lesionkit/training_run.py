@@ -94,7 +94,7 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
         print(f"\nStage '{stage.layers}': epochs {model.epoch + 1}..{stage.final_epoch} at learning rate"
               f" {stage.learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
         model.train(train_set, val_set, learning_rate=stage.learning_rate, epochs=stage.final_epoch,
-                    layers=stage.layers, augmentation=augmentation)
+                    layers=stage.layers, augmentation=augmentation, list_layers=False)  # the stage line says it
     cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
     if cache is not None:
         print(f"Preprocessing cache: {cache.summary()}")

@@ -310,19 +310,25 @@ class MaskRCNN:
 
     def train(self, train_dataset: Any, val_dataset: Any, learning_rate: float, epochs: int, layers: str,
               augmentation: Any = None, custom_callbacks: list | None = None,
-              no_augmentation_sources: list | None = None) -> Any:
-        """Train to the absolute epoch ``epochs``; see :func:`mrcnn.training.train`."""
+              no_augmentation_sources: list | None = None, *, list_layers: bool = True) -> Any:
+        """Train to the absolute epoch ``epochs``; see :func:`mrcnn.training.train`. Lists the
+        trainable layers first, as Matterport's ``train`` does, unless ``list_layers`` is False."""
         if self.mode != "training":
             raise ValueError("train needs a model created in 'training' mode")
         from mrcnn.training import train
         return train(self, train_dataset, val_dataset, learning_rate, epochs, layers,
                      augmentation=augmentation, custom_callbacks=custom_callbacks,
-                     no_augmentation_sources=no_augmentation_sources)
+                     no_augmentation_sources=no_augmentation_sources, list_layers=list_layers)
 
-    def set_trainable(self, layer_regex: str, keras_model: Any = None, indent: int = 0, verbose: int = 1) -> None:
-        """Mark layers whose names fully match ``layer_regex`` trainable; see mrcnn.training."""
+    def set_trainable(self, layer_regex: str, keras_model: Any = None, indent: int = 0,
+                      verbose: int = 1) -> list[str]:
+        """Make trainable exactly the weighted layers whose names fully match ``layer_regex`` (or a
+        preset: "heads", "3+", "4+", "5+", "all"), in ``keras_model`` (default: this model's).
+        With ``verbose`` > 0 it prints, as Matterport, "Selecting layers to train" and one line per
+        trainable layer (name and class, nested models indented). Returns the trainable layers' names
+        (Matterport returns None); see mrcnn.training.set_trainable."""
         from mrcnn.training import set_trainable
-        return set_trainable(self, layer_regex)
+        return set_trainable(self if keras_model is None else keras_model, layer_regex, verbose=verbose, indent=indent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -347,20 +347,29 @@ def _inner(layer):
     return getattr(layer, "layer", layer)  # TimeDistributed -> wrapped layer
 
 
-def set_trainable(model, layer_regex: str, verbose: int = 0) -> list[str]:
+def set_trainable(model, layer_regex: str, verbose: int = 0, indent: int = 0) -> list[str]:
     """Make exactly the weighted layers whose names full-match ``layer_regex`` (or a preset
     name from LAYER_REGEX) trainable; nested models (rpn_model) are entered. Returns the
-    names of the trainable layers. ``model`` is a MaskRCNN or a Keras model."""
+    names of the trainable layers. ``model`` is a MaskRCNN or a Keras model.
+
+    With ``verbose`` > 0 it prints what Matterport's ``MaskRCNN.set_trainable`` prints: a line
+    "Selecting layers to train", then one line per trainable layer, its name and class (``indent``
+    spaces first), and "In model:  <name>" before the layers of a nested model (indented 4 more).
+    """
     regex = LAYER_REGEX.get(layer_regex, layer_regex)
     keras_model = getattr(model, "keras_model", model)
     keras_model.trainable = True
     trainable: list[str] = []
+    if verbose > 0:
+        print("Selecting layers to train")
 
-    def visit(container) -> None:
+    def visit(container, depth: int) -> None:
         for layer in container.layers:
             if isinstance(layer, keras.Model):
                 layer.trainable = True
-                visit(layer)
+                if verbose > 0:
+                    print("In model: ", layer.name)
+                visit(layer, depth + 4)
                 continue
             if not layer.weights:
                 continue
@@ -369,10 +378,10 @@ def set_trainable(model, layer_regex: str, verbose: int = 0) -> list[str]:
             layer.trainable = on
             if on:
                 trainable.append(layer.name)
+                if verbose > 0:
+                    print(f"{' ' * depth}{layer.name:20}   ({type(_inner(layer)).__name__})")
 
-    visit(keras_model)
-    if verbose:
-        print(f"{len(trainable)} trainable layers: {', '.join(trainable)}")
+    visit(keras_model, indent)
     return trainable
 
 
@@ -439,10 +448,12 @@ def interrupted_message(model, epochs: int) -> str:
 
 def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, layers: str,
           augmentation: Any = None, custom_callbacks: list | None = None,
-          no_augmentation_sources: list[str] | None = None, verbose: int = 1):
+          no_augmentation_sources: list[str] | None = None, verbose: int = 1, *, list_layers: bool = True):
     """Train ``model`` (a MaskRCNN in training mode) from ``model.epoch`` up to epoch ``epochs``.
 
-    ``layers``: "heads", "3+", "4+", "5+", "all" or a regex full-matched on layer names.
+    ``layers``: "heads", "3+", "4+", "5+", "all" or a regex full-matched on layer names; with
+    ``list_layers`` the trainable layers are listed first, as Matterport's ``train`` does
+    (:func:`set_trainable` with verbose 1). ``verbose``: Keras' progress output.
     ``augmentation``: an albumentations transform (see mrcnn.input_pipeline.default_augmentation) or None.
     Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
     TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic).
@@ -455,7 +466,7 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     check_augmentation(augmentation)
     try:
         history, guard = _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation,
-                              custom_callbacks, no_augmentation_sources, verbose)
+                              custom_callbacks, no_augmentation_sources, verbose, list_layers)
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(model, epochs)}", flush=True)
         raise
@@ -466,7 +477,7 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
 
 
 def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation, custom_callbacks,
-         no_augmentation_sources, verbose):
+         no_augmentation_sources, verbose, list_layers=True):
     """The body of :func:`train` (set up, then Keras fit); returns (history, guard)."""
     config = model.config
     if _seed(config) is not None:
@@ -474,10 +485,10 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
     os.makedirs(model.log_dir, exist_ok=True)
     config.save(os.path.join(model.log_dir, "config.json"))
     train_ds, val_ds = _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources)
-    names = set_trainable(model, layers, verbose=0)
+    print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\nCheckpoint Path: {model.checkpoint_path}")
+    names = set_trainable(model, layers, verbose=1 if list_layers else 0)
     logger.info("Starting at epoch %d, lr=%s, %d trainable layers; checkpoints: %s",
                 model.epoch, learning_rate, len(names), model.checkpoint_path)
-    print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\nCheckpoint Path: {model.checkpoint_path}")
     compile_training_model(model.keras_model, learning_rate, config)
     guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
     history = model.keras_model.fit(

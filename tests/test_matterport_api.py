@@ -86,3 +86,31 @@ def test_ancestor_walks_a_keras3_functional_graph(inference_model):
     assert values["rpn_bbox"].shape[-1] == 4
     with pytest.raises(ValueError, match="no tensor for nms"):
         inference_model.run_graph([np.zeros((64, 64, 3), np.uint8)], [("nms", None)])
+
+
+def test_set_trainable_prints_the_trainable_layers_when_verbose(inference_model, capsys):
+    inference_model.set_trainable(r"(mrcnn\_mask.*)|(rpn\_.*)")     # Matterport's default verbose=1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Selecting layers to train"
+    assert "In model:  rpn_model" in lines
+    assert any(line.split() == ["mrcnn_mask", "(MaskPredictor)"] for line in lines)
+    assert any(line.startswith("    rpn_conv_shared") and line.endswith("(Conv2D)") for line in lines)
+    assert not any("mrcnn_class_conv1" in line for line in lines)   # not trainable: not listed
+    assert inference_model.keras_model.get_layer("mrcnn_mask").trainable
+    assert not inference_model.keras_model.get_layer("mrcnn_class_conv1").trainable
+    inference_model.set_trainable(".*", verbose=0)
+    assert capsys.readouterr().out == ""
+    assert inference_model.keras_model.get_layer("mrcnn_class_conv1").trainable
+
+
+def test_train_lists_the_layers_as_matterport_unless_told_not_to(tmp_path, capsys):
+    from helpers import array_dataset, lesion_pairs
+
+    config = make_config("small", STEPS_PER_EPOCH=1, VALIDATION_STEPS=0)
+    model = modellib.MaskRCNN("training", config, str(tmp_path))
+    dataset = array_dataset(lesion_pairs(2))
+    model.train(dataset, None, learning_rate=0.001, epochs=1, layers="heads")
+    out = capsys.readouterr().out
+    assert "Selecting layers to train" in out and "mrcnn_mask " in out and "tiny_c1" not in out
+    model.train(dataset, None, learning_rate=0.001, epochs=2, layers="all", list_layers=False)
+    assert "Selecting layers to train" not in capsys.readouterr().out
