@@ -197,23 +197,63 @@ def active_class_ids(dataset, config, image_id: int) -> np.ndarray:
     return active
 
 
-def load_image_gt(dataset, config, image_id: int, augmentation: Any = None, use_mini_mask: bool = False,
-                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+_AUGMENT_FLAG_WARNED = False
+
+
+def _check_augment_flag(augment: Any) -> bool:
+    """Matterport's deprecated ``augment`` flag as a bool; TypeError for a transform passed there."""
+    if augment is None or isinstance(augment, (bool, np.bool_)) or (isinstance(augment, (int, np.integer))
+                                                                    and augment in (0, 1)):
+        return bool(augment)
+    raise TypeError(f"augment= is Matterport's deprecated flag (True: random left-right flip), got "
+                    f"{type(augment).__name__}; pass a transform as augmentation= (load_image_gt(dataset, "
+                    "config, image_id, augment=False, augmentation=None, use_mini_mask=False))")
+
+
+def _random_fliplr(image: np.ndarray, mask: np.ndarray, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Matterport's deprecated ``augment=True``: flip image and masks left-right with probability 0.5."""
+    global _AUGMENT_FLAG_WARNED
+    if not _AUGMENT_FLAG_WARNED:
+        logger.warning("'augment' is deprecated. Use 'augmentation' instead "
+                       "(e.g. albumentations.HorizontalFlip(p=0.5)).")
+        _AUGMENT_FLAG_WARNED = True
+    rng = np.random.default_rng(None if seed is None else [int(seed), 1])
+    if rng.integers(2):
+        return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    return image, mask
+
+
+def _apply_augmentation(augmentation: Any, image: np.ndarray, mask: np.ndarray, seed: int | None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`augment` (load_image_gt's ``augment`` argument, Matterport's flag, hides the name there)."""
+    return augment(augmentation, image, mask, seed)
+
+
+def load_image_gt(dataset, config, image_id: int, augment: bool = False, augmentation: Any = None,
+                  use_mini_mask: bool = False, *, seed: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Load, resize and (optionally) augment one image with its instances (Matterport §6.1).
 
+    Matterport's signature and argument order. ``augment`` (deprecated, as in Matterport; use
+    ``augmentation``) flips image and masks left-right with probability 0.5, before
+    ``augmentation`` (an albumentations transform or an imgaug augmenter) runs.
     Returns (image uint8 [H, W, 3], image_meta float64 [12 + NUM_CLASSES], class_ids int32 [N],
     bbox int32 [N, 4] (y1, x1, y2, x2, y2/x2 exclusive), mask bool [H, W, N] or, with
     ``use_mini_mask``, [mh, mw, N] cropped to each box). Instances left empty by resizing or
-    augmentation are dropped. ``seed`` makes the augmentation reproducible. With
-    ``dataset.preprocess_cache`` set (a :class:`mrcnn.preprocess_cache.PreprocessCache`), the
-    decoded and resized image and masks come from that cache; augmentation still runs after it.
+    augmentation are dropped. ``seed`` (keyword-only, ours) makes the flip and the augmentation
+    reproducible. With ``dataset.preprocess_cache`` set (a
+    :class:`mrcnn.preprocess_cache.PreprocessCache`), the decoded and resized image and masks come
+    from that cache; augmentation still runs after it.
     """
+    flip = _check_augment_flag(augment)
     cache = getattr(dataset, "preprocess_cache", None)  # opt-in: mrcnn.preprocess_cache.PreprocessCache
     resized = cache.load(dataset, config, image_id) if cache is not None else resize_sample(dataset, config, image_id)
     image, mask, original_shape, window, scale = (resized.image, resized.mask, resized.original_shape,
                                                   resized.window, resized.scale)
+    if flip:
+        image, mask = _random_fliplr(image, mask, seed)
     if augmentation is not None:
-        image, mask = augment(augmentation, image, mask, seed)
+        image, mask = _apply_augmentation(augmentation, image, mask, seed)
     keep = mask.any(axis=(0, 1))
     mask = mask[:, :, keep]
     class_ids = resized.class_ids[keep]
@@ -250,7 +290,7 @@ def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, a
     """One padded training sample (see the module docstring for keys, shapes and dtypes)."""
     rng = rng if rng is not None else np.random.default_rng()
     seed = int(rng.integers(2**31 - 1))
-    image, meta, class_ids, boxes, masks = load_image_gt(dataset, config, image_id, augmentation,
+    image, meta, class_ids, boxes, masks = load_image_gt(dataset, config, image_id, augmentation=augmentation,
                                                          use_mini_mask=config.USE_MINI_MASK, seed=seed)
     if tuple(image.shape) != tuple(int(v) for v in config.IMAGE_SHAPE):
         raise ValueError(f"image {image_id} resized to {image.shape}, but training needs IMAGE_SHAPE"

@@ -78,13 +78,13 @@ def test_augmentation_is_reproducible_with_seed_and_drops_emptied_instances():
     image, masks = reference_image_and_masks()
     dataset = ArrayDataset([(image, masks)])
     aug = default_augmentation()
-    a = load_image_gt(dataset, square_config(), 0, aug, seed=11)
-    b = load_image_gt(dataset, square_config(), 0, aug, seed=11)
+    a = load_image_gt(dataset, square_config(), 0, augmentation=aug, seed=11)
+    b = load_image_gt(dataset, square_config(), 0, augmentation=aug, seed=11)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     # a transform that blanks the big (ellipse) instance: it must be dropped, the disk kept
     crop_away = A.Compose([A.Lambda(mask=_blank_large_masks)])
-    _, _, class_ids, bbox, mask = load_image_gt(dataset, square_config(), 0, crop_away)
+    _, _, class_ids, bbox, mask = load_image_gt(dataset, square_config(), 0, augmentation=crop_away)
     assert len(class_ids) == 1 and mask.shape[-1] == 1 and bbox.shape == (1, 4)
 
 
@@ -138,8 +138,8 @@ def test_imgaug_matterport_pipeline_trains_reproducibly(iaa):
         iaa.OneOf([iaa.Affine(rotate=90), iaa.Affine(rotate=180), iaa.Affine(rotate=270)]),
         iaa.Multiply((0.8, 1.5)), iaa.GaussianBlur(sigma=(0.0, 5.0))])
     config = square_config()
-    first = [load_image_gt(dataset, config, 0, nucleus, seed=s) for s in range(6)]
-    again = [load_image_gt(dataset, config, 0, nucleus, seed=s) for s in range(6)]
+    first = [load_image_gt(dataset, config, 0, augmentation=nucleus, seed=s) for s in range(6)]
+    again = [load_image_gt(dataset, config, 0, augmentation=nucleus, seed=s) for s in range(6)]
     for a, b in zip(first, again, strict=True):
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)

@@ -114,3 +114,52 @@ def test_train_lists_the_layers_as_matterport_unless_told_not_to(tmp_path, capsy
     assert "Selecting layers to train" in out and "mrcnn_mask " in out and "tiny_c1" not in out
     model.train(dataset, None, learning_rate=0.001, epochs=2, layers="all", list_layers=False)
     assert "Selecting layers to train" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# load_image_gt
+
+
+def _left_lesion_dataset(n: int = 1):
+    """64x64 images, one lesion in the left half (so a left-right flip shows), and their masks."""
+    from helpers import array_dataset
+
+    pairs = []
+    for i in range(n):
+        image = np.full((64, 64, 3), 200, np.uint8)
+        mask = np.zeros((64, 64, 1), bool)
+        mask[10 + i:40, 4:24 + i] = True
+        image[mask[:, :, 0]] = 60
+        pairs.append((image, mask))
+    return array_dataset(pairs)
+
+
+def test_load_image_gt_takes_matterports_arguments_and_augment_flips():
+    config = make_config("small")
+    dataset = _left_lesion_dataset()
+    image, meta, class_ids, bbox, mini = modellib.load_image_gt(dataset, config, 0, False, None, True)  # positional
+    assert mini.shape == (*config.MINI_MASK_SHAPE, 1) and class_ids.tolist() == [1]
+    full = modellib.load_image_gt(dataset, config, 0, use_mini_mask=False)[4]
+    flipped = 0
+    for seed in range(8):
+        f_image, f_meta, f_ids, f_bbox, f_mask = modellib.load_image_gt(dataset, config, 0, augment=True, seed=seed)
+        np.testing.assert_array_equal(f_meta, meta)
+        np.testing.assert_array_equal(f_ids, class_ids)
+        if np.array_equal(f_image, image):
+            np.testing.assert_array_equal(f_mask, full)
+            np.testing.assert_array_equal(f_bbox, bbox)
+        else:
+            flipped += 1
+            np.testing.assert_array_equal(f_image, image[:, ::-1])
+            np.testing.assert_array_equal(f_mask, full[:, ::-1])
+            y1, x1, y2, x2 = bbox[0]
+            assert f_bbox[0].tolist() == [y1, 64 - x2, y2, 64 - x1]
+        again = modellib.load_image_gt(dataset, config, 0, True, seed=seed)[0]
+        np.testing.assert_array_equal(again, f_image)                         # reproducible with seed
+    assert 0 < flipped < 8
+    from mrcnn.input_pipeline import default_augmentation
+
+    with pytest.raises(TypeError, match="augmentation="):
+        modellib.load_image_gt(dataset, config, 0, default_augmentation(1))   # our old position of augmentation
+    with pytest.raises(TypeError):
+        modellib.load_image_gt(dataset, config, 0, False, None, False, 5)     # seed is keyword-only

@@ -214,10 +214,10 @@ def test_load_image_gt_with_the_cache_equals_without(data):
     config = small_config()
     augmentation = default_augmentation(seed=3)
     for image_id in dataset.image_ids:
-        plain = load_image_gt(dataset, config, image_id, augmentation, use_mini_mask=True, seed=11)
+        plain = load_image_gt(dataset, config, image_id, augmentation=augmentation, use_mini_mask=True, seed=11)
         dataset.preprocess_cache = cache
         for _ in range(2):  # built, then read back; augmentation runs after the cached resize
-            cached = load_image_gt(dataset, config, image_id, augmentation, use_mini_mask=True, seed=11)
+            cached = load_image_gt(dataset, config, image_id, augmentation=augmentation, use_mini_mask=True, seed=11)
             for x, y in zip(plain, cached, strict=True):
                 assert x.dtype == y.dtype
                 np.testing.assert_array_equal(x, y)
