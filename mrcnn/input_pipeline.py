@@ -286,11 +286,18 @@ def _pad_instances(class_ids, boxes, masks, limit: int, rng: np.random.Generator
 
 
 def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, augmentation: Any = None,
-                          rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """One padded training sample (see the module docstring for keys, shapes and dtypes)."""
+                          rng: np.random.Generator | None = None, *, augment: bool = False, random_rois: int = 0,
+                          detection_targets: bool = False) -> dict[str, np.ndarray]:
+    """One padded training sample (see the module docstring for keys, shapes and dtypes).
+
+    Matterport's data_generator options (off in training): ``augment`` (the deprecated random
+    left-right flip); ``random_rois`` > 0 adds ``rpn_rois`` int32 [random_rois, 4] (pixels,
+    :func:`mrcnn.targets.generate_random_rois`) and, with ``detection_targets``, ``rois``,
+    ``mrcnn_class_ids``, ``mrcnn_bbox`` and ``mrcnn_mask`` (:func:`mrcnn.targets.build_detection_targets`).
+    """
     rng = rng if rng is not None else np.random.default_rng()
     seed = int(rng.integers(2**31 - 1))
-    image, meta, class_ids, boxes, masks = load_image_gt(dataset, config, image_id, augmentation=augmentation,
+    image, meta, class_ids, boxes, masks = load_image_gt(dataset, config, image_id, augment, augmentation,
                                                          use_mini_mask=config.USE_MINI_MASK, seed=seed)
     if tuple(image.shape) != tuple(int(v) for v in config.IMAGE_SHAPE):
         raise ValueError(f"image {image_id} resized to {image.shape}, but training needs IMAGE_SHAPE"
@@ -298,7 +305,7 @@ def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, a
     gt_ids, gt_boxes, gt_masks = _pad_instances(class_ids, boxes, masks, config.MAX_GT_INSTANCES, rng)
     n = min(len(class_ids), config.MAX_GT_INSTANCES)
     rpn_match, rpn_bbox = build_rpn_targets(image.shape, anchors, gt_ids[:n], gt_boxes[:n], config, rng)
-    return {
+    sample = {
         "input_image": mold_image(image, config).astype(np.float32),
         "input_image_meta": meta.astype(np.float32),
         "input_rpn_match": rpn_match[:, None].astype(np.int32),
@@ -307,6 +314,15 @@ def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, a
         "input_gt_boxes": gt_boxes,
         "input_gt_masks": gt_masks,
     }
+    if random_rois:  # Matterport's debugging extras, from all instances (before the MAX_GT_INSTANCES cap)
+        from mrcnn.targets import build_detection_targets, generate_random_rois
+
+        sample["rpn_rois"] = generate_random_rois(image.shape, random_rois, class_ids, boxes, rng=rng)
+        if detection_targets:
+            names = ("rois", "mrcnn_class_ids", "mrcnn_bbox", "mrcnn_mask")
+            sample |= dict(zip(names, build_detection_targets(sample["rpn_rois"], class_ids, boxes, masks, config,
+                                                              rng=rng), strict=True))
+    return sample
 
 
 def sample_specs(config) -> dict[str, tf.TensorSpec]:
@@ -338,9 +354,11 @@ class SampleSource:
     """
 
     def __init__(self, dataset, config, shuffle: bool = True, augmentation: Any = None,
-                 no_augmentation_sources: list[str] | None = None, seed: int | None = None) -> None:
+                 no_augmentation_sources: list[str] | None = None, seed: int | None = None,
+                 **sample_options: Any) -> None:
         check_augmentation(augmentation)
         self.dataset, self.config, self.shuffle, self.augmentation = dataset, config, shuffle, augmentation
+        self.sample_options = sample_options  # data_generator's extras: see build_training_sample
         self.no_augmentation_sources = set(no_augmentation_sources or ())
         self.seed = int(seed if seed is not None else np.random.SeedSequence().entropy % (2**31))
         self.anchors = get_training_anchors(config)
@@ -370,7 +388,7 @@ class SampleSource:
             augmentation = None if source in self.no_augmentation_sources else self.augmentation
             try:
                 return build_training_sample(self.dataset, self.config, image_id, self.anchors, augmentation,
-                                             np.random.default_rng([self.seed, index]))
+                                             np.random.default_rng([self.seed, index]), **self.sample_options)
             except Exception:
                 self.errors += 1
                 logger.exception("error processing image %s (%s); skipping it",
@@ -412,18 +430,39 @@ def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def data_generator(dataset, config, shuffle: bool = True, augmentation: Any = None, batch_size: int = 1,
-                   no_augmentation_sources: list[str] | None = None, seed: int | None = None
-                   ) -> Iterator[tuple[list[np.ndarray], list]]:
-    """Matterport-style infinite generator of ``(inputs, [])``; inputs in INPUT_NAMES order, batched.
+def data_generator(dataset, config, shuffle: bool = True, augment: bool = False, augmentation: Any = None,
+                   random_rois: int = 0, batch_size: int = 1, detection_targets: bool = False,
+                   no_augmentation_sources: list[str] | None = None, *, seed: int | None = None
+                   ) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Matterport's infinite generator of ``(inputs, outputs)`` batches, with Matterport's arguments.
 
-    Unlike Matterport, images without instances are kept (they train the background) and
-    ``augment``/``random_rois``/``detection_targets`` debugging options are not offered.
+    inputs: [images float32 [B, H, W, 3] (molded), image_meta [B, META], rpn_match int32 [B, A, 1],
+    rpn_bbox [B, RPN_TRAIN_ANCHORS_PER_IMAGE, 4], gt_class_ids int32 [B, MAX_GT], gt_boxes int32
+    [B, MAX_GT, 4] (pixels), gt_masks bool [B, mh, mw, MAX_GT]]; outputs: []. With ``random_rois``
+    > 0 the inputs also hold rpn_rois int32 [B, random_rois, 4] (random pixel boxes, mostly around
+    the instances) and, with ``detection_targets``, rois int32 [B, TRAIN_ROIS_PER_IMAGE, 4], and
+    outputs = [class_ids int32 [B, T, 1], bbox deltas float32 [B, T, NUM_CLASSES, 4], masks float32
+    [B, T, MASK_H, MASK_W, NUM_CLASSES]], the heads' targets computed in numpy (as the
+    inspect_*_data notebooks read them). ``augment``: Matterport's deprecated random left-right flip.
+    ``seed`` (keyword-only, ours) makes the batches reproducible (default config.SEED).
+    Unlike Matterport, images without instances are kept (they train the background; their
+    random ROIs are all background). Training does not use this generator (see make_dataset).
     """
     source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources,
-                          config.SEED if seed is None else seed)
+                          config.SEED if seed is None else seed, augment=_check_augment_flag(augment),
+                          random_rois=int(random_rois or 0), detection_targets=bool(detection_targets))
     index = 0
     while True:
         samples = [source(index + b) for b in range(batch_size)]
         index += batch_size
-        yield [np.stack([s[name] for s in samples]) for name in INPUT_NAMES], []
+        inputs = [np.stack([s[name] for s in samples]) for name in INPUT_NAMES]
+        inputs[INPUT_NAMES.index("input_gt_boxes")] = inputs[INPUT_NAMES.index("input_gt_boxes")].astype(np.int32)
+        outputs: list[np.ndarray] = []
+        if random_rois:
+            inputs.append(np.stack([s["rpn_rois"] for s in samples]))
+            if detection_targets:
+                inputs.append(np.stack([s["rois"] for s in samples]))
+                outputs = [np.stack([s["mrcnn_class_ids"] for s in samples])[..., np.newaxis],
+                           np.stack([s["mrcnn_bbox"] for s in samples]),
+                           np.stack([s["mrcnn_mask"] for s in samples])]
+        yield inputs, outputs

@@ -357,6 +357,8 @@ _LAZY_EXPORTS = {
     "data_generator": "mrcnn.input_pipeline",
     "load_image_gt": "mrcnn.input_pipeline",
     "build_rpn_targets": "mrcnn.targets",
+    "generate_random_rois": "mrcnn.targets",
+    "build_detection_targets": "mrcnn.targets",
     "DetectionTargetLayer": "mrcnn.targets",
     "detection_targets_graph": "mrcnn.targets",
     "rpn_class_loss_graph": "mrcnn.losses:rpn_class_loss",

@@ -90,6 +90,122 @@ def build_rpn_targets(image_shape, anchors: np.ndarray, gt_class_ids: np.ndarray
 
 
 # -------------------------------------------------------------------------------------------
+# Random ROIs and detection targets in numpy (Matterport's debugging path: data_generator with
+# random_rois / detection_targets; training uses DetectionTargetLayer below)
+
+#: Share of generate_random_rois' boxes drawn around the GT boxes (the rest anywhere in the image).
+RANDOM_ROIS_NEAR_GT = 0.9
+
+
+def _random_spans(rng: np.random.Generator, low: int, high: int, count: int) -> np.ndarray:
+    """``count`` sorted pairs (a, b) of two distinct integers of range(low, high) -> int32 [count, 2]
+    (a < b: a non-empty span; Matterport draws pairs and drops ties, the same distribution)."""
+    low, high = int(low), int(high)
+    if high - low < 2:  # too narrow for two distinct values: widen inside [0, high + 1]
+        low, high = max(min(low, high - 2), 0), max(high, low + 2)
+    first = rng.integers(low, high, count)
+    second = rng.integers(low, high - 1, count)
+    second = second + (second >= first)                    # uniform over the values != first
+    return np.sort(np.stack([first, second], axis=1), axis=1).astype(np.int32)
+
+
+def generate_random_rois(image_shape, count: int, gt_class_ids: np.ndarray, gt_boxes: np.ndarray, *,
+                         rng: np.random.Generator | None = None) -> np.ndarray:
+    """``count`` random ROIs int32 [count, 4] (y1, x1, y2, x2 pixels, non-empty), like proposals.
+
+    Matterport's rules: int(0.9 * count / G) boxes around each of the G GT boxes (corners drawn
+    inside the GT box grown by its own height/width on each side, clipped to the image), the
+    rest anywhere in the image (last rows). Without GT boxes all are drawn anywhere.
+    ``gt_class_ids`` is unused (API parity); ``rng`` (keyword-only, ours) defaults to a fresh one.
+    """
+    del gt_class_ids
+    rng = rng if rng is not None else np.random.default_rng()
+    height, width = int(image_shape[0]), int(image_shape[1])
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4).astype(np.int64)
+    per_box = int(RANDOM_ROIS_NEAR_GT * count / len(gt_boxes)) if len(gt_boxes) else 0
+    rois = np.zeros((count, 4), dtype=np.int32)
+    for i, (y1, x1, y2, x2) in enumerate(gt_boxes):
+        h, w = y2 - y1, x2 - x1
+        ys = _random_spans(rng, max(y1 - h, 0), min(y2 + h, height), per_box)
+        xs = _random_spans(rng, max(x1 - w, 0), min(x2 + w, width), per_box)
+        rois[i * per_box:(i + 1) * per_box] = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+    rest = count - per_box * len(gt_boxes)
+    if rest > 0:
+        ys, xs = _random_spans(rng, 0, height, rest), _random_spans(rng, 0, width, rest)
+        rois[count - rest:] = np.stack([ys[:, 0], xs[:, 0], ys[:, 1], xs[:, 1]], axis=1)
+    return rois
+
+
+def _pick(rng: np.random.Generator, ids: np.ndarray, count: int, replace: bool = False) -> np.ndarray:
+    if count <= 0 or len(ids) == 0:
+        return ids[:0]
+    if not replace and len(ids) <= count:
+        return ids
+    return rng.choice(ids, count, replace=replace)
+
+
+def build_detection_targets(rpn_rois: np.ndarray, gt_class_ids: np.ndarray, gt_boxes: np.ndarray,
+                            gt_masks: np.ndarray, config, *, rng: np.random.Generator | None = None
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The heads' targets for ROIs, in numpy (Matterport's ``build_detection_targets``; debugging).
+
+    rpn_rois [R, 4] and gt_boxes [G, 4] in pixels; gt_class_ids [G] (only ids > 0 are used);
+    gt_masks [H, W, G] or, with config.USE_MINI_MASK, mini masks [mh, mw, G].
+    Positives: IoU with their best GT box > 0.5, at most TRAIN_ROIS_PER_IMAGE * ROI_POSITIVE_RATIO
+    (random); negatives: IoU < 0.5 fill the rest (random); if still short, kept negatives (or,
+    without any, kept ROIs) are repeated. Returns, T = TRAIN_ROIS_PER_IMAGE:
+    rois [T, 4] (the chosen ROIs, positives first), class_ids int32 [T] (0 = background),
+    bbox float32 [T, NUM_CLASSES, 4] (deltas / BBOX_STD_DEV in the row's class only),
+    masks float32 [T, MASK_H, MASK_W, NUM_CLASSES] (the GT mask cut to the ROI and resized,
+    bilinear, in the row's class only). Unlike Matterport, an image without instances is
+    accepted: all ROIs are background.
+    """
+    from mrcnn.imaging import expand_mask, resize
+
+    rng = rng if rng is not None else np.random.default_rng()
+    rpn_rois = np.asarray(rpn_rois)
+    if len(rpn_rois) == 0:
+        raise ValueError("build_detection_targets needs at least one ROI")
+    total, num_classes = int(config.TRAIN_ROIS_PER_IMAGE), int(config.NUM_CLASSES)
+    instances = np.flatnonzero(np.asarray(gt_class_ids).reshape(-1) > 0)
+    gt_class_ids = np.asarray(gt_class_ids).reshape(-1)[instances].astype(np.int32)
+    gt_boxes = np.asarray(gt_boxes).reshape(-1, 4)[instances]
+    gt_masks = np.asarray(gt_masks)[:, :, instances]
+
+    overlaps = compute_overlaps(rpn_rois.astype(np.float64), gt_boxes.astype(np.float64))
+    if len(instances):
+        assignment = overlaps.argmax(axis=1)
+        iou_max = overlaps[np.arange(len(rpn_rois)), assignment]
+    else:
+        assignment, iou_max = np.zeros(len(rpn_rois), np.int64), np.zeros(len(rpn_rois))
+    positive_ids = np.flatnonzero(iou_max > ROI_POSITIVE_IOU)
+    negative_ids = np.flatnonzero(iou_max < ROI_POSITIVE_IOU)
+    keep_positive = _pick(rng, positive_ids, int(total * config.ROI_POSITIVE_RATIO))
+    keep_negative = _pick(rng, negative_ids, total - len(keep_positive))
+    keep = np.concatenate([keep_positive, keep_negative])
+    if len(keep) < total:
+        pool = keep_negative if len(keep_negative) else (keep if len(keep) else np.arange(len(rpn_rois)))
+        keep = np.concatenate([keep, _pick(rng, pool, total - len(keep), replace=True)])
+
+    rois = rpn_rois[keep]
+    is_positive = np.isin(keep, keep_positive)
+    roi_gt = assignment[keep]
+    class_ids = np.where(is_positive, gt_class_ids[roi_gt] if len(instances) else 0, 0).astype(np.int32)
+    bbox = np.zeros((total, num_classes, 4), dtype=np.float32)
+    masks = np.zeros((total, *config.MASK_SHAPE, num_classes), dtype=np.float32)
+    std = np.asarray(config.BBOX_STD_DEV, dtype=np.float64)
+    for i in np.flatnonzero(is_positive):
+        gt = roi_gt[i]
+        bbox[i, class_ids[i]] = box_refinement(rois[i:i + 1], gt_boxes[gt:gt + 1], dtype=np.float64)[0] / std
+        mask = gt_masks[:, :, gt]
+        if config.USE_MINI_MASK:  # back to image size inside its GT box first
+            mask = expand_mask(gt_boxes[gt:gt + 1], mask[:, :, np.newaxis], config.IMAGE_SHAPE)[:, :, 0]
+        y1, x1, y2, x2 = rois[i].astype(np.int64)
+        masks[i, :, :, class_ids[i]] = resize(mask[y1:y2, x1:x2].astype(np.float32), config.MASK_SHAPE)
+    return rois, class_ids, bbox, masks
+
+
+# -------------------------------------------------------------------------------------------
 # Detection targets (TensorFlow)
 
 def _sample_rois(overlaps: tf.Tensor, no_crowd: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:

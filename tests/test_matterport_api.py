@@ -117,7 +117,7 @@ def test_train_lists_the_layers_as_matterport_unless_told_not_to(tmp_path, capsy
 
 
 # ---------------------------------------------------------------------------------------------
-# load_image_gt
+# load_image_gt, data_generator, generate_random_rois, build_detection_targets
 
 
 def _left_lesion_dataset(n: int = 1):
@@ -163,3 +163,73 @@ def test_load_image_gt_takes_matterports_arguments_and_augment_flips():
         modellib.load_image_gt(dataset, config, 0, default_augmentation(1))   # our old position of augmentation
     with pytest.raises(TypeError):
         modellib.load_image_gt(dataset, config, 0, False, None, False, 5)     # seed is keyword-only
+
+
+def test_generate_random_rois_follow_matterports_rules():
+    rng = np.random.default_rng(0)
+    gt_boxes = np.array([[10, 10, 20, 30], [40, 5, 60, 15]], np.int32)
+    rois = modellib.generate_random_rois((64, 80, 3), 100, np.array([1, 1]), gt_boxes, rng=rng)
+    assert rois.shape == (100, 4) and rois.dtype == np.int32
+    assert (rois[:, 2] > rois[:, 0]).all() and (rois[:, 3] > rois[:, 1]).all()
+    assert rois.min() >= 0 and rois[:, [0, 2]].max() < 64 and rois[:, [1, 3]].max() < 80
+    per_box = 45                                                              # int(0.9 * 100 / 2)
+    for i, (y1, x1, y2, x2) in enumerate(gt_boxes):
+        near = rois[i * per_box:(i + 1) * per_box]
+        h, w = y2 - y1, x2 - x1
+        assert near[:, [0, 2]].min() >= max(y1 - h, 0) and near[:, [0, 2]].max() < min(y2 + h, 64)
+        assert near[:, [1, 3]].min() >= max(x1 - w, 0) and near[:, [1, 3]].max() < min(x2 + w, 80)
+    anywhere = modellib.generate_random_rois((64, 80, 3), 7, np.zeros(0), np.zeros((0, 4)), rng=rng)
+    assert anywhere.shape == (7, 4) and (anywhere[:, 2] > anywhere[:, 0]).all()
+
+
+def test_build_detection_targets_on_known_rois():
+    from mrcnn.boxes import apply_box_deltas
+
+    config = make_config("small", USE_MINI_MASK=False, TRAIN_ROIS_PER_IMAGE=8, ROI_POSITIVE_RATIO=0.25)
+    masks = np.zeros((64, 64, 1), bool)
+    masks[10:30, 20:50, 0] = True
+    gt_boxes = np.array([[10, 20, 30, 50]], np.int32)
+    rois = np.array([[10, 20, 30, 50], [11, 21, 31, 49], [0, 0, 5, 5], [50, 50, 60, 60], [40, 0, 63, 10]], np.int32)
+    out_rois, class_ids, bbox, mask = modellib.build_detection_targets(
+        rois, np.array([1], np.int32), gt_boxes, masks, config, rng=np.random.default_rng(0))
+    assert out_rois.shape == (8, 4) and class_ids.shape == (8,) and bbox.shape == (8, 2, 4)
+    assert mask.shape == (8, 28, 28, 2)
+    assert class_ids.tolist()[:2] == [1, 1] and not class_ids[2:].any()       # 2 positives (= 8 * 0.25), first
+    assert {tuple(r) for r in out_rois[:2]} == {(10, 20, 30, 50), (11, 21, 31, 49)}
+    for i in range(2):
+        refined = apply_box_deltas(out_rois[i:i + 1].astype(np.float64), bbox[i:i + 1, 1] * config.BBOX_STD_DEV)
+        np.testing.assert_allclose(refined[0], gt_boxes[0], atol=1e-4)
+        assert not bbox[i, 0].any() and not mask[i, :, :, 0].any()
+    exact = [i for i in range(2) if tuple(out_rois[i]) == (10, 20, 30, 50)][0]
+    np.testing.assert_array_equal(mask[exact, :, :, 1], 1.0)                 # the ROI is the lesion's box
+    assert not bbox[2:].any() and not mask[2:].any()                          # negatives: no box, no mask
+    assert {tuple(r) for r in out_rois[2:]} <= {tuple(r) for r in rois[2:]}   # 3 negatives, repeated to fill
+
+
+def test_data_generator_takes_matterports_arguments_and_yields_detection_targets():
+    config = make_config("small")                                            # mini masks, 64 ROIs per image
+    dataset = _left_lesion_dataset(3)
+    generator = modellib.data_generator(dataset, config, True, False, None, 400, 2, True)  # Matterport's order
+    [inputs, outputs] = next(generator)                                                   # as the notebooks do
+    images, metas, rpn_match, rpn_bbox, gt_class_ids, gt_boxes, gt_masks, rpn_rois, rois = inputs
+    mrcnn_class_ids, mrcnn_bbox, mrcnn_mask = outputs
+    t, c = config.TRAIN_ROIS_PER_IMAGE, config.NUM_CLASSES
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.float32 and rpn_match.shape[-1] == 1
+    assert gt_boxes.dtype == np.int32 and gt_masks.shape == (2, *config.MINI_MASK_SHAPE, config.MAX_GT_INSTANCES)
+    assert rpn_rois.shape == (2, 400, 4) and rpn_rois.dtype == np.int32 and rois.shape == (2, t, 4)
+    assert mrcnn_class_ids.shape == (2, t, 1) and mrcnn_bbox.shape == (2, t, c, 4)
+    assert mrcnn_mask.shape == (2, t, *config.MASK_SHAPE, c)
+    for b in range(2):
+        positive = mrcnn_class_ids[b, :, 0] > 0
+        assert positive.any() and not mrcnn_bbox[b, ~positive].any() and not mrcnn_mask[b, ~positive].any()
+        assert mrcnn_mask[b, positive, :, :, 1].max() > 0.5 and not mrcnn_mask[b, :, :, :, 0].any()
+        assert {tuple(r) for r in rois[b]} <= {tuple(r) for r in rpn_rois[b]}   # targets for the random ROIs
+    again = next(modellib.data_generator(dataset, config, True, False, None, 400, 2, True))
+    for x, y in zip(inputs + outputs, again[0] + again[1], strict=True):
+        np.testing.assert_array_equal(x, y)                                  # reproducible (config.SEED)
+    plain_inputs, plain_outputs = next(modellib.data_generator(dataset, config, batch_size=2, augment=True))
+    assert len(plain_inputs) == 7 and plain_outputs == []
+    rois_only = next(modellib.data_generator(dataset, config, random_rois=5))
+    assert len(rois_only[0]) == 8 and rois_only[0][7].shape == (1, 5, 4) and rois_only[1] == []
+    with pytest.raises(TypeError):
+        modellib.data_generator(dataset, config, True, False, None, 0, 1, False, None, 5)  # seed is keyword-only
