@@ -4,6 +4,7 @@ synthetic lesion images, a tiny stand-in backbone and weight snapshots."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -109,3 +110,35 @@ def exif_rotated_jpeg(path, stored_hw: tuple[int, int] = (60, 100)):
     exif[0x0112] = 6
     Image.fromarray(arr).save(path, "JPEG", exif=exif.tobytes(), quality=95)
     return path
+
+
+# Matterport's balloon sample: VGG Image Annotator data
+
+
+def write_via_subset(folder: Path, count: int, rng: np.random.Generator) -> None:
+    """``count`` sky-blue JPEGs (80x64) with one or two red 'balloons' each, and their via_region_data.json."""
+    import json
+
+    import skimage.draw
+    import skimage.io
+
+    folder.mkdir(parents=True)
+    annotations = {}
+    for i in range(count):
+        image = np.zeros((64, 80, 3), np.uint8) + np.array([120, 170, 230], np.uint8)
+        regions = {}
+        for k in range(int(rng.integers(1, 3))):
+            cy, cx, ry, rx = int(rng.integers(16, 48)), int(rng.integers(16, 64)), int(rng.integers(6, 12)), \
+                int(rng.integers(5, 10))
+            angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
+            xs = [int(round(cx + rx * np.cos(a))) for a in angles]
+            ys = [int(round(cy + ry * np.sin(a))) for a in angles]
+            rows, cols = skimage.draw.polygon(ys, xs, image.shape[:2])
+            image[rows, cols] = (200 + 20 * k, 30, 40)
+            regions[str(k)] = {"shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
+                               "region_attributes": {}}
+        name = f"balloon_{i:02d}.jpg"
+        skimage.io.imsave(folder / name, image, check_contrast=False)
+        annotations[f"{name}1234"] = {"filename": name, "size": 1234, "regions": regions, "file_attributes": {}}
+    annotations["unannotated.jpg0"] = {"filename": "unannotated.jpg", "size": 0, "regions": {}}  # skipped, as VIA
+    (folder / "via_region_data.json").write_text(json.dumps(annotations))

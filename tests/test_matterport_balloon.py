@@ -22,6 +22,7 @@ pytest.importorskip("skimage")
 import skimage.color  # noqa: E402
 import skimage.draw  # noqa: E402
 import skimage.io  # noqa: E402
+from helpers import write_via_subset  # noqa: E402
 
 import mrcnn.model as modellib  # noqa: E402
 from mrcnn import utils  # noqa: E402
@@ -92,36 +93,12 @@ def color_splash(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(np.sum(masks, -1, keepdims=True) >= 1, image, grey).astype(np.uint8)
 
 
-def write_subset(folder: Path, count: int, rng: np.random.Generator) -> None:
-    """``count`` sky-blue JPEGs with one or two red 'balloons' each, and their via_region_data.json."""
-    folder.mkdir(parents=True)
-    annotations = {}
-    for i in range(count):
-        image = np.zeros((64, 80, 3), np.uint8) + np.array([120, 170, 230], np.uint8)
-        regions = {}
-        for k in range(int(rng.integers(1, 3))):
-            cy, cx, ry, rx = int(rng.integers(16, 48)), int(rng.integers(16, 64)), int(rng.integers(6, 12)), \
-                int(rng.integers(5, 10))
-            angles = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-            xs = [int(round(cx + rx * np.cos(a))) for a in angles]
-            ys = [int(round(cy + ry * np.sin(a))) for a in angles]
-            rows, cols = skimage.draw.polygon(ys, xs, image.shape[:2])
-            image[rows, cols] = (200 + 20 * k, 30, 40)
-            regions[str(k)] = {"shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
-                               "region_attributes": {}}
-        name = f"balloon_{i:02d}.jpg"
-        skimage.io.imsave(folder / name, image, check_contrast=False)
-        annotations[f"{name}1234"] = {"filename": name, "size": 1234, "regions": regions, "file_attributes": {}}
-    annotations["unannotated.jpg0"] = {"filename": "unannotated.jpg", "size": 0, "regions": {}}  # skipped, as VIA
-    (folder / "via_region_data.json").write_text(json.dumps(annotations))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("balloon")
     rng = np.random.default_rng(7)
-    write_subset(root / "dataset" / "train", 8, rng)
-    write_subset(root / "dataset" / "val", 2, rng)
+    write_via_subset(root / "dataset" / "train", 8, rng)
+    write_via_subset(root / "dataset" / "val", 2, rng)
     datasets = {}
     for subset in ("train", "val"):
         datasets[subset] = BalloonDataset()
