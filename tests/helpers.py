@@ -142,3 +142,31 @@ def write_via_subset(folder: Path, count: int, rng: np.random.Generator) -> None
         annotations[f"{name}1234"] = {"filename": name, "size": 1234, "regions": regions, "file_attributes": {}}
     annotations["unannotated.jpg0"] = {"filename": "unannotated.jpg", "size": 0, "regions": {}}  # skipped, as VIA
     (folder / "via_region_data.json").write_text(json.dumps(annotations))
+
+
+class SmallSampleModel:
+    """Mixin for the Matterport-sample tests' Config subclasses: a light network at 64 px, a few
+    steps, so a sample's training runs in seconds (``class ShapesConfig(SmallSampleModel, Config)``)."""
+
+    IMAGE_MIN_DIM = 64
+    IMAGE_MAX_DIM = 64
+    RPN_ANCHOR_SCALES = (4, 8, 16, 32, 64)
+    TRAIN_ROIS_PER_IMAGE = 32
+    STEPS_PER_EPOCH = 2
+    VALIDATION_STEPS = 1
+    BACKBONE = "resnet18"
+    BACKBONE_WIDTH = 16
+    TOP_DOWN_PYRAMID_SIZE = 32
+    FPN_CLASSIF_FC_LAYERS_SIZE = 64
+    RPN_CONV_CHANNELS = 32
+    MASK_HEAD_CONV_LAYERS = 1
+    MASK_HEAD_CHANNELS = 16
+    POST_NMS_ROIS_TRAINING = 200
+    POST_NMS_ROIS_INFERENCE = 100
+    PRE_NMS_LIMIT = 500
+    DETECTION_MAX_INSTANCES = 10
+
+
+def small_sample_values() -> dict:
+    """:class:`SmallSampleModel`'s values as a dict (set on a sample's own Config class)."""
+    return {k: v for k, v in vars(SmallSampleModel).items() if k.isupper()}

@@ -22,38 +22,21 @@ pytest.importorskip("skimage")
 import skimage.color  # noqa: E402
 import skimage.draw  # noqa: E402
 import skimage.io  # noqa: E402
-from helpers import write_via_subset  # noqa: E402
+from helpers import SmallSampleModel, write_via_subset  # noqa: E402
 
 import mrcnn.model as modellib  # noqa: E402
 from mrcnn import utils  # noqa: E402
 from mrcnn.config import Config  # noqa: E402
 
 
-class BalloonConfig(Config):
-    """The sample's config (subclassing is what this test is about), shrunk for the CPU."""
+class BalloonConfig(SmallSampleModel, Config):
+    """The sample's config (subclassing is what this test is about), shrunk for the CPU
+    (SmallSampleModel: 64 px, a light backbone, 2 steps per epoch)."""
 
     NAME = "balloon"
     IMAGES_PER_GPU = 2
     NUM_CLASSES = 1 + 1
-    STEPS_PER_EPOCH = 2
-    VALIDATION_STEPS = 1
     DETECTION_MIN_CONFIDENCE = 0.9
-    # not in the sample: small and light, so the test stays fast
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (4, 8, 16, 32, 64)
-    TRAIN_ROIS_PER_IMAGE = 32
-    BACKBONE = "resnet18"
-    BACKBONE_WIDTH = 16
-    TOP_DOWN_PYRAMID_SIZE = 32
-    FPN_CLASSIF_FC_LAYERS_SIZE = 64
-    RPN_CONV_CHANNELS = 32
-    MASK_HEAD_CONV_LAYERS = 1
-    MASK_HEAD_CHANNELS = 16
-    POST_NMS_ROIS_TRAINING = 200
-    POST_NMS_ROIS_INFERENCE = 100
-    PRE_NMS_LIMIT = 500
-    DETECTION_MAX_INSTANCES = 10
 
 
 class BalloonDataset(utils.Dataset):

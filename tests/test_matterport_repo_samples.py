@@ -29,14 +29,12 @@ REPO = Path(os.environ.get("MATTERPORT_REPO", "")) if os.environ.get("MATTERPORT
 pytestmark = pytest.mark.skipif(REPO is None or not (REPO / "samples").is_dir(),
                                 reason="set MATTERPORT_REPO to a copy of matterport/Mask_RCNN to run its samples")
 
+from helpers import small_sample_values  # noqa: E402
+
 import mrcnn.model as modellib  # noqa: E402  (ours, imported before any sample)
 
 #: Values set on a sample's Config subclass so it trains in seconds on a CPU.
-SMALL = {"IMAGE_MIN_DIM": 64, "IMAGE_MAX_DIM": 64, "RPN_ANCHOR_SCALES": (4, 8, 16, 32, 64), "BACKBONE": "resnet18",
-         "BACKBONE_WIDTH": 16, "TOP_DOWN_PYRAMID_SIZE": 32, "FPN_CLASSIF_FC_LAYERS_SIZE": 64, "RPN_CONV_CHANNELS": 32,
-         "MASK_HEAD_CONV_LAYERS": 1, "MASK_HEAD_CHANNELS": 16, "TRAIN_ROIS_PER_IMAGE": 32,
-         "POST_NMS_ROIS_TRAINING": 200, "POST_NMS_ROIS_INFERENCE": 100, "PRE_NMS_LIMIT": 500,
-         "DETECTION_MAX_INSTANCES": 10, "STEPS_PER_EPOCH": 2, "VALIDATION_STEPS": 1, "IMAGES_PER_GPU": 2}
+SMALL = small_sample_values() | {"IMAGES_PER_GPU": 2}
 
 
 def load_sample(relative: str, monkeypatch: pytest.MonkeyPatch, cwd: Path) -> ModuleType:

@@ -16,37 +16,21 @@ import random
 import cv2
 import numpy as np
 import pytest
+from helpers import SmallSampleModel
 
 import mrcnn.model as modellib
 from mrcnn import utils, visualize
 from mrcnn.config import Config
 
 
-class ShapesConfig(Config):
-    """The tutorial's config (subclassing is what this test is about), shrunk for the CPU."""
+class ShapesConfig(SmallSampleModel, Config):
+    """The tutorial's config (subclassing is what this test is about), shrunk for the CPU
+    (SmallSampleModel: 64 px, a light backbone, 2 steps per epoch)."""
 
     NAME = "shapes"
     GPU_COUNT = 1
     IMAGES_PER_GPU = 2
     NUM_CLASSES = 1 + 3
-    IMAGE_MIN_DIM = 64
-    IMAGE_MAX_DIM = 64
-    RPN_ANCHOR_SCALES = (4, 8, 16, 32, 64)
-    TRAIN_ROIS_PER_IMAGE = 32
-    STEPS_PER_EPOCH = 2
-    VALIDATION_STEPS = 1
-    # not in the tutorial: a light backbone so the test stays fast
-    BACKBONE = "resnet18"
-    BACKBONE_WIDTH = 16
-    TOP_DOWN_PYRAMID_SIZE = 32
-    FPN_CLASSIF_FC_LAYERS_SIZE = 64
-    RPN_CONV_CHANNELS = 32
-    MASK_HEAD_CONV_LAYERS = 1
-    MASK_HEAD_CHANNELS = 16
-    POST_NMS_ROIS_TRAINING = 200
-    POST_NMS_ROIS_INFERENCE = 100
-    PRE_NMS_LIMIT = 500
-    DETECTION_MAX_INSTANCES = 10
 
 
 class InferenceConfig(ShapesConfig):
