@@ -63,7 +63,9 @@ class LesionConfig(Config):
     """Lesion segmentation: one class (lesion) plus background; the tutorial's schedule."""
 
     NAME = "lesion"
-    NUM_CLASSES = 1 + 1  # background + lesion
+    #: Foreground classes (id 1..K). One class by default; the 7 HAM10000 / ISIC 2018 Task 3
+    #: diagnoses for a model that also diagnoses (configs/ham10000_dx.toml). NUM_CLASSES follows.
+    CLASSES = ["lesion"]
     BACKBONE = "resnet101"
     IMAGES_PER_GPU = 1
     #: 0 = computed: training images / BATCH_SIZE (one pass over the split per epoch).

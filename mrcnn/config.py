@@ -57,6 +57,9 @@ class Config:
     FPN_CLASSIF_FC_LAYERS_SIZE = 1024
     TOP_DOWN_PYRAMID_SIZE = 256
     NUM_CLASSES = 1  # including background
+    #: Names of the foreground classes, in class-id order (id 1 = CLASSES[0]). None (Matterport):
+    #: set NUM_CLASSES yourself. A list makes NUM_CLASSES = 1 + len(CLASSES) (it then follows).
+    CLASSES: list[str] | None = None
 
     # RPN -----------------------------------------------------------------------------------
     RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
@@ -139,6 +142,8 @@ class Config:
 
     def __init__(self) -> None:
         self.BATCH_SIZE = self.IMAGES_PER_GPU * self.GPU_COUNT
+        if isinstance(self.CLASSES, (list, tuple)):
+            self.NUM_CLASSES = 1 + len(self.CLASSES)
         if self.IMAGE_RESIZE_MODE == "crop":
             self.IMAGE_SHAPE = np.array([self.IMAGE_MIN_DIM, self.IMAGE_MIN_DIM, self.IMAGE_CHANNEL_COUNT])
         else:
@@ -222,7 +227,11 @@ class Config:
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{where}{hint}")
         current = getattr(self, key)
-        setattr(self, key, _coerce(key, value, current, where))
+        value = _coerce(key, value, current, where)
+        if key == "NUM_CLASSES" and self.CLASSES is not None and value != 1 + len(self.CLASSES):
+            raise ConfigError(f"NUM_CLASSES{where} follows CLASSES ({len(self.CLASSES)} classes + background ="
+                              f" {1 + len(self.CLASSES)}), got {value}; set CLASSES instead")
+        setattr(self, key, value)
         Config.__init__(self)  # recompute derived values
 
     def apply_overrides(self, overrides: Mapping[str, Any] | list[str], source: str = "") -> "Config":
@@ -266,6 +275,14 @@ class Config:
         err.check(self.NAME is None or NAME_RE.match(str(self.NAME)) is not None,
                   f"NAME must be a plain name (letters, digits, '_', '-', '.'; at most 64 characters; it names"
                   f" the run folder and the checkpoints), got {self.NAME!r}")
+        if self.CLASSES is not None:
+            names = list(self.CLASSES)
+            err.check(len(names) >= 1 and all(isinstance(n, str) and n.strip() == n and n for n in names),
+                      f"CLASSES must be a non-empty list of class names, got {self.CLASSES!r}")
+            err.check(len({str(n).lower() for n in names}) == len(names),
+                      f"CLASSES must not repeat a name (case-insensitive), got {names}")
+            err.check("bg" not in {str(n).lower() for n in names},
+                      "CLASSES lists the foreground classes only; 'BG' (background) is class 0 already")
         for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES", "IMAGE_MAX_DIM",
                     "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                     "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",
@@ -389,7 +406,15 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"config key {key}{where} expects {expected}, got {value!r}")
 
-    if key in CALLABLE_KEYS or current is None:
+    if key in CALLABLE_KEYS:
+        return value
+    if key == "CLASSES":
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of class names (strings)")
+        return list(value)
+    if current is None:
         return value
     if value is None:
         if key in ("GRADIENT_CLIP_NORM", "TRAIN_BN", "SEED"):

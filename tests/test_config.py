@@ -180,3 +180,23 @@ def test_tensorflow_start_up_notices_are_dropped_and_other_lines_kept():
             "E0000 00:00:1796522956.002356   21197 cuda.cc:1] a real error\n"
             "ImportError: something real\n")
     assert drop_notices(text) == "E0000 00:00:1796522956.002356   21197 cuda.cc:1] a real error\nImportError: something real\n"
+
+
+def test_classes_key_sets_num_classes_and_is_validated():
+    from lesions import LesionConfig
+
+    config = LesionConfig()
+    assert (config.CLASSES, config.NUM_CLASSES, config.IMAGE_META_SIZE) == (["lesion"], 2, 14)
+    seven = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    config.apply_overrides({"CLASSES": seven})
+    assert (config.NUM_CLASSES, config.IMAGE_META_SIZE) == (8, 20)
+    config.apply_overrides({"NUM_CLASSES": 8})  # a saved config.json repeats it: accepted when consistent
+    with pytest.raises(ConfigError, match="NUM_CLASSES follows CLASSES"):
+        config.set("NUM_CLASSES", 3)
+    with pytest.raises(ConfigError, match="CLASSES.*list of class names"):
+        config.set("CLASSES", [1, 2])
+    for bad, match in ((["mel", "MEL"], "repeat"), (["BG", "mel"], "background"), ([], "non-empty")):
+        config = LesionConfig()
+        config.set("CLASSES", bad)
+        with pytest.raises(ConfigError, match=match):
+            config.validate()
