@@ -112,12 +112,13 @@ class MaskRCNN:
             raise ValueError(f"expected images with {channels} channels (IMAGE_CHANNEL_COUNT), got shape {image.shape}")
         return image
 
-    def _check_batch(self, count: int) -> None:
+    def _check_batch(self, count: int, exact_batch: bool) -> None:
         if self.mode != "inference":
             raise ValueError("detect needs a model created in 'inference' mode")
-        if count != self.config.BATCH_SIZE:
+        if exact_batch and count != self.config.BATCH_SIZE:
             raise ValueError(f"detect got {count} images but the model was built for BATCH_SIZE = "
-                             f"{self.config.BATCH_SIZE} (IMAGES_PER_GPU x GPU_COUNT); pass exactly that many")
+                             f"{self.config.BATCH_SIZE} (IMAGES_PER_GPU x GPU_COUNT); pass exactly that many"
+                             " (or leave out exact_batch=True: any count is batched and padded)")
 
     def _detect_function(self, molded_shape: Sequence[int] | None = None) -> Any:
         """The compiled tf.function for a molded batch of ``molded_shape`` [B, h, w, C].
@@ -162,34 +163,80 @@ class MaskRCNN:
             tf.constant(molded, tf.float32), tf.constant(metas, tf.float32), tf.constant(anchors, tf.float32))
         return detections.numpy(), masks.numpy()
 
-    def detect(self, images: Sequence[np.ndarray], verbose: int = 0) -> list[dict[str, np.ndarray]]:
-        """Detect instances in ``BATCH_SIZE`` images (any size; gray/RGBA/uint16 converted to RGB).
+    def _run_padded(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`_run` for 1..BATCH_SIZE images of one molded shape [n, h, w, C].
 
-        Returns one dict per image: rois int32 [N, 4] (y1, x1, y2, x2, original pixels, y2/x2
-        exclusive), class_ids int32 [N], scores float32 [N], masks bool [H, W, N]; by score.
+        A short batch is padded to BATCH_SIZE with copies of its last image (each image is
+        computed on its own in inference, so the padding changes no result), so every count runs
+        the one graph traced for BATCH_SIZE; the padding's outputs are dropped.
         """
-        self._check_batch(len(images))
-        images = [self._model_image(image) for image in images]
-        molded, metas, windows = self.mold_inputs(images)
+        count, missing = len(molded), self.config.BATCH_SIZE - len(molded)
+        if missing > 0:
+            molded = np.concatenate([molded, np.repeat(molded[-1:], missing, axis=0)])
+            metas = np.concatenate([metas, np.repeat(metas[-1:], missing, axis=0)])
+        detections, masks = self._run(molded, metas)
+        return detections[:count], masks[:count]
+
+    def detect(self, images: Sequence[np.ndarray], verbose: int = 0, *,
+               exact_batch: bool = False) -> list[dict[str, np.ndarray]]:
+        """Detect instances in any number of images (any size; gray/RGBA/uint16 converted to RGB).
+
+        Returns one dict per image, in order: rois int32 [N, 4] (y1, x1, y2, x2, original pixels,
+        y2/x2 exclusive), class_ids int32 [N], scores float32 [N], masks bool [H, W, N]; by score.
+
+        The images run BATCH_SIZE (IMAGES_PER_GPU x GPU_COUNT) at a time, molded one batch at a
+        time (memory stays that of one batch); the last batch is padded to BATCH_SIZE, so any
+        count uses the same traced graph and 0 images give ``[]``. In resize modes other than
+        "square" the images of one batch may mold to different shapes: each shape then runs as its
+        own (padded) batch. ``exact_batch=True`` keeps Matterport's rule: anything but exactly
+        BATCH_SIZE images is a ValueError.
+        """
+        self._check_batch(len(images), exact_batch)
         if verbose:
             log(f"Processing {len(images)} images")
-            for image in images:
-                log("image", image)
-            log("molded_images", molded)
-            log("image_metas", metas)
-        detections, masks = self._run(molded, metas)
-        return [self._result(detections[i], masks[i], image.shape, molded[i].shape, windows[i])
-                for i, image in enumerate(images)]
+        results: list[dict[str, np.ndarray]] = []
+        batch = self.config.BATCH_SIZE
+        for start in range(0, len(images), batch):
+            chunk = [self._model_image(image) for image in images[start:start + batch]]
+            results.extend(self._detect_chunk(chunk, verbose))
+        return results
+
+    def _detect_chunk(self, images: list[np.ndarray], verbose: int) -> list[dict[str, np.ndarray]]:
+        """Detect in up to BATCH_SIZE model-ready images, one padded run per molded shape."""
+        molded_one = [self.mold_inputs([image]) for image in images]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, (molded, _, _) in enumerate(molded_one):
+            by_shape.setdefault(molded.shape[1:], []).append(i)
+        results: list[Any] = [None] * len(images)
+        for indices in by_shape.values():
+            molded = np.concatenate([molded_one[i][0] for i in indices])
+            metas = np.concatenate([molded_one[i][1] for i in indices])
+            if verbose:
+                for i in indices:
+                    log("image", images[i])
+                log("molded_images", molded)
+                log("image_metas", metas)
+            detections, masks = self._run_padded(molded, metas)
+            for row, i in enumerate(indices):
+                results[i] = self._result(detections[row], masks[row], images[i].shape, molded[row].shape,
+                                          molded_one[i][2][0])
+        return results
 
     def detect_molded(self, molded_images: np.ndarray, image_metas: np.ndarray,
-                      verbose: int = 0) -> list[dict[str, np.ndarray]]:
-        """Detect on already molded images [B, h, w, C]; results are in molded-image pixels."""
-        self._check_batch(len(molded_images))
+                      verbose: int = 0, *, exact_batch: bool = False) -> list[dict[str, np.ndarray]]:
+        """Detect on already molded images [N, h, w, C] (any N, batched and padded as in
+        :meth:`detect`); results are in molded-image pixels."""
+        self._check_batch(len(molded_images), exact_batch)
         molded = np.asarray(molded_images, dtype=np.float32)
-        detections, masks = self._run(molded, np.asarray(image_metas))
+        metas = np.asarray(image_metas)
         h, w = molded.shape[1:3]
-        return [self._result(detections[i], masks[i], molded[i].shape, molded[i].shape, (0, 0, h, w))
-                for i in range(len(molded))]
+        results = []
+        for start in range(0, len(molded), self.config.BATCH_SIZE):
+            stop = start + self.config.BATCH_SIZE
+            detections, masks = self._run_padded(molded[start:stop], metas[start:stop])
+            results.extend(self._result(detections[i], masks[i], molded[start + i].shape, molded[start + i].shape,
+                                        (0, 0, h, w)) for i in range(len(detections)))
+        return results
 
     def _result(self, detections: np.ndarray, masks: np.ndarray, original_shape: Sequence[int],
                 molded_shape: Sequence[int], window: Sequence[int]) -> dict[str, np.ndarray]:

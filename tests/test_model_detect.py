@@ -79,9 +79,12 @@ def test_rgba_and_uint16_are_converted(model):
         np.testing.assert_array_equal(result["rois"], expected["rois"])
 
 
-def test_wrong_batch_size_is_a_clear_error(model):
+def test_exact_batch_keeps_matterports_rule(model):
     with pytest.raises(ValueError, match="BATCH_SIZE = 2"):
-        model.detect(_images()[:1])
+        model.detect(_images()[:1], exact_batch=True)
+    with pytest.raises(ValueError, match="got 3 images"):
+        model.detect(_images() + _images()[:1], exact_batch=True)
+    assert len(model.detect(_images(), exact_batch=True)) == 2
 
 
 def test_no_detections_gives_empty_masks(model):
