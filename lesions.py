@@ -33,6 +33,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no TensorFlow)
+from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light too)
 from lesionkit.training_run import StartWeights  # noqa: E402
 from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
@@ -138,8 +139,11 @@ def apply_saved_config(config: LesionConfig, saved: dict[str, Any]) -> None:
 
 
 def build_config(preset: str | None, overrides: list[str], saved: dict[str, Any] | None = None,
-                 inference: bool = False) -> LesionConfig:
-    """LesionConfig <- saved run config <- preset <- ``KEY=VALUE`` overrides; validated and read-only."""
+                 inference: bool = False, batch_size: int = 1) -> LesionConfig:
+    """LesionConfig <- saved run config <- preset <- ``KEY=VALUE`` overrides; validated and read-only.
+
+    ``inference``: one device, ``batch_size`` images per model call (BATCH_SIZE = IMAGES_PER_GPU).
+    """
     config = LesionConfig()
     if saved:
         apply_saved_config(config, saved)
@@ -148,7 +152,7 @@ def build_config(preset: str | None, overrides: list[str], saved: dict[str, Any]
     config.apply_overrides(overrides, source="--set")
     if inference:
         config.set("GPU_COUNT", 1)
-        config.set("IMAGES_PER_GPU", 1)
+        config.set("IMAGES_PER_GPU", batch_size, source="--batch-size")
     return config.freeze()
 
 
@@ -176,9 +180,10 @@ def saved_run_config(weights: Path | None) -> tuple[dict[str, Any] | None, Path 
 
 
 def config_for_weights(args: argparse.Namespace, weights: Path | None, inference: bool = False) -> LesionConfig:
-    """The config of a run continued or used: its saved config.json <- --config <- --set (printed)."""
+    """The config of a run continued or used: its saved config.json <- --config <- --set (printed);
+    for inference IMAGES_PER_GPU is ``--batch-size``."""
     saved, saved_from = saved_run_config(weights)
-    config = build_config(args.config, args.set, saved, inference=inference)
+    config = build_config(args.config, args.set, saved, inference=inference, batch_size=inference_batch_size(args))
     config.display(f"Configuration ({config_origin(args.config, args.set, saved_from)})")
     return config
 
@@ -393,12 +398,18 @@ def default_augmentation(config: LesionConfig) -> Any:
     return make(config.SEED)
 
 
+def inference_batch_size(args: argparse.Namespace) -> int:
+    """``--batch-size``, or the default (:data:`lesionkit.prediction_run.DEFAULT_BATCH_SIZE`)."""
+    return getattr(args, "batch_size", None) or DEFAULT_BATCH_SIZE
+
+
 def predict_options(args: argparse.Namespace, config: LesionConfig) -> Any:
-    """The explicit prediction settings: the config's confidence and the --top1/--crop/--tta flags."""
+    """The explicit prediction settings: the config's confidence, the --top1/--crop/--tta flags
+    and the batch size (the inference config's BATCH_SIZE, = --batch-size)."""
     from lesionkit.prediction_run import PredictOptions
 
     return PredictOptions(float(config.DETECTION_MIN_CONFIDENCE), top1=args.top1,
-                          crop=args.crop, tta=args.tta)
+                          crop=args.crop, tta=args.tta, batch_size=int(config.BATCH_SIZE))
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -430,7 +441,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         records, unreadable = predict_images(model, paths, out_dir, options)
         meta = {"weights": str(weights), "min_confidence": options.min_confidence, "top1": options.top1,
-                "tta": options.tta, "crop": options.crop, "skipped_non_images": skipped, "unreadable": unreadable,
+                "tta": options.tta, "crop": options.crop, "batch_size": options.batch_size, "skipped_non_images": skipped, "unreadable": unreadable,
                 "duplicate_ids": duplicates, "names_too_long": too_long}
         summary = prediction_files.write_summary(out_dir, records, meta)
     finally:
@@ -553,6 +564,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (else argparse's one-line usage error, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 class _Once(argparse.Action):
     """Store a value, refusing a second occurrence of the option (argparse keeps the last silently)."""
 
@@ -595,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top1", action="store_true", help="predict: mask of the best instance only (default: union)")
     p.add_argument("--crop", action="store_true", help="predict: also write <id>_crop.png, background blacked out")
     p.add_argument("--tta", action="store_true", help="predict/evaluate: test-time augmentation (flips)")
+    p.add_argument("--batch-size", action=_Once, type=positive_int, default=None, metavar="N",
+                   help=f"predict/evaluate: images per model call (default {DEFAULT_BATCH_SIZE}; images are read ahead and files"
+                        " written behind the model in threads)")
     p.add_argument("--images", action=_Once, metavar="DIR",
                    help="evaluate: image folder (with --masks) instead of the val split")
     p.add_argument("--masks", action=_Once, metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")
@@ -608,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 MODE_OPTIONS = {
     "train": {"folds", "fold", "no_cache", "cache_dir"},
-    "predict": {"image", "output", "top1", "crop", "tta"},
-    "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first"},
+    "predict": {"image", "output", "top1", "crop", "tta", "batch_size"},
+    "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first", "batch_size"},
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from lesionkit import metrics
 from lesionkit.dataset_scan import Pair
 from lesionkit.prediction_files import InputError, write_summary
-from lesionkit.prediction_run import PredictOptions, load_inference_model, predict_images
+from lesionkit.prediction_run import DEFAULT_BATCH_SIZE, PredictOptions, load_inference_model, predict_images
 from mrcnn.config import Config
 from mrcnn.imaging import read_image, read_mask
 
@@ -72,7 +72,8 @@ def evaluate_with_model(model: Any, pairs: list[Pair], out_dir: Path, options: P
     With TTA the main ``summary.json`` holds the plain metrics plus a ``tta`` block. Returns the
     summaries by column name (``plain``, ``tta``).
     """
-    columns = {"plain": evaluate_model(model, pairs, out_dir, PredictOptions(options.min_confidence))}
+    plain = PredictOptions(options.min_confidence, batch_size=options.batch_size)
+    columns = {"plain": evaluate_model(model, pairs, out_dir, plain)}
     if options.tta:
         columns["tta"] = evaluate_model(model, pairs, out_dir / "tta", options)
         plain = columns["plain"]
@@ -86,9 +87,10 @@ def evaluate_with_model(model: Any, pairs: list[Pair], out_dir: Path, options: P
 
 def evaluate_checkpoint(weights: Path, config: Config, pairs: list[Pair], folder: Path) -> dict:
     """Load ``weights`` (a run of ``config``) for inference and evaluate it on ``pairs`` (no TTA)."""
-    inference = config.replace(GPU_COUNT=1, IMAGES_PER_GPU=1)
+    inference = config.replace(GPU_COUNT=1, IMAGES_PER_GPU=DEFAULT_BATCH_SIZE)
     model = load_inference_model(inference, weights, weights.parent.parent)
-    summary = evaluate_model(model, pairs, folder, PredictOptions(float(config.DETECTION_MIN_CONFIDENCE)))
+    options = PredictOptions(float(config.DETECTION_MIN_CONFIDENCE), batch_size=DEFAULT_BATCH_SIZE)
+    summary = evaluate_model(model, pairs, folder, options)
     print(f"  fold evaluation: {folder / 'summary.json'}")
     return metrics_only(summary)
 

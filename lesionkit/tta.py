@@ -5,7 +5,9 @@ result's lesion mask (union of the instances scoring at least ``min_confidence``
 when none does) back to the original orientation exactly (flips and rotations are permutations of
 pixels), and merges them by pixel-wise majority vote. The merged lesion is returned as a single
 instance in ``detect``'s format, with the mean of the variants' best scores as its score, so
-:mod:`lesionkit.prediction_files` writes it like any other result.
+:mod:`lesionkit.prediction_files` writes it like any other result. :func:`detect_tta_batch` does
+the same for several images with one ``detect`` call over all their variants (which ``detect``
+batches by BATCH_SIZE).
 """
 
 from __future__ import annotations
@@ -54,18 +56,26 @@ def as_result(mask: np.ndarray, score: float) -> dict[str, np.ndarray]:
             "scores": np.array([score], np.float32), "masks": mask[..., None]}
 
 
+def detect_tta_batch(model: Any, images: list[np.ndarray], min_confidence: float = 0.5,
+                     transforms: tuple[str, ...] = tuple(TRANSFORMS)) -> list[dict[str, np.ndarray]]:
+    """:func:`detect_tta` for each image; one ``model.detect`` call over every image's variants."""
+    variants = [np.ascontiguousarray(TRANSFORMS[name][0](image)) for image in images for name in transforms]
+    results = model.detect(variants, verbose=0) if variants else []
+    merged = []
+    for i, image in enumerate(images):
+        masks, scores = [], []
+        for j, name in enumerate(transforms):
+            variant = variants[i * len(transforms) + j]
+            mask, score = best_lesion_mask(results[i * len(transforms) + j], variant.shape[:2], min_confidence)
+            masks.append(np.ascontiguousarray(TRANSFORMS[name][1](mask)))
+            scores.append(score)
+        found = [s for s in scores if s > 0]
+        mask = merge_masks(masks) if masks else np.zeros((int(image.shape[0]), int(image.shape[1])), bool)
+        merged.append(as_result(mask, float(np.mean(found)) if found else 0.0))
+    return merged
+
+
 def detect_tta(model: Any, image: np.ndarray, min_confidence: float = 0.5,
                transforms: tuple[str, ...] = tuple(TRANSFORMS)) -> dict[str, np.ndarray]:
     """``detect`` on ``image`` under each transform, masks mapped back and merged (one instance)."""
-    shape = (int(image.shape[0]), int(image.shape[1]))
-    masks, scores = [], []
-    for name in transforms:
-        forward, inverse = TRANSFORMS[name]
-        variant = np.ascontiguousarray(forward(image))
-        result = model.detect([variant], verbose=0)[0]
-        mask, score = best_lesion_mask(result, variant.shape[:2], min_confidence)
-        masks.append(np.ascontiguousarray(inverse(mask)))
-        scores.append(score)
-    found = [s for s in scores if s > 0]
-    merged = merge_masks(masks) if masks else np.zeros(shape, bool)
-    return as_result(merged, float(np.mean(found)) if found else 0.0)
+    return detect_tta_batch(model, [image], min_confidence, transforms)[0]

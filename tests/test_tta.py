@@ -15,8 +15,7 @@ class ThresholdModel:
 
     def detect(self, images, verbose=0):
         self.calls += 1
-        mask = images[0][..., 0] < 100
-        return [tta.as_result(mask, 0.9)]
+        return [tta.as_result(image[..., 0] < 100, 0.9) for image in images]
 
 
 def _image():
@@ -32,7 +31,7 @@ def test_identity_case_is_exact():
     image = _image()
     plain = model.detect([image])[0]
     merged = tta.detect_tta(model, image, 0.5)
-    assert model.calls == 1 + len(tta.TRANSFORMS)
+    assert model.calls == 2  # the plain call, then one call for all variants
     assert np.array_equal(merged["masks"][..., 0], plain["masks"][..., 0])
     assert np.array_equal(merged["rois"], plain["rois"])
     assert merged["scores"].tolist() == [np.float32(0.9)]
@@ -59,3 +58,15 @@ def test_fallback_to_best_detection_below_threshold():
     result = {"scores": np.array([0.2, 0.3]), "masks": masks}
     mask, score = tta.best_lesion_mask(result, (4, 4), 0.5)
     assert mask[3, 3] and not mask[0, 0] and score == 0.3
+
+
+def test_batch_of_images_is_one_call_and_matches_one_by_one():
+    model = ThresholdModel()
+    images = [_image(), np.ascontiguousarray(_image()[::-1, :40]), np.full((9, 11, 3), 30, np.uint8)]
+    merged = tta.detect_tta_batch(model, images, 0.5)
+    assert model.calls == 1
+    for image, result in zip(images, merged, strict=True):
+        single = tta.detect_tta(model, image, 0.5)
+        assert np.array_equal(result["masks"], single["masks"]) and np.array_equal(result["rois"], single["rois"])
+        assert np.array_equal(result["masks"][..., 0], image[..., 0] < 100)
+    assert tta.detect_tta_batch(model, [], 0.5) == []
