@@ -29,9 +29,10 @@ from mrcnn.imaging import ImageReadError, read_image
 
 #: Longest file name most file systems accept (bytes).
 MAX_NAME_BYTES = 255
-#: Images per model call for predict/evaluate unless asked otherwise (fastest measured on a
-#: 2-core CPU at the demo preset's size: benchmarks/README.md, "Batch prediction").
-DEFAULT_BATCH_SIZE = 4
+#: Images per model call for predict/evaluate unless asked otherwise: 1 measured fastest on a
+#: 2-core CPU at the demo preset's size (benchmarks/README.md, "Batch prediction"); larger
+#: batches are for GPUs (--batch-size).
+DEFAULT_BATCH_SIZE = 1
 #: Threads decoding images ahead of the model.
 READ_THREADS = 2
 
@@ -89,11 +90,6 @@ def detect_batch(model: Any, images: list[np.ndarray], options: PredictOptions) 
 
         return detect_tta_batch(model, images, options.min_confidence)
     return model.detect(images, verbose=0)
-
-
-def detect_one(model: Any, image: np.ndarray, options: PredictOptions) -> dict:
-    """:func:`detect_batch` for one image."""
-    return detect_batch(model, [image], options)[0]
 
 
 def _read_or_error(path: Path) -> np.ndarray | ImageReadError:
