@@ -76,8 +76,10 @@ def write_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0)
     return paths
 
 
-def build_models(batch_sizes: list[int], weights: str | None, seed: int) -> tuple[dict[int, object], object]:
-    """{batch size: inference MaskRCNN of the demo preset}, all with the same weights; the config."""
+def build_models(batch_sizes: list[int], weights: str | None, seed: int, overrides: list[str]
+                 ) -> tuple[dict[int, object], object]:
+    """{batch size: inference MaskRCNN of the demo preset + ``overrides``}, all with the same
+    weights; the config."""
     import keras
 
     from lesionkit.prediction_run import load_inference_model
@@ -86,7 +88,7 @@ def build_models(batch_sizes: list[int], weights: str | None, seed: int) -> tupl
     keras.utils.set_random_seed(seed)
     models, first = {}, None
     for batch in sorted(set(batch_sizes)):
-        config = lesions.build_config("demo", [], inference=True, batch_size=batch)
+        config = lesions.build_config("demo", overrides, inference=True, batch_size=batch)
         if weights:
             models[batch] = load_inference_model(config, Path(weights), Path(tempfile.gettempdir()))
         else:
@@ -95,7 +97,7 @@ def build_models(batch_sizes: list[int], weights: str | None, seed: int) -> tupl
             if first is None:
                 first = models[batch].keras_model.get_weights()
             models[batch].keras_model.set_weights(first)
-    return models, lesions.build_config("demo", [], inference=True)
+    return models, lesions.build_config("demo", overrides, inference=True)
 
 
 def one_by_one(model, paths: list[Path], out: Path, options: PredictOptions) -> None:
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scale-batch", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--weights", help="a checkpoint of the demo preset (default: random weights)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a value of the demo preset, as lesions.py --set does (e.g. BACKBONE=\"resnet18\")")
     p.add_argument("--work", help="folder for images and outputs (default: a temporary folder, removed)")
     p.add_argument("--record", help="also write the JSON to this file")
     args = p.parse_args(argv)
@@ -171,11 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         models, config = build_models(sizes + ([args.scale_batch] if args.scale_images else []), args.weights,
-                                      args.seed)
+                                      args.seed, args.set)
         size = tuple(int(v) for v in config.DEMO_IMAGE_SIZE)
         confidence = float(config.DETECTION_MIN_CONFIDENCE)
         result: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "config": "demo", "image_size": list(size), "weights": args.weights or "random",
+                        "config": "demo", "set": args.set, "image_size": list(size), "weights": args.weights or "random",
                         "cpu_count": os.cpu_count(), "load_avg_start": list(os.getloadavg())}
         with contextlib.redirect_stdout(sys.stderr):  # progress bars and model messages: stderr
             if args.speed_images:
