@@ -139,7 +139,7 @@ def apply_saved_config(config: LesionConfig, saved: dict[str, Any]) -> None:
 
 
 def build_config(preset: str | None, overrides: list[str], saved: dict[str, Any] | None = None,
-                 inference: bool = False, batch_size: int = 1) -> LesionConfig:
+                 inference: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> LesionConfig:
     """LesionConfig <- saved run config <- preset <- ``KEY=VALUE`` overrides; validated and read-only.
 
     ``inference``: one device, ``batch_size`` images per model call (BATCH_SIZE = IMAGES_PER_GPU).
@@ -183,7 +183,8 @@ def config_for_weights(args: argparse.Namespace, weights: Path | None, inference
     """The config of a run continued or used: its saved config.json <- --config <- --set (printed);
     for inference IMAGES_PER_GPU is ``--batch-size``."""
     saved, saved_from = saved_run_config(weights)
-    config = build_config(args.config, args.set, saved, inference=inference, batch_size=inference_batch_size(args))
+    config = build_config(args.config, args.set, saved, inference=inference,
+                          batch_size=inference_batch_size(args))
     config.display(f"Configuration ({config_origin(args.config, args.set, saved_from)})")
     return config
 
@@ -441,8 +442,9 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         records, unreadable = predict_images(model, paths, out_dir, options)
         meta = {"weights": str(weights), "min_confidence": options.min_confidence, "top1": options.top1,
-                "tta": options.tta, "crop": options.crop, "batch_size": options.batch_size, "skipped_non_images": skipped, "unreadable": unreadable,
-                "duplicate_ids": duplicates, "names_too_long": too_long}
+                "tta": options.tta, "crop": options.crop, "batch_size": options.batch_size,
+                "skipped_non_images": skipped, "unreadable": unreadable, "duplicate_ids": duplicates,
+                "names_too_long": too_long}
         summary = prediction_files.write_summary(out_dir, records, meta)
     finally:
         if created:
@@ -618,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", action="store_true", help="predict: also write <id>_crop.png, background blacked out")
     p.add_argument("--tta", action="store_true", help="predict/evaluate: test-time augmentation (flips)")
     p.add_argument("--batch-size", action=_Once, type=positive_int, default=None, metavar="N",
-                   help=f"predict/evaluate: images per model call (default {DEFAULT_BATCH_SIZE}; images are read ahead and files"
-                        " written behind the model in threads)")
+                   help=f"predict/evaluate: images per model call (default {DEFAULT_BATCH_SIZE}; images are read"
+                        " ahead and files written behind the model in threads)")
     p.add_argument("--images", action=_Once, metavar="DIR",
                    help="evaluate: image folder (with --masks) instead of the val split")
     p.add_argument("--masks", action=_Once, metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         size = tuple(int(v) for v in config.DEMO_IMAGE_SIZE)
         confidence = float(config.DETECTION_MIN_CONFIDENCE)
         result: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        "config": "demo", "set": args.set, "image_size": list(size), "weights": args.weights or "random",
+                        "config": "demo", "set": args.set, "image_size": list(size),
+                        "weights": args.weights or "random",
                         "cpu_count": os.cpu_count(), "load_avg_start": list(os.getloadavg())}
         with contextlib.redirect_stdout(sys.stderr):  # progress bars and model messages: stderr
             if args.speed_images:
