@@ -244,6 +244,25 @@ def test_cli_batch_size_writes_the_same_masks_as_batch_one(checkpoint):
     assert masks_found > 0
 
 
+def test_cli_evaluate_in_batches_scores_the_same_masks(checkpoint):
+    from cli_helpers import TINY, run_cli
+    from PIL import Image
+
+    from lesionkit.synthetic import GROUND_TRUTH_DIR
+
+    work, weights, images_dir = checkpoint
+    proc = run_cli("--mode", "evaluate", "--images", str(images_dir), "--masks", str(work / "data" / GROUND_TRUTH_DIR),
+                   "--weights", str(weights), "--config", str(TINY), "--batch-size", "3", "--output", "eval3",
+                   cwd=work, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    written = sorted(p.name for p in (work / "eval3" / "predictions").glob("*_segmentation.png"))
+    assert written == [f"ISIC_000000{i}_segmentation.png" for i in (0, 1, 3, 4)]
+    if (work / "out1").is_dir():  # the predict test ran first: the same masks at batch 1
+        for name in written:
+            with Image.open(work / "out1" / name) as a, Image.open(work / "eval3" / "predictions" / name) as b:
+                assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_cli_bad_batch_size_is_one_line_exit_2(tmp_path, value):
     from cli_helpers import assert_user_error, run_cli
