@@ -40,6 +40,7 @@ from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 from mrcnn.downloads import COCO, IMAGENET_RESNET50, WEIGHTS_DIR, fetch_weights  # noqa: E402
 from mrcnn.errors import TrainingDivergedError, UserError  # noqa: E402
+from mrcnn.multiworker import WorkerLostError, cluster_from_env  # noqa: E402  (light: no TensorFlow)
 
 REPO_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = REPO_DIR / "configs"
@@ -362,6 +363,8 @@ def run_train(args: argparse.Namespace) -> int:
     from lesionkit.training_run import train_run
 
     logs = Path(args.logs)
+    if cluster_from_env() is not None and args.folds:  # (a malformed TF_CONFIG is refused here too, one line)
+        raise CliError("--folds runs one process per fold: it does not combine with a multi-worker TF_CONFIG")
     # The preset and --set decide NAME, and so which run --weights last continues.
     named = build_config(args.config, args.set)
     if args.folds and args.weights == "last":
@@ -704,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Resume with: {resume_hint(argv)}" if args.mode == "train" else ""
         print(f"\nlesions: interrupted; complete checkpoints and files are kept.{hint}", file=sys.stderr)
         return 130
-    except TrainingDivergedError as exc:
+    except (TrainingDivergedError, WorkerLostError) as exc:
         print(f"lesions: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (UserError, OSError) as exc:  # OSError: a file or folder the system refuses (permissions, space)

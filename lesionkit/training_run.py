@@ -53,13 +53,15 @@ def training_stages(config: Config, start_epoch: int) -> list[Stage]:
     return todo
 
 
-def complete_steps(config: Config, n_train: int, n_val: int) -> Config:
-    """``config`` with STEPS_PER_EPOCH / VALIDATION_STEPS of 0 resolved to one pass over each split."""
+def complete_steps(config: Config, n_train: int, n_val: int, workers: int = 1) -> Config:
+    """``config`` with STEPS_PER_EPOCH / VALIDATION_STEPS of 0 resolved to one pass over each split
+    (a step takes BATCH_SIZE images on each of ``workers`` machines)."""
     changes = {}
+    batch = config.BATCH_SIZE * workers
     if config.STEPS_PER_EPOCH == 0:
-        changes["STEPS_PER_EPOCH"] = max(1, -(-n_train // config.BATCH_SIZE))
+        changes["STEPS_PER_EPOCH"] = max(1, -(-n_train // batch))
     if config.VALIDATION_STEPS == 0 and n_val:
-        changes["VALIDATION_STEPS"] = max(1, -(-n_val // config.BATCH_SIZE))
+        changes["VALIDATION_STEPS"] = max(1, -(-n_val // batch))
     return config.replace(**changes) if changes else config
 
 
@@ -72,10 +74,16 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
               split_info: dict, augmentation: Any = None) -> Path:
     """Build the training model, load ``start``, run the remaining stages; returns the run folder.
 
-    ``config`` must be complete (:func:`complete_steps`). Writes ``split.json`` (the train and
-    validation ids plus ``split_info``) into the run folder before the first step.
+    Steps of 0 are resolved here (:func:`complete_steps`). Writes ``split.json`` (the train and
+    validation ids plus ``split_info``) into the run folder before the first step. Under a
+    multi-worker ``TF_CONFIG`` (:mod:`mrcnn.multiworker`) every worker calls this with the same
+    arguments; only the chief writes files.
     """
-    config = complete_steps(config, len(train_set.image_info), len(val_set.image_info))
+    from mrcnn import multiworker
+
+    cluster = multiworker.cluster_from_env()
+    config = complete_steps(config, len(train_set.image_info), len(val_set.image_info),
+                            1 if cluster is None else cluster.size)
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
 
@@ -84,7 +92,9 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
         print(f"Loading {start.kind} weights from {start.path}", flush=True)
         model.load_weights(str(start.path), by_name=True, exclude=list(start.exclude))
     log_dir = Path(model.log_dir)
-    dataset_scan.write_split(log_dir / "split.json", image_ids(train_set), image_ids(val_set), split_info)
+    chief = multiworker.is_chief()
+    if chief:
+        dataset_scan.write_split(log_dir / "split.json", image_ids(train_set), image_ids(val_set), split_info)
     todo = training_stages(config, model.epoch)
     if not todo:
         print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
@@ -98,7 +108,10 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
     cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
     if cache is not None:
         print(f"Preprocessing cache: {cache.summary()}")
-    report_training(log_dir, time.time() - started)
+    if chief:
+        report_training(log_dir, time.time() - started)
+    else:
+        print(f"\nTraining done in {(time.time() - started) / 60:.1f} min; the chief wrote the checkpoints and logs.")
     return log_dir
 
 

@@ -128,6 +128,9 @@ class Config:
     GRADIENT_CLIP_MODE = "per_variable"
     #: Keras ``mixed_float16`` policy (GPU); losses and final outputs stay float32.
     MIXED_PRECISION = False
+    #: Training on several machines (TF_CONFIG, see mrcnn.multiworker): seconds a gradient
+    #: all-reduce waits for the other workers before the run stops with an error naming the lost one.
+    MULTI_WORKER_TIMEOUT = 600
     #: Seed for shuffling and augmentation; None = not deterministic.
     SEED: int | None = None
     #: Run the mask head in training only on the real positive ROIs (at most
@@ -294,6 +297,9 @@ class Config:
         err.check(self.NUM_CLASSES >= 2 or type(self) is Config,
                   f"NUM_CLASSES counts the background too and must be >= 2, got {self.NUM_CLASSES}")
         err.check(self.VALIDATION_STEPS >= 0, f"VALIDATION_STEPS must be >= 0, got {self.VALIDATION_STEPS}")
+        err.check(isinstance(self.MULTI_WORKER_TIMEOUT, (int, float)) and not isinstance(self.MULTI_WORKER_TIMEOUT, bool)
+                  and self.MULTI_WORKER_TIMEOUT > 0,
+                  f"MULTI_WORKER_TIMEOUT must be a number of seconds > 0, got {self.MULTI_WORKER_TIMEOUT!r}")
         if not callable(self.BACKBONE):
             err.check(self.BACKBONE in ("resnet50", "resnet101", "resnet18", "resnet34"),
                       f"BACKBONE must be 'resnet50', 'resnet101', 'resnet18', 'resnet34' or a callable,"

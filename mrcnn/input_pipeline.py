@@ -400,13 +400,16 @@ class SampleSource:
 
 def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None,
                  no_augmentation_sources: list[str] | None = None, seed: int | None = None,
-                 batch_size: int | None = None, start: int = 0, parallel: int | None = None) -> tf.data.Dataset:
+                 batch_size: int | None = None, start: int = 0, parallel: int | None = None,
+                 shard: tuple[int, int, int] | None = None) -> tf.data.Dataset:
     """Infinite tf.data pipeline of batched training inputs (dict keyed by INPUT_NAMES).
 
     Images are loaded, augmented and given RPN targets in parallel worker threads (``parallel``
     calls, default AUTOTUNE), in a deterministic order; batches of ``batch_size`` (default
     config.BATCH_SIZE) are prefetched. ``seed`` defaults to config.SEED; ``start`` skips samples
     (e.g. to resume). Every element has fixed shapes (see :func:`sample_specs`).
+    ``shard`` = (share, workers, rank): only this worker's ``share`` samples of every global batch
+    of ``share * workers`` (:func:`mrcnn.multiworker.shard_indices`; ``start`` counts global samples).
     """
     seed = config.SEED if seed is None else seed
     source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources, seed)
@@ -423,7 +426,13 @@ def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None
         return {n: tf.ensure_shape(v, specs[n].shape) for n, v in zip(names, values, strict=True)}
 
     calls = tf.data.AUTOTUNE if parallel is None else parallel
-    ds = tf.data.Dataset.range(start, 2**62).map(load_tensor, num_parallel_calls=calls, deterministic=True)
+    if shard is None:
+        ds = tf.data.Dataset.range(start, 2**62)
+    else:
+        from mrcnn.multiworker import shard_indices
+
+        ds = tf.data.Dataset.range(0, 2**62).map(shard_indices(start, *shard))
+    ds = ds.map(load_tensor, num_parallel_calls=calls, deterministic=True)
     ds = ds.batch(batch_size or config.BATCH_SIZE, drop_remainder=True)
     options = tf.data.Options()
     options.experimental_optimization.map_parallelization = True

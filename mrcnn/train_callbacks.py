@@ -67,12 +67,15 @@ class NonFiniteGuard(keras.callbacks.Callback):
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch without divergence: save weights to ``mrcnn_model.checkpoint_path``."""
 
-    def __init__(self, mrcnn_model, guard: NonFiniteGuard | None = None) -> None:
+    def __init__(self, mrcnn_model, guard: NonFiniteGuard | None = None, write: bool = True) -> None:
         super().__init__()
         self.mrcnn_model = mrcnn_model
         self.guard = guard
+        self.write = write  # False: a non-chief worker of a multi-worker run only counts the epochs
 
     def on_train_begin(self, logs=None):
+        if not self.write:
+            return
         # Temporary files of writes a killed run never finished (mrcnn.fileio names them
         # .tmp-<pid>-<hex>.tmp: never loadable, not named *.h5); also the older <checkpoint>.h5.tmp.
         folder = glob.escape(self.mrcnn_model.log_dir)
@@ -84,6 +87,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard is not None and self.guard.diverged:
+            return
+        if not self.write:
+            self.mrcnn_model.epoch = epoch + 1
             return
         path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
         with sigint_deferred():  # the epoch is complete: finish its checkpoint, then stop

@@ -12,6 +12,7 @@ The callbacks live in :mod:`mrcnn.train_callbacks`; the input pipeline in :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import losses as L
-from mrcnn import tf_boxes
+from mrcnn import multiworker, tf_boxes
 from mrcnn.config import LOSS_NAMES
 from mrcnn.errors import TrainingDivergedError
 from mrcnn.input_pipeline import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
@@ -173,7 +174,12 @@ class TrainingModel(keras.Model):
         self.loss_trackers["loss"].update_state(total)
         for name, value in terms.items():
             self.loss_trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+        logs = {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages the logs over all workers' replicas with reduce(MEAN, axis=0), which
+            # needs an axis: shape [1] makes it the mean of the replicas' values (a scalar).
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     @property
     def bn_training(self) -> bool:
@@ -310,7 +316,18 @@ def _build_graph(config) -> TrainingModel:
 
 
 def distribution_strategy(config) -> tf.distribute.Strategy:
-    """MirroredStrategy over GPU_COUNT GPUs (or logical CPUs when no GPU), else the default."""
+    """MultiWorkerMirroredStrategy when ``TF_CONFIG`` names a cluster of several workers (see
+    :mod:`mrcnn.multiworker`; each worker must have GPU_COUNT devices), else MirroredStrategy over
+    GPU_COUNT GPUs (or logical CPUs when no GPU), else the default."""
+    cluster = multiworker.cluster_from_env()
+    if cluster is not None:
+        strategy = multiworker.strategy(cluster, config.MULTI_WORKER_TIMEOUT)
+        local = strategy.num_replicas_in_sync // cluster.size
+        if local != config.GPU_COUNT:
+            raise multiworker.ClusterConfigError(
+                f"GPU_COUNT is {config.GPU_COUNT} but this worker trains on {local} device(s) (all its visible GPUs,"
+                " else its CPU): set GPU_COUNT to that number, or choose the GPUs with CUDA_VISIBLE_DEVICES")
+        return strategy
     if config.GPU_COUNT <= 1:
         return tf.distribute.get_strategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -334,9 +351,10 @@ def build_training_model(config) -> TrainingModel:
     """
     from mrcnn.inference_graph import dtype_policy
 
+    strategy = distribution_strategy(config)  # first: a multi-worker strategy must precede every TF op
     if _seed(config) is not None:
         keras.utils.set_random_seed(_seed(config))  # reproducible initial weights
-    with dtype_policy(config), distribution_strategy(config).scope():
+    with dtype_policy(config), strategy.scope():
         return _build_graph(config)
 
 
@@ -418,18 +436,34 @@ def _seed(config) -> int | None:
 
 
 def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources):
+    """Training and validation input; with several workers each feeds its share of every global batch."""
     config = model.config
     seed = _seed(config)
-    start = model.epoch * config.STEPS_PER_EPOCH * config.BATCH_SIZE
-    train_ds = make_dataset(train_dataset, config, shuffle=True, augmentation=augmentation,
-                            no_augmentation_sources=no_augmentation_sources, seed=seed, start=start)
+    cluster = multiworker.active_cluster()
+    workers = 1 if cluster is None else cluster.size
+    start = model.epoch * config.STEPS_PER_EPOCH * config.BATCH_SIZE * workers
+
+    def build(dataset, **options):
+        if cluster is None:
+            return make_dataset(dataset, config, **options)
+        # Each worker's pipeline yields per-replica batches (IMAGES_PER_GPU); its local replicas take
+        # consecutive ones, so one step covers this worker's BATCH_SIZE slice of the global batch.
+        return model.keras_model.distribute_strategy.distribute_datasets_from_function(
+            lambda context: make_dataset(dataset, config, batch_size=config.IMAGES_PER_GPU,
+                                         shard=(config.BATCH_SIZE, workers, cluster.rank), **options))
+
+    train_ds = build(train_dataset, shuffle=True, augmentation=augmentation,
+                     no_augmentation_sources=no_augmentation_sources, seed=seed, start=start)
     val_ds = None
     if val_dataset is not None and config.VALIDATION_STEPS:
-        val_ds = make_dataset(val_dataset, config, shuffle=True, seed=None if seed is None else seed + 1)
+        val_ds = build(val_dataset, shuffle=True, seed=None if seed is None else seed + 1)
     return train_ds, val_ds
 
 
 def _callbacks(model, custom_callbacks, guard: NonFiniteGuard) -> list:
+    """The guard, logs and checkpoints; a non-chief worker of a multi-worker run writes nothing."""
+    if not multiworker.is_chief():
+        return [guard, EpochCheckpoint(model, guard, write=False), *(custom_callbacks or [])]
     return [guard,
             SafeCSVLogger(os.path.join(model.log_dir, "training.csv"), first_epoch=model.epoch, guard=guard),
             ScalarSummaries(model.log_dir),
@@ -482,8 +516,9 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
     config = model.config
     if _seed(config) is not None:
         keras.utils.set_random_seed(_seed(config) + model.epoch)
-    os.makedirs(model.log_dir, exist_ok=True)
-    config.save(os.path.join(model.log_dir, "config.json"))
+    if multiworker.is_chief():
+        os.makedirs(model.log_dir, exist_ok=True)
+        config.save(os.path.join(model.log_dir, "config.json"))
     train_ds, val_ds = _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_sources)
     print(f"\nStarting at epoch {model.epoch}. LR={learning_rate}\nCheckpoint Path: {model.checkpoint_path}")
     names = set_trainable(model, layers, verbose=1 if list_layers else 0)
@@ -491,8 +526,28 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
                 model.epoch, learning_rate, len(names), model.checkpoint_path)
     compile_training_model(model.keras_model, learning_rate, config)
     guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
-    history = model.keras_model.fit(
-        train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
-        validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
-        callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
+    with _peer_failures(model):
+        history = model.keras_model.fit(
+            train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
+            validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
+            callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
     return history, guard
+
+
+#: What a collective raises when a peer worker died or stopped answering.
+PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                 tf.errors.AbortedError, tf.errors.InternalError, tf.errors.UnknownError)
+
+
+@contextlib.contextmanager
+def _peer_failures(model):
+    """In a multi-worker run: a collective failure -> WorkerLostError (one line, names the lost worker)."""
+    cluster = multiworker.active_cluster()
+    if cluster is None:
+        yield
+        return
+    try:
+        yield
+    except PEER_FAILURES as exc:
+        kept = f"the chief keeps its checkpoints up to epoch {model.epoch}" if model.epoch else "no epoch was complete"
+        raise multiworker.lost_worker_error(exc, cluster, f"during epoch {model.epoch + 1} ({kept})") from exc
