@@ -536,7 +536,7 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
 
 #: What a collective raises when a peer worker died or stopped answering.
 PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-                 tf.errors.AbortedError, tf.errors.InternalError, tf.errors.UnknownError)
+                 tf.errors.AbortedError)
 
 
 @contextlib.contextmanager
