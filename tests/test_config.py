@@ -85,6 +85,7 @@ def test_validate_accepts_a_sane_config():
         ("DETECTION_NMS_THRESHOLD", -0.1, "DETECTION_NMS_THRESHOLD"),
         ("DETECTION_MASK_THRESHOLD", 0.0, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
         ("DETECTION_MASK_THRESHOLD", 1.2, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
+        ("MULTI_WORKER_TIMEOUT", 0, "MULTI_WORKER_TIMEOUT must be a number of seconds > 0"),
     ],
 )
 def test_validate_refuses_bad_values_with_one_line(key, value, words):
