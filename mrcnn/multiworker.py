@@ -179,6 +179,32 @@ def shard_indices(start: int, batch_size: int, workers: int, rank: int):
     return index
 
 
+def check_same_start(strategy: Any, cluster: Cluster, epoch: int, weights: list) -> None:
+    """ClusterConfigError on every worker unless all start at the same ``epoch`` with the same
+    ``weights`` (numpy arrays; compared through their sum, exactly: all load the same file)."""
+    import numpy as np
+    import tensorflow as tf
+
+    table = np.zeros([cluster.size, 2])  # row r: worker r's epoch and weight sum (others fill theirs)
+    table[cluster.rank] = epoch, sum(np.sum(w, dtype=np.float64) for w in weights)
+    local = tf.constant(table / (strategy.num_replicas_in_sync // cluster.size))  # summed over local replicas too
+
+    @tf.function
+    def exchange():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM,
+                                                                                   local))
+
+    starts = strategy.experimental_local_results(exchange())[0].numpy()
+    (low_epoch, low_sum), (high_epoch, high_sum) = starts.min(axis=0), starts.max(axis=0)
+    if high_epoch != low_epoch or high_sum != low_sum:
+        what = (f"epochs {low_epoch:.0f} to {high_epoch:.0f}" if high_epoch != low_epoch
+                else f"the same epoch {epoch} but different weights")
+        raise ClusterConfigError(
+            f"the {cluster.size} workers start from different checkpoints ({what}; this is "
+            f"{cluster.describe(cluster.task_type, cluster.task_index)} at epoch {epoch}): give every worker the "
+            "same --weights file (--weights last needs one --logs folder that all workers share)")
+
+
 _TASK = re.compile(r"/job:(chief|worker)/replica:\d+/task:(\d+)")
 
 

@@ -525,6 +525,10 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
     logger.info("Starting at epoch %d, lr=%s, %d trainable layers; checkpoints: %s",
                 model.epoch, learning_rate, len(names), model.checkpoint_path)
     compile_training_model(model.keras_model, learning_rate, config)
+    cluster = multiworker.active_cluster()
+    if cluster is not None:
+        multiworker.check_same_start(model.keras_model.distribute_strategy, cluster, model.epoch,
+                                     model.keras_model.get_weights())
     guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
     with _peer_failures(model):
         history = model.keras_model.fit(
