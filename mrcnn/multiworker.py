@@ -16,6 +16,8 @@ Every machine (a *worker*) runs the same training command with its own ``TF_CONF
   batch of step k is samples [k * G, (k + 1) * G) of the single-process order (G = BATCH_SIZE x
   workers), worker w takes the w-th slice of BATCH_SIZE, so the union over workers is the batch
   one process with the same global batch would see.
+* :func:`check_same_start` makes every worker stop with one line unless all start from the same
+  epoch and weights (e.g. ``--weights last`` without a shared ``--logs`` folder).
 * :func:`lost_worker_error` turns the error a collective raises when a peer is gone into a
   :class:`WorkerLostError` whose one-line message names the worker, when TensorFlow says it.
 """

@@ -119,6 +119,16 @@ def test_workers_share_each_global_batch_like_one_process(per_worker, workers):
         assert union == list(range(start + step * per_worker * workers, start + (step + 1) * per_worker * workers))
 
 
+def test_steps_of_zero_are_one_pass_with_the_global_batch():
+    import lesions
+    from lesionkit.training_run import complete_steps
+
+    config = lesions.build_config(str(TINY), ["STEPS_PER_EPOCH=0", "VALIDATION_STEPS=0", "IMAGES_PER_GPU=2"])
+    one, two = complete_steps(config, 101, 10), complete_steps(config, 101, 10, workers=2)
+    assert (one.STEPS_PER_EPOCH, one.VALIDATION_STEPS) == (51, 5)  # ceil(101 / 2), ceil(10 / 2)
+    assert (two.STEPS_PER_EPOCH, two.VALIDATION_STEPS) == (26, 3)  # ceil(101 / 4), ceil(10 / 4)
+
+
 # -------------------------------------------------------------------------------------------
 # The real run
 
