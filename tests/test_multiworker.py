@@ -14,7 +14,7 @@ every positive proposal (no random subset: the random streams of the two set-ups
 Measured: the epoch-1 weights were bit-identical in 3 of 3 runs (same per-replica batches, same
 all-reduce sum of two terms); the bound, 1e-5 of the largest weight (about 1.0), leaves room for
 another summation order on other builds, and is ~0.4% of what one such epoch moves a weight (up to
-2.7e-3, epoch 2 vs epoch 1), so a batch with other images would not pass.
+2.7e-3, epoch 2 vs epoch 1): a batch with other images should not pass (not tried).
 As soon as the chief's epoch-1 checkpoint exists, worker 1 is SIGKILLed: the chief must exit 1
 within a bounded time with one line naming worker 1, keep its epoch-1 checkpoint intact and write
 no epoch-2 one; then ``--weights last`` in one plain process (IMAGES_PER_GPU 2) resumes at epoch 1
