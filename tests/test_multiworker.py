@@ -101,6 +101,10 @@ def test_malformed_tf_config_is_one_line_exit_2(tmp_path):
                           text=True, timeout=60)
     assert_user_error(proc, "TF_CONFIG", '"task"')
     assert not (tmp_path / "logs").exists() and not (tmp_path / "demo_data").exists()
+    env["TF_CONFIG"] = tf_config([1111, 2222], 0)
+    proc = subprocess.run([sys.executable, str(LESIONS), *TRAIN, "--folds", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert_user_error(proc, "--folds", "multi-worker TF_CONFIG")
 
 
 def test_lost_worker_message_names_the_peer_from_tensorflows_error():
