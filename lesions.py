@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no TensorFlow)
 from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light too)
+from lesionkit.refine.settings import RefineSettings  # noqa: E402  (light)
 from lesionkit.training_run import StartWeights  # noqa: E402
 from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
@@ -90,6 +91,32 @@ class LesionConfig(Config):
     DEMO_IMAGES = 100
     DEMO_IMAGE_SIZE = [192, 256]
 
+    # Crop-and-refine stage (lesionkit.refine; checked by RefineSettings.check) ----------------
+    #: Train a U-Net refiner after the detector, in the same run folder, and let predict/evaluate
+    #: re-segment each kept detection with it (--no-refine turns it off there).
+    REFINE = False
+    #: U-Net input side in px (divisible by 2**REFINE_DEPTH); the ISIC 2018 winner used 512.
+    REFINE_CROP_SIZE = 256
+    #: Down-sampling levels of the U-Net, and its filters at the first level (doubled per level).
+    REFINE_DEPTH = 4
+    REFINE_WIDTH = 32
+    #: Inference crop: each side of the detected box moved out by this share of the box side.
+    REFINE_MARGIN = 0.1
+    #: Also feed the detector's coarse mask as a fourth input channel.
+    REFINE_MASK_CHANNEL = False
+    #: Refiner epochs (absolute, like ALL_EPOCHS); steps per epoch (0 = one pass over the
+    #: training images), crops per step and Adam's learning rate.
+    REFINE_EPOCHS = 20
+    REFINE_STEPS_PER_EPOCH = 0
+    REFINE_BATCH_SIZE = 8
+    REFINE_LEARNING_RATE = 0.001
+    #: Training crops: each side [low, high] x the true box's side (the winner: 81-121 %), the
+    #: centre moved by up to this share of the side: the stage learns to fix imperfect boxes.
+    REFINE_TRAIN_SCALE = [0.81, 1.21]
+    REFINE_TRAIN_SHIFT = 0.1
+    #: Refiner probability that counts as lesion.
+    REFINE_MASK_THRESHOLD = 0.5
+
     def validate(self) -> "LesionConfig":
         """Matterport checks plus the schedule and split settings (0 steps = computed later)."""
         if not (isinstance(self.HEADS_EPOCHS, int) and self.HEADS_EPOCHS >= 0):
@@ -112,6 +139,7 @@ class LesionConfig(Config):
             super().validate()
         finally:
             self.STEPS_PER_EPOCH = steps
+        RefineSettings.from_config(self)  # the REFINE_* keys (one-line ConfigError naming the key)
         return self
 
 
