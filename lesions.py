@@ -444,6 +444,19 @@ def predict_options(args: argparse.Namespace, config: LesionConfig) -> Any:
                           crop=args.crop, tta=args.tta, batch_size=int(config.BATCH_SIZE))
 
 
+def with_refiner(args: argparse.Namespace, model: Any, config: LesionConfig, weights: Path, options: Any) -> Any:
+    """``model`` with the run's refinement U-Net (lesionkit.refine) unless --no-refine or REFINE = false."""
+    from lesionkit.refine.inference import attach_refiner
+
+    return attach_refiner(model, config, weights, not args.no_refine, options.min_confidence, options.top1)
+
+
+def refiner_path(model: Any) -> str | None:
+    """The refiner checkpoint a (wrapped) model uses, None for the detector alone."""
+    refiner = getattr(model, "__dict__", {}).get("refiner")
+    return str(refiner.path) if refiner is not None else None
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """--mode predict: lesion masks, overlays (and crops) for a file, folder or glob."""
     from mrcnn.imaging import read_image
@@ -468,14 +481,14 @@ def run_predict(args: argparse.Namespace) -> int:
     options = predict_options(args, config)
     from lesionkit.prediction_run import load_inference_model, predict_images
 
-    model = load_inference_model(config, weights, Path(args.logs))
+    model = with_refiner(args, load_inference_model(config, weights, Path(args.logs)), config, weights, options)
     out_dir, created = prediction_files.make_output_dir(args.output, "predictions")
     try:
         records, unreadable = predict_images(model, paths, out_dir, options)
         meta = {"weights": str(weights), "min_confidence": options.min_confidence, "top1": options.top1,
                 "tta": options.tta, "crop": options.crop, "batch_size": options.batch_size,
-                "skipped_non_images": skipped, "unreadable": unreadable, "duplicate_ids": duplicates,
-                "names_too_long": too_long}
+                "refiner": refiner_path(model), "skipped_non_images": skipped, "unreadable": unreadable,
+                "duplicate_ids": duplicates, "names_too_long": too_long}
         summary = prediction_files.write_summary(out_dir, records, meta)
     finally:
         if created:
@@ -526,10 +539,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     config = config_for_weights(args, weights, inference=True)
     from lesionkit.prediction_run import load_inference_model
 
-    model = load_inference_model(config, weights, Path(args.logs))
+    options = predict_options(args, config)
+    model = with_refiner(args, load_inference_model(config, weights, Path(args.logs)), config, weights, options)
     out_dir, created = prediction_files.make_output_dir(args.output, "evaluations")
     try:
-        evaluate_with_model(model, pairs, out_dir, predict_options(args, config), grid)
+        evaluate_with_model(model, pairs, out_dir, options, grid)
     finally:
         if created:
             prediction_files.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta",
@@ -653,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", action=_Once, type=positive_int, default=None, metavar="N",
                    help=f"predict/evaluate: images per model call (default {DEFAULT_BATCH_SIZE}; images are read"
                         " ahead and files written behind the model in threads)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="predict/evaluate: detector masks only (do not use the run's refinement U-Net)")
     p.add_argument("--images", action=_Once, metavar="DIR",
                    help="evaluate: image folder (with --masks) instead of the val split")
     p.add_argument("--masks", action=_Once, metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")
@@ -666,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 MODE_OPTIONS = {
     "train": {"folds", "fold", "no_cache", "cache_dir"},
-    "predict": {"image", "output", "top1", "crop", "tta", "batch_size"},
-    "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first", "batch_size"},
+    "predict": {"image", "output", "top1", "crop", "tta", "batch_size", "no_refine"},
+    "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first", "batch_size", "no_refine"},
 }
 
 

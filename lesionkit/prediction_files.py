@@ -200,13 +200,26 @@ def instance_records(result: dict, indices: list[int], shape: tuple[int, int]) -
 # Overlay
 
 
+#: Outline colour of a mask from the refinement U-Net (lesionkit.refine); detector masks are green.
+REFINED_COLOR = (0, 200, 255)
+
+
+def refined_flags(result: dict, indices: list[int]) -> list[bool]:
+    """Per index: was its mask refined (``result["refined"]``, set by lesionkit.refine)?"""
+    flags = np.asarray(result.get("refined", np.zeros(0, bool)), dtype=bool).reshape(-1)
+    return [bool(flags[i]) if i < flags.size else False for i in indices]
+
+
 def make_overlay(image: np.ndarray, result: dict, indices: list[int]) -> np.ndarray:
-    """Image with outline, box and score of each kept instance (mrcnn.visualize.draw_overlay)."""
+    """Image with outline, box and score of each kept instance (mrcnn.visualize.draw_overlay);
+    refined masks are outlined in :data:`REFINED_COLOR`."""
     from mrcnn.visualize import draw_overlay
 
     masks = np.asarray(result["masks"], dtype=bool)[..., indices]
     boxes = np.asarray(result["rois"]).reshape(-1, 4)[indices]
     scores = np.asarray(result["scores"]).reshape(-1)[indices]
+    if any(refined_flags(result, indices)):
+        return draw_overlay(image, masks, boxes, scores, color=REFINED_COLOR)
     return draw_overlay(image, masks, boxes, scores)
 
 
@@ -234,6 +247,7 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
         "id": image_id, "height": shape[0], "width": shape[1],
         "instances": instance_records(result, indices[:1] if top1 else indices, shape),
         "fallback": fell_back,
+        "refined": any(refined_flags(result, indices[:1] if top1 else indices)),
         "lesion_area_px": int(mask.sum()),
         "lesion_area_pct": round(100.0 * float(mask.sum()) / (shape[0] * shape[1]), 4),
     }

@@ -96,23 +96,37 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
     if chief:
         dataset_scan.write_split(log_dir / "split.json", image_ids(train_set), image_ids(val_set), split_info)
     todo = training_stages(config, model.epoch)
-    if not todo:
-        print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}.")
-        return log_dir
     started = time.time()
+    if not todo:
+        print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}"
+              + (" (detector); the refiner comes next." if getattr(config, "REFINE", False) else "."))
     for stage in todo:
         print(f"\nStage '{stage.layers}': epochs {model.epoch + 1}..{stage.final_epoch} at learning rate"
               f" {stage.learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
         model.train(train_set, val_set, learning_rate=stage.learning_rate, epochs=stage.final_epoch,
                     layers=stage.layers, augmentation=augmentation, list_layers=False)  # the stage line says it
     cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
-    if cache is not None:
+    if cache is not None and todo:
         print(f"Preprocessing cache: {cache.summary()}")
-    if chief:
+    refined = refine_stage(config, train_set, val_set, log_dir) if chief else False
+    if chief and (todo or refined):
         report_training(log_dir, time.time() - started)
-    else:
+    elif not chief:
         print(f"\nTraining done in {(time.time() - started) / 60:.1f} min; the chief wrote the checkpoints and logs.")
     return log_dir
+
+
+def refine_stage(config: Config, train_set: Any, val_set: Any, log_dir: Path) -> bool:
+    """The refiner after the detector, in the same run folder (:mod:`lesionkit.refine`), when REFINE
+    is on; continues its newest checkpoint there. True when it trained an epoch."""
+    if not getattr(config, "REFINE", False):  # mrcnn Configs without the lesion keys: detector only
+        return False
+    from lesionkit.refine.checkpoints import newest_refiner
+    from lesionkit.refine.settings import RefineSettings
+    from lesionkit.refine.training import train_refiner
+
+    before = newest_refiner(log_dir)
+    return train_refiner(RefineSettings.from_config(config), train_set, val_set, log_dir) != before
 
 
 def report_training(log_dir: Path, seconds: float) -> None:
@@ -129,6 +143,11 @@ def report_training(log_dir: Path, seconds: float) -> None:
     checkpoints = checkpoints_in(log_dir)
     print(f"\nTraining done in {seconds / 60:.1f} min.")
     print(f"  checkpoints: {log_dir}/ ({len(checkpoints)} files, newest {checkpoints[-1].name if checkpoints else '-'})")
+    from lesionkit.refine.checkpoints import newest_refiner
+
+    refiner = newest_refiner(log_dir)
+    if refiner is not None:
+        print(f"  refiner:     {refiner} (log: {log_dir / 'refiner_training.csv'})")
     print(f"  logs:        {log if log.is_file() else log_dir}")
     if plot.is_file():
         print(f"  plots:       {plot}")

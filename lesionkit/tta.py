@@ -7,7 +7,9 @@ pixels), and merges them by pixel-wise majority vote. The merged lesion is retur
 instance in ``detect``'s format, with the mean of the variants' best scores as its score, so
 :mod:`lesionkit.prediction_files` writes it like any other result. :func:`detect_tta_batch` does
 the same for several images with one ``detect`` call over all their variants (which ``detect``
-batches by BATCH_SIZE).
+batches by BATCH_SIZE). With a :class:`lesionkit.refine.inference.RefinedDetector` as ``model``
+both stages run on every variant, and the merged result says ``refined`` when any variant's mask
+was refined.
 """
 
 from __future__ import annotations
@@ -63,15 +65,18 @@ def detect_tta_batch(model: Any, images: list[np.ndarray], min_confidence: float
     results = model.detect(variants, verbose=0) if variants else []
     merged = []
     for i, image in enumerate(images):
-        masks, scores = [], []
+        masks, scores, refined = [], [], []
         for j, name in enumerate(transforms):
-            variant = variants[i * len(transforms) + j]
-            mask, score = best_lesion_mask(results[i * len(transforms) + j], variant.shape[:2], min_confidence)
+            variant, result = variants[i * len(transforms) + j], results[i * len(transforms) + j]
+            mask, score = best_lesion_mask(result, variant.shape[:2], min_confidence)
             masks.append(np.ascontiguousarray(TRANSFORMS[name][1](mask)))
             scores.append(score)
+            refined.append(bool(np.asarray(result.get("refined", False)).any()))  # lesionkit.refine's flag
         found = [s for s in scores if s > 0]
         mask = merge_masks(masks) if masks else np.zeros((int(image.shape[0]), int(image.shape[1])), bool)
-        merged.append(as_result(mask, float(np.mean(found)) if found else 0.0))
+        out = as_result(mask, float(np.mean(found)) if found else 0.0)
+        out["refined"] = np.full(out["scores"].shape, any(refined))  # both stages ran on every variant
+        merged.append(out)
     return merged
 
 
