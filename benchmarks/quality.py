@@ -55,6 +55,7 @@ from mrcnn import checkpoints  # noqa: E402
 from mrcnn.errors import UserError  # noqa: E402
 
 DEFAULT_DATASET = REPO_DIR.parent / "shared" / "data" / "ham10000_200"
+DEFAULT_REAL = REPO_DIR.parent / "shared" / "data" / "real_samples"
 DEFAULT_CONFIG = "ham10000_cpu"
 AUGMENTATIONS = ("flips", "default", "none")
 METRIC_KEYS = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy", "map50", "map")
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                    " the instances above DETECTION_MIN_CONFIDENCE, best box as fallback)")
     p.add_argument("--tta", action="store_true", help="also score with test-time augmentation (flips and a"
                    " rotation, as --mode evaluate --tta): adds a \"tta\" object with the same metrics")
+    p.add_argument("--refine-share", type=float, default=0.3, metavar="F",
+                   help="share of the budget that trains the refinement U-Net (lesionkit.refine) after the"
+                        " detector; scored next to the detector alone (default 0.3; 0 = detector only)")
+    p.add_argument("--no-shift", action="store_true", help="skip the shift check (benchmarks/shift_check.py:"
+                   " the val sample re-drawn larger, smaller, cropped, recoloured, relit, vignetted, with rulers)")
+    p.add_argument("--shift-seed", type=int, default=0, help="seed of the shift check (default 0)")
+    p.add_argument("--real", metavar="DIR", default=str(DEFAULT_REAL) if DEFAULT_REAL.is_dir() else None,
+                   help="also score the full-size images/ + masks/ of DIR (default ../shared/data/real_samples)")
     p.add_argument("--weights", metavar="CHECKPOINT", help="skip training: evaluate this checkpoint"
                    " (e.g. another mask rule with --top1)")
     p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
@@ -135,8 +144,10 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(run_dir.parent))
     model.log_dir = str(run_dir)
     model.checkpoint_path = str(run_dir / checkpoints.checkpoint_template(config.NAME))
-    budget = TimeBudget(args.budget_min * 60.0, base_lr=config.LEARNING_RATE, schedule=args.schedule,
-                        warmup_steps=args.warmup_steps, max_steps=args.max_steps, cpu_seconds=args.cpu_budget_s)
+    share = 1.0 - args.refine_share  # the refiner trains in the rest (benchmarks.quality_refine)
+    budget = TimeBudget(args.budget_min * 60.0 * share, base_lr=config.LEARNING_RATE, schedule=args.schedule,
+                        warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                        cpu_seconds=args.cpu_budget_s * share if args.cpu_budget_s else None)
     meter = CpuMeter().start()
     budget.start = time.time()
     model.train(train_set, None, learning_rate=config.LEARNING_RATE, epochs=100_000, layers=args.layers,
@@ -176,6 +187,10 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, pairs: list,
     out.update(min_confidence=options.min_confidence, mask_threshold=config.DETECTION_MASK_THRESHOLD)
     if args.tta:
         out["tta"] = score_model(model, pairs, out_dir / "tta", dataclasses.replace(options, tta=True))
+    from benchmarks.quality_refine import below_threshold, extra_scores
+
+    out["below_065"] = below_threshold(out_dir)[0]
+    out.update(extra_scores(args, model, config, options, pairs, out_dir, checkpoint, score_model))
     return out
 
 
@@ -232,6 +247,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trained = {"checkpoint": Path(args.weights), "steps": 0, "keras_epochs": None, "train_seconds": 0.0}
     else:
         trained = train_for_budget(args, config, train_set, run_dir)
+        if args.refine_share > 0:
+            from benchmarks.quality_refine import train_refiner_for_budget
+
+            left = args.budget_min * 60.0 - trained["train_seconds"]
+            cpu_left = args.cpu_budget_s - trained["train_cpu_seconds"] if args.cpu_budget_s else None
+            trained.update(train_refiner_for_budget(args, config, train_set, run_dir, max(left, 1.0), cpu_left))
     by_id = {p.image_id: p for p in report.pairs}
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
@@ -246,7 +267,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "final_loss": trained.get("final_loss"), "final_lr": trained.get("final_lr"), "top1": args.top1,
             "setup_seconds": round(setup_seconds, 1), "config": args.config, "set": args.set,
             "schedule": args.schedule, "augment": args.augment, "dataset": str(args.dataset),
-            "checkpoint": str(trained["checkpoint"]), "run_dir": str(run_dir),
+            "checkpoint": str(trained["checkpoint"]), "run_dir": str(run_dir), "refine_share": args.refine_share,
+            **{k: v for k, v in trained.items() if k.startswith("refiner")},
             "total_seconds": round(time.time() - started, 1)}
 
 
@@ -255,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.budget_min <= 0:
         build_parser().error("--budget-min must be > 0")
+    if not 0.0 <= args.refine_share < 1.0:
+        build_parser().error("--refine-share must be in [0, 1)")
     try:
         with contextlib.redirect_stdout(sys.stderr):
             record = run(args)
@@ -263,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quality: error: {lesions.one_line(exc)}", file=sys.stderr)
             return 2
         raise
+    from benchmarks.quality_refine import side_by_side
+
+    record["side_by_side"] = side_by_side(record)
     emit_record(record, args.record)
     return 0
 

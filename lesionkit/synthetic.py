@@ -316,3 +316,20 @@ def write_isic_dataset(root: str | os.PathLike, n_images: int, seed: int = 0,
         write_bytes_atomic(image_dir / f"{ids[-1]}.jpg", jpg)
         write_bytes_atomic(truth_dir / f"{ids[-1]}_segmentation.png", png)
     return ids
+
+
+def add_artefacts(rng: np.random.Generator, image: np.ndarray, kinds: tuple[str, ...]) -> np.ndarray:
+    """A copy of a real or synthetic RGB uint8 image [H, W, 3] with the generator's acquisition
+    artefacts drawn on it: any of ``"hairs"``, ``"ruler"``, ``"ink"``, ``"specular"``,
+    ``"vignette"`` (in that order). Used to build distribution-shift checks from real images."""
+    out = image.astype(np.float32)
+    drawers = {"hairs": _hairs, "ruler": _ruler, "ink": _ink, "specular": _specular}
+    unknown = set(kinds) - set(drawers) - {"vignette"}
+    if unknown:
+        raise ValueError(f"unknown artefact(s) {sorted(unknown)}; known: {sorted(drawers) + ['vignette']}")
+    for kind, draw in drawers.items():
+        if kind in kinds:
+            draw(rng, out)
+    if "vignette" in kinds:
+        out = _vignette(rng, out)
+    return np.clip(out, 0, 255).astype(np.uint8)

@@ -24,6 +24,9 @@ from lesionkit.synthetic import encode_pair, image_id, make_lesion_image
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = REPO / "benchmarks" / "quality.py"
 TINY = REPO / "tests" / "data" / "tiny.toml"
+#: A refiner small enough for seconds of training.
+REFINER_SETS = ("--set", "REFINE_CROP_SIZE=32", "--set", "REFINE_DEPTH=2", "--set", "REFINE_WIDTH=4",
+                "--set", "REFINE_BATCH_SIZE=2")
 KEYS = ("budget_min", "train_seconds", "steps", "epochs", "threshold_jaccard", "jaccard", "dice", "sensitivity",
         "specificity", "accuracy", "seconds_per_image", "other_load_share", "own_cpu_share", "n_val", "n_train",
         "fallback_images", "empty_masks", "checkpoint")
@@ -55,7 +58,8 @@ def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(QUALITY), "--dataset", str(data), "--config", str(TINY), "--budget-min", "0.2",
          "--set", "STEPS_PER_EPOCH=1000", "--warmup-steps", "2", "--logs", str(tmp_path / "logs"),
-         "--record", str(record), "--label", "smoke", "--tta"],
+         "--record", str(record), "--label", "smoke", "--tta", "--real", "",
+         *REFINER_SETS],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -84,6 +88,16 @@ def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
     assert tta["n_val"] == 2 and tta["seconds_per_image"] > 0
     assert json.loads((evaluation / "tta" / "summary.json").read_text())["jaccard"] == pytest.approx(tta["jaccard"], abs=1e-5)
     assert len(list((evaluation / "tta" / "predictions").glob("*_segmentation.png"))) == 2
+    # the refiner trained in the rest of the budget (--refine-share 0.3), scored next to the detector
+    assert result["refine_share"] == 0.3 and result["refiner_steps"] >= 1
+    assert Path(result["refiner_checkpoint"]).name.startswith("refiner_")
+    table = result["side_by_side"]
+    assert set(table) == {"val", "shift"} and set(table["val"]) == set(table["shift"]) == {"detector", "refined"}
+    assert table["val"]["detector"]["threshold_jaccard"] == result["threshold_jaccard"]
+    assert table["val"]["refined"]["threshold_jaccard"] == result["refined"]["threshold_jaccard"]
+    assert result["shift"]["n_val"] == 2 and set(result["shift"]["by_shift"]) >= {"larger", "smaller", "below_065"}
+    assert result["refined_shift"]["tta"]["n_val"] == 2
+    assert len(list((Path(result["run_dir"]) / "shift_set" / "images").glob("*.jpg"))) == 2
 
 
 def test_learning_rate_schedules():
