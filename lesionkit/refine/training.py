@@ -10,6 +10,7 @@ Ctrl-C during the write is held until the file is complete) and a row per epoch 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,12 @@ def load_refiner_weights(net: keras.Model, path: Path) -> None:
                            f" (crop size, depth, width, mask channel): {' '.join(str(exc).split())[:200]}") from None
 
 
+def loader_threads() -> int:
+    """Threads that read and crop training images (decoding a large ISIC JPEG takes ~0.25 s;
+    OpenCV and Pillow release the GIL): up to 8, one per CPU core."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def train_refiner(settings: RefineSettings, train_set: Any, val_set: Any | None, run_dir: Path,
                   epochs: int | None = None, callbacks: Sequence[keras.callbacks.Callback] = (),
                   verbose: int | str = "auto") -> Path | None:
@@ -85,7 +92,8 @@ def train_refiner(settings: RefineSettings, train_set: Any, val_set: Any | None,
     if start is not None:
         print(f"Refiner: continuing from {start}", flush=True)
         load_refiner_weights(net, start)
-    train_data = RefineCrops(train_set, settings, train=True, steps=settings.steps_per_epoch)
+    train_data = RefineCrops(train_set, settings, train=True, steps=settings.steps_per_epoch,
+                             workers=loader_threads(), use_multiprocessing=False)
     train_data.set_epoch(start_epoch)
     val_data = None
     if val_set is not None and len(val_set.image_ids):
