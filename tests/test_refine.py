@@ -180,3 +180,11 @@ def test_refined_detector_replaces_the_kept_mask(trained):
     assert not result["masks"][..., 0][:, :max(box[1] - 8, 0)].any()  # nothing far outside the window
     low = RefinedDetector(FakeDetector(box, score=0.1), Refiner(TINY, last), min_confidence=0.5)
     assert low.detect([image])[0]["refined"].tolist() == [True]  # the fallback instance is refined too
+
+
+def test_all_empty_masks_is_a_one_line_user_error():
+    from lesionkit.refine.crops import RefineCrops, RefineDataError
+
+    crops = RefineCrops(array_dataset(lesion_pairs(3, size=64, seed=1, empty_every=1)), TINY)
+    with pytest.raises(RefineDataError, match="REFINE = false"):
+        crops[0]

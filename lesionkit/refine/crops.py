@@ -23,6 +23,12 @@ import numpy as np
 from lesionkit.prediction_files import mask_box
 from lesionkit.refine import geometry
 from lesionkit.refine.settings import RefineSettings
+from mrcnn.errors import UserError
+
+
+class RefineDataError(UserError):
+    """The refiner has no usable training crop (one-line message)."""
+
 
 #: Side of Mask R-CNN's mask head output (Matterport's MASK_SHAPE), simulated for the coarse channel.
 COARSE_SIDE = 28
@@ -79,7 +85,7 @@ class RefineCrops(keras.utils.PyDataset):
         self.train = train
         self.image_ids = [int(i) for i in dataset.image_ids]
         if not self.image_ids:
-            raise ValueError("the refiner needs at least one image")
+            raise RefineDataError("the refiner needs at least one training image")
         self.steps = int(steps) or max(1, -(-len(self.image_ids) // settings.batch_size))
         self.epoch = 0
         self.augment = colour_augmentation(settings.seed) if train else None
@@ -116,7 +122,8 @@ class RefineCrops(keras.utils.PyDataset):
                 xs.append(sample[0])
                 ys.append(sample[1])
         if not xs:
-            raise ValueError("no training image for the refiner has lesion pixels")
+            raise RefineDataError("no training image for the refiner has lesion pixels (all masks are empty);"
+                                  " set REFINE = false")
         return np.stack(xs), np.stack(ys)[..., None]
 
     def sample(self, image_id: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
