@@ -453,7 +453,7 @@ def with_refiner(args: argparse.Namespace, model: Any, config: LesionConfig, wei
 
 def refiner_path(model: Any) -> str | None:
     """The refiner checkpoint a (wrapped) model uses, None for the detector alone."""
-    refiner = getattr(model, "__dict__", {}).get("refiner")
+    refiner = getattr(model, "refiner", None)  # lesionkit.refine.inference.RefinedDetector has one
     return str(refiner.path) if refiner is not None else None
 
 

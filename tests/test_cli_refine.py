@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import TINY, run_cli
+from tests.cli_helpers import TINY, assert_user_error, run_cli
 
 IMAGES = "demo_data/ISIC2018_Task1-2_Training_Input"
 REFINE = ["--set", "REFINE=true", "--set", "REFINE_CROP_SIZE=32", "--set", "REFINE_DEPTH=2",
@@ -66,6 +66,12 @@ def test_evaluate_with_tta_refines_every_variant(trained):
         records = summary(work / folder)["images"]
         assert records and all(r["refined"] == bool(r["instances"]) for r in records), folder
     assert "threshold_jaccard" in json.loads((work / "ev" / "summary.json").read_text())
+
+
+def test_refiner_settings_that_do_not_fit_its_checkpoint_are_one_line(trained):
+    work, _, _ = trained
+    proc = run_cli("--mode", "predict", "--image", IMAGES, "--set", "REFINE_WIDTH=8", cwd=work)
+    assert_user_error(proc, "refiner checkpoint", "refiner_0001.weights.h5", "REFINE_")
 
 
 def test_no_refine_belongs_to_predict_and_evaluate(trained):
