@@ -503,6 +503,28 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """--mode export: SavedModel / ONNX / TFLite files of a checkpoint, each checked against Keras."""
+    from lesionkit import export
+
+    formats = export.parse_formats(args.format or ",".join(export.FORMATS))
+    export.check_converters(formats)
+    if not args.output:
+        raise CliError("--mode export needs --output DIR (a new or empty folder)")
+    output = Path(args.output)
+    export.check_output(output)  # refused before the model is built
+    images = export.check_images(args.image)
+    weights = resolve_model_weights(args.weights, Path(args.logs))
+    config = export.export_config(config_for_weights(args, weights, inference=True))
+    from lesionkit.prediction_run import load_inference_model
+
+    model = load_inference_model(config, weights, Path(args.logs), keep_all=False)
+    files = export.export_model(model, formats, output, images, info={"weights": str(weights)})
+    print(f"\nExported {', '.join(f.name for f in files)} to {output}/ (all agree with the Keras model;"
+          f" details in {output / 'export.json'})")
+    return 0
+
+
 def split_too_long(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """(paths whose output names fit the file system, names of the others)."""
     from lesionkit.prediction_run import output_name_too_long
@@ -600,6 +622,7 @@ EXAMPLES = """examples:
   python lesions.py --mode train --weights last          # resume where it stopped
   python lesions.py --mode predict --image photos/ --output out/ --crop
   python lesions.py --mode evaluate --dataset demo --config demo
+  python lesions.py --mode export --weights last --format saved_model,onnx,tflite --output exported/
   python lesions.py --mode evaluate --pred out/ --masks isic2018/ISIC2018_Task1_Training_GroundTruth
 """
 
@@ -635,9 +658,9 @@ class _Once(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     """All options (see README.md for examples)."""
-    p = _Parser(prog="lesions", description="Mask R-CNN skin-lesion segmentation: train, predict, evaluate.",
+    p = _Parser(prog="lesions", description="Mask R-CNN skin-lesion segmentation: train, predict, evaluate, export.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    p.add_argument("--mode", required=True, action=_Once, choices=("train", "predict", "evaluate"),
+    p.add_argument("--mode", required=True, action=_Once, choices=("train", "predict", "evaluate", "export"),
                    help="what to do")
     p.add_argument("--config", action=_Once, metavar="NAME|PATH",
                    help="preset in configs/ (demo, isic2018) or a TOML file")
@@ -647,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset folder (ISIC 2018 or images/+masks/ layout), or 'demo' (default: isic2018)")
     p.add_argument("--weights", action=_Once, metavar="coco|imagenet|last|none|PATH",
                    help="train: start weights (default coco if weights/mask_rcnn_coco.h5 exists, else none);"
-                        " predict/evaluate: model (default: newest checkpoint under --logs)")
+                        " predict/evaluate/export: model (default: newest checkpoint under --logs)")
     p.add_argument("--logs", action=_Once, default=str(DEFAULT_LOGS), metavar="DIR",
                    help="checkpoints and logs (default: logs)")
     p.add_argument("--folds", action=_Once, type=int, default=0, metavar="K",
@@ -658,9 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train: decode and resize every image each epoch (no preprocessing cache)")
     p.add_argument("--cache-dir", action=_Once, metavar="DIR",
                    help="train: preprocessing cache folder (default: <dataset>/cache)")
-    p.add_argument("--image", action=_Once, metavar="PATH|DIR|GLOB", help="predict: image file, folder or glob")
+    p.add_argument("--image", action=_Once, metavar="PATH|DIR|GLOB",
+                   help="predict: image file, folder or glob; export: check images (default: synthetic ones)")
     p.add_argument("--output", action=_Once, metavar="DIR", help="predict/evaluate: output folder (default: a new"
-                                                                 " folder under predictions/ or evaluations/)")
+                                                                 " folder under predictions/ or evaluations/);"
+                                                                 " export: the new folder (required)")
+    p.add_argument("--format", action=_Once, metavar="LIST",
+                   help="export: comma-separated saved_model,onnx,tflite (default: all three)")
     p.add_argument("--top1", action="store_true", help="predict: mask of the best instance only (default: union)")
     p.add_argument("--crop", action="store_true", help="predict: also write <id>_crop.png, background blacked out")
     p.add_argument("--tta", action="store_true", help="predict/evaluate: test-time augmentation (flips)")
@@ -684,6 +711,7 @@ MODE_OPTIONS = {
     "train": {"folds", "fold", "no_cache", "cache_dir"},
     "predict": {"image", "output", "top1", "crop", "tta", "batch_size", "no_refine"},
     "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first", "batch_size", "no_refine"},
+    "export": {"format", "output", "image"},
 }
 
 
@@ -737,7 +765,7 @@ def resume_hint(argv: list[str]) -> str:
     return shlex.join(["python", "lesions.py", *words, "--weights", "last"])  # quoted: paths may have spaces
 
 
-MODES = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate}
+MODES = {"train": run_train, "predict": run_predict, "evaluate": run_evaluate, "export": run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,18 +55,19 @@ class PredictOptions:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
 
-def load_inference_model(config: Config, weights: Path, logs: Path) -> Any:
+def load_inference_model(config: Config, weights: Path, logs: Path, keep_all: bool = True) -> Any:
     """An inference ``MaskRCNN`` built from ``config`` with ``weights`` loaded.
 
-    The graph keeps every detection (DETECTION_MIN_CONFIDENCE 0): :class:`PredictOptions` filters,
-    with its fallback. The checkpoint must hold exactly the model's weighted layers with the same
+    With ``keep_all`` the graph keeps every detection (DETECTION_MIN_CONFIDENCE 0):
+    :class:`PredictOptions` filters, with its fallback; without it the config's threshold is in
+    the graph (export). The checkpoint must hold exactly the model's weighted layers with the same
     shapes, else :class:`mrcnn.weights.WeightsError` (e.g. a BACKBONE other than the run's).
     """
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
     from mrcnn.weights import WeightsError
 
-    graph_config = config.replace(DETECTION_MIN_CONFIDENCE=0.0)
+    graph_config = config.replace(DETECTION_MIN_CONFIDENCE=0.0) if keep_all else config
     model = modellib.MaskRCNN(mode="inference", config=graph_config, model_dir=str(logs))
     try:
         model.load_weights(str(weights), by_name=False, strict=True, verbose=0)

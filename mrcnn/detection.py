@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers as KL
 
+from mrcnn import portable_ops
 from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph, norm_boxes_graph
 
 
@@ -40,7 +41,7 @@ class DetectionLayer(KL.Layer):
         windows = norm_boxes_graph(image_meta[:, 7:11], image_meta[0, 4:6])
         detections = tf.map_fn(self._detections_for_image, (rois, probs, deltas, windows),
                                fn_output_signature=tf.TensorSpec((self.max_instances, 6), tf.float32))
-        return tf.ensure_shape(detections, (None, self.max_instances, 6))
+        return portable_ops.ensure_shape(detections, (None, self.max_instances, 6))
 
     def _detections_for_image(self, args: tuple[tf.Tensor, ...]) -> tf.Tensor:
         """rois [N, 4], probs [N, C], deltas [N, C, 4], window [4] -> detections [MAX, 6]."""
@@ -88,7 +89,7 @@ class DetectionLayer(KL.Layer):
 
         def nms_one_class(class_id: tf.Tensor) -> tf.Tensor:
             members = tf.reshape(tf.where(tf.equal(kept_classes, class_id)), (-1,))
-            survivors = tf.image.non_max_suppression(
+            survivors = portable_ops.non_max_suppression(
                 tf.gather(kept_boxes, members), tf.gather(kept_scores, members),
                 max_output_size=self.max_instances, iou_threshold=self.nms_threshold)
             survivors = tf.gather(members, survivors)

@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from keras import layers as KL
 
+from mrcnn import portable_ops
 from mrcnn.backbone import batch_norm
 from mrcnn.roi_align import PyramidROIAlign
 
@@ -156,7 +157,7 @@ class MaskPredictor(KL.Conv2D):
         if self.pad_to is None:
             return y
         y = tf.pad(y, [[0, 0], [0, self.pad_to - rois_shape[1]], [0, 0], [0, 0], [0, 0]])
-        return tf.ensure_shape(y, (None, self.pad_to, *y.shape[2:]))
+        return portable_ops.ensure_shape(y, (None, self.pad_to, *y.shape[2:]))
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         if not isinstance(input_shape[0], (tuple, list)):  # Conv2D.build validates the features alone

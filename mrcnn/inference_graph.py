@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 from keras import layers as KL
 
+from mrcnn import portable_ops
 from mrcnn.backbone import batch_norm_mode, build_backbone_and_fpn
 from mrcnn.detection import DetectionLayer
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
@@ -48,7 +49,7 @@ class PadRois(KL.Layer):
     def call(self, x: Any) -> Any:
         pad = self.size - tf.shape(x)[1]
         paddings = tf.concat([[[0, 0], [0, pad]], tf.zeros([tf.rank(x) - 2, 2], tf.int32)], axis=0)
-        return tf.ensure_shape(tf.pad(x, paddings), (x.shape[0], self.size, *x.shape[2:]))
+        return portable_ops.ensure_shape(tf.pad(x, paddings), (x.shape[0], self.size, *x.shape[2:]))
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return (input_shape[0], self.size, *input_shape[2:])

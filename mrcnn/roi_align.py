@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import tensorflow as tf
 from keras import layers as KL
 
+from mrcnn import portable_ops
+
 #: Pyramid levels the heads read (P2..P5).
 MIN_LEVEL, MAX_LEVEL = 2, 5
 
@@ -54,17 +56,17 @@ class PyramidROIAlign(KL.Layer):
         pooled, order = [], []
         for level, feature_map in zip(range(MIN_LEVEL, MAX_LEVEL + 1), feature_maps, strict=True):
             ix = tf.reshape(tf.where(tf.equal(levels, level)), (-1,))
-            crops = tf.image.crop_and_resize(
+            crops = portable_ops.crop_and_resize(
                 feature_map, tf.stop_gradient(tf.gather(flat_boxes, ix)),
-                tf.cast(tf.gather(box_image, ix), tf.int32), self.pool_shape, method="bilinear")
+                tf.cast(tf.gather(box_image, ix), tf.int32), self.pool_shape)
             pooled.append(crops)
             order.append(tf.cast(ix, tf.int32))
         pooled = tf.concat(pooled, axis=0)
         # Rows are grouped by level; put them back in input order.
-        pooled = tf.gather(pooled, tf.math.invert_permutation(tf.concat(order, axis=0)))
+        pooled = tf.gather(pooled, portable_ops.invert_permutation(tf.concat(order, axis=0)))
         channels = feature_maps[0].shape[-1]
         out = tf.reshape(pooled, tf.concat([[batch, count], self.pool_shape, [tf.shape(pooled)[-1]]], 0))
-        return tf.ensure_shape(out, (boxes.shape[0], boxes.shape[1]) + self.pool_shape + (channels,))
+        return portable_ops.ensure_shape(out, (boxes.shape[0], boxes.shape[1]) + self.pool_shape + (channels,))
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return tuple(input_shape[0][:2]) + self.pool_shape + (input_shape[2][-1],)

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers as KL
 
+from mrcnn import portable_ops
 from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph
 
 
@@ -84,15 +85,14 @@ class ProposalLayer(KL.Layer):
         anchors = tf.gather(anchors, top, batch_dims=1)
         proposals = tf.map_fn(self._proposals_for_image, (scores, deltas, anchors),
                               fn_output_signature=tf.TensorSpec((self.proposal_count, 4), tf.float32))
-        return tf.ensure_shape(proposals, (None, self.proposal_count, 4))
+        return portable_ops.ensure_shape(proposals, (None, self.proposal_count, 4))
 
     def _proposals_for_image(self, args: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
         """scores [K], deltas [K, 4], anchors [K, 4] of one image -> proposals [proposal_count, 4]."""
         scores, deltas, anchors = args
         boxes = apply_box_deltas_graph(anchors, deltas)
         boxes = clip_boxes_graph(boxes, tf.constant([0.0, 0.0, 1.0, 1.0]))
-        keep = tf.image.non_max_suppression(boxes, scores, self.proposal_count, self.nms_threshold,
-                                            name="rpn_non_max_suppression")
+        keep = portable_ops.non_max_suppression(boxes, scores, self.proposal_count, self.nms_threshold)
         proposals = tf.gather(boxes, keep)
         padding = tf.maximum(self.proposal_count - tf.shape(proposals)[0], 0)
         return tf.pad(proposals, [(0, padding), (0, 0)])
