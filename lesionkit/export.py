@@ -14,7 +14,7 @@ Files in the output folder: ``saved_model/`` (signatures ``serving_default``: ``
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -91,10 +91,19 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def importable(module: str) -> bool:
+    """True when ``module`` imports (installed and working)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def check_converters(formats: Sequence[str]) -> None:
     """ExportError naming the missing packages of a requested format (before any work)."""
     for fmt in formats:
-        missing = [pkg for pkg in CONVERTER_PACKAGES.get(fmt, ()) if importlib.util.find_spec(pkg) is None]
+        missing = [pkg for pkg in CONVERTER_PACKAGES.get(fmt, ()) if not importable(pkg)]
         if missing:
             raise ExportError(f"--format {fmt} needs {', '.join(missing)} (not installed):"
                               " pip install -r requirements-export.txt")

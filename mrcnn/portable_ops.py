@@ -55,9 +55,15 @@ def non_max_suppression(boxes: tf.Tensor, scores: tf.Tensor, max_output_size: in
                         ) -> tf.Tensor:
     """``tf.image.non_max_suppression`` -> int32 indices [K <= max_output_size]. Portable: the padded
     NonMaxSuppressionV4 cut to its valid count (TFLite's converter turns the unpadded op into a
-    padded one and drops the count, so the indices would repeat index 0)."""
+    padded one and drops the count, so the indices would repeat index 0), and boxes of zero area
+    moved apart: TensorFlow gives them IoU 0 with every box, TFLite's kernel selects index 0 again
+    instead. A unit box far outside the image, one per index, has IoU 0 too."""
     if not is_portable():
         return tf.image.non_max_suppression(boxes, scores, max_output_size, iou_threshold)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    corner = 10.0 + 2.0 * tf.cast(tf.range(tf.shape(boxes)[0]), boxes.dtype)
+    apart = tf.stack([corner, corner, corner + 1.0, corner + 1.0], axis=1)
+    boxes = tf.where(tf.expand_dims(tf.abs(area) > 0, 1), boxes, apart)
     indices, valid = tf.raw_ops.NonMaxSuppressionV4(
         boxes=boxes, scores=scores, max_output_size=max_output_size, iou_threshold=iou_threshold,
         score_threshold=float("-inf"), pad_to_max_output_size=True)
