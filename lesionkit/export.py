@@ -15,6 +15,7 @@ Files in the output folder: ``saved_model/`` (signatures ``serving_default``: ``
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -338,10 +339,9 @@ def write_and_check(formats: Sequence[str], detector: Any, images: Sequence[np.n
                     expected: Sequence[dict], staging: Path) -> list[ExportedFile]:
     """Write every requested format into ``staging`` and check each (float16 TFLite: kept only if it
     agrees within :data:`FLOAT16`, else removed with a note)."""
-    saved_model = staging / SAVED_MODEL_DIR
-    write_saved_model(detector, saved_model)
     files = []
     if "saved_model" in formats:
+        saved_model = convert("saved_model", lambda: write_saved_model(detector, staging / SAVED_MODEL_DIR)[0])
         files.append(check_file("saved_model", saved_model_runner(saved_model), saved_model, images, expected,
                                 STRICT, staging))
     if "onnx" in formats:
@@ -351,8 +351,6 @@ def write_and_check(formats: Sequence[str], detector: Any, images: Sequence[np.n
         path = convert("tflite", lambda: write_tflite(detector.model, staging / TFLITE_FILE))
         files.append(check_file("tflite", tflite_runner(path), path, images, expected, STRICT, staging))
         files.extend(float16_variant(detector.model, staging, images, expected))
-    if "saved_model" not in formats:
-        shutil.rmtree(saved_model)
     return files
 
 
@@ -397,7 +395,11 @@ def staging_folder(output: Path) -> Path:
     """A fresh folder next to ``output`` (same file system, so the final rename is atomic)."""
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed output folder
+    return staging
 
 
 def export_model(model: Any, formats: Sequence[str], output: Path, images: Sequence[np.ndarray],

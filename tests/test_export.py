@@ -160,8 +160,9 @@ def test_exported_file_runs_without_our_code(exported, tmp_path, name, path, cod
     sample = images[0]  # the real sample when ../shared/data is present
     image = read_image(sample)
     np.save(tmp_path / "image.npy", image)
+    Image.fromarray(image).save(tmp_path / "image.png")  # lossless: decoded bytes = the pixels
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code + FRESH_END), str(out / path),
-                           str(tmp_path / "image.npy"), str(tmp_path / "out.npz"), str(sample)],
+                           str(tmp_path / "image.npy"), str(tmp_path / "out.npz"), str(tmp_path / "image.png")],
                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = dict(np.load(tmp_path / "out.npz"))
