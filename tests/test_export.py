@@ -149,9 +149,9 @@ np.savez(sys.argv[3], **out)
 
 
 @pytest.mark.parametrize("name,path,code", [
-    ("saved_model", "saved_model", FRESH_TF),
-    ("tflite", "model.tflite", FRESH_TFLITE),
-    ("onnx", "model.onnx", FRESH_ONNX),
+    pytest.param("saved_model", "saved_model", FRESH_TF, id="saved_model"),
+    pytest.param("tflite", "model.tflite", FRESH_TFLITE, id="tflite"),
+    pytest.param("onnx", "model.onnx", FRESH_ONNX, id="onnx"),
 ])
 def test_exported_file_runs_without_our_code(exported, tmp_path, name, path, code):
     from mrcnn.imaging import read_image
@@ -187,8 +187,8 @@ def test_float16_tflite_is_kept_only_when_it_agrees(exported):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--format", "saved_model,keras"], ["keras", "saved_model,onnx,tflite"]),
-    (["--set", "FPN_CLASSIF_FC_LAYERS_SIZE=32"], ["does not match the config"]),
+    pytest.param(["--format", "saved_model,keras"], ["keras", "saved_model,onnx,tflite"], id="unknown-format"),
+    pytest.param(["--set", "FPN_CLASSIF_FC_LAYERS_SIZE=32"], ["does not match the config"], id="wrong-checkpoint"),
 ])
 def test_bad_export_input_is_one_line_and_leaves_nothing(exported, args, words):
     _, _, _, checkpoint, work, _ = exported
