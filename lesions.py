@@ -37,7 +37,7 @@ from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light to
 from lesionkit.refine.settings import RefineSettings  # noqa: E402  (light)
 from lesionkit.training_run import StartWeights  # noqa: E402
 from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
-from mrcnn.config import DERIVED_KEYS, Config, ConfigError  # noqa: E402
+from mrcnn.config import DERIVED_KEYS, Config, ConfigError, diagnoses  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 from mrcnn.downloads import COCO, IMAGENET_RESNET50, WEIGHTS_DIR, fetch_weights  # noqa: E402
 from mrcnn.errors import TrainingDivergedError, UserError  # noqa: E402
@@ -224,28 +224,43 @@ def config_for_weights(args: argparse.Namespace, weights: Path | None, inference
 
 
 class LesionDataset(Dataset):
-    """ISIC-style lesion dataset: one class ``lesion``; each image's mask is one instance."""
+    """ISIC-style lesion dataset; each image's mask is one instance.
+
+    One class ``lesion`` by default. For a diagnosing config (two or more ``CLASSES``) each image
+    carries ``image_info[i]["diagnosis"]`` (its class name, read by the dataset scan) and, with
+    ``DIAGNOSIS_HEAD = "roi"``, its instance's class id is the diagnosis (1 + index in CLASSES);
+    with ``"image"`` the instance stays class 1 (lesion) and the diagnosis feeds the image head.
+    """
 
     SOURCE = "lesion"
     APPLY_EXIF_ORIENTATION = True  # ISIC masks are drawn on the displayed (EXIF-rotated) image
 
     def load_lesions(self, dataset_dir: str | Path, subset: str, config: LesionConfig) -> None:
         """Add the ``subset`` ("train", "val" or "all") images of ``dataset_dir`` (tutorial style)."""
-        report = dataset_scan.scan_dataset(dataset_dir)
+        report = dataset_scan.scan_dataset(dataset_dir, classes=diagnosis_classes(config))
         ids = [p.image_id for p in report.pairs]
         train, val = dataset_scan.split_ids(ids, config.VALIDATION_FRACTION, config.SEED, report.splits)
         wanted = {"train": set(train), "val": set(val), "all": set(ids)}[subset]
-        self.add_pairs([p for p in report.pairs if p.image_id in wanted])
+        self.add_pairs([p for p in report.pairs if p.image_id in wanted], config)
 
-    def add_pairs(self, pairs: list[dataset_scan.Pair]) -> None:
-        """Register the class and one image per (image, mask) pair."""
-        self.add_class(self.SOURCE, 1, "lesion")
+    def add_pairs(self, pairs: list[dataset_scan.Pair], config: Config | None = None) -> None:
+        """Register the classes of ``config`` (default: one class, lesion) and one image per pair."""
+        names = detector_class_names(config)
+        for class_id, name in enumerate(names, start=1):
+            self.add_class(self.SOURCE, class_id, name)
+        instance_class = {name: i for i, name in enumerate(names, start=1)}
         for pair in pairs:
+            extra = {}
+            if pair.diagnosis is not None:
+                extra["diagnosis"] = pair.diagnosis
+            if len(names) > 1:  # the instance's class is the diagnosis (part of the cache key too)
+                extra["instance_class"] = instance_class[pair.diagnosis]
             self.add_image(self.SOURCE, image_id=pair.image_id, path=str(pair.image_path),
-                           mask_path=str(pair.mask_path))
+                           mask_path=str(pair.mask_path), **extra)
 
     def load_mask(self, image_id: int):
-        """Bool masks [H, W, 1] (empty mask -> [H, W, 0]) and class ids [1] (or [0])."""
+        """Bool masks [H, W, 1] (empty mask -> [H, W, 0]) and class ids [1] (or [0]); the id is the
+        image's diagnosis class with DIAGNOSIS_HEAD "roi"."""
         import numpy as np
 
         from mrcnn.imaging import read_mask
@@ -256,7 +271,7 @@ class LesionDataset(Dataset):
         mask = read_mask(info["mask_path"])
         if not mask.any():
             return np.zeros(mask.shape + (0,), dtype=bool), np.zeros((0,), dtype=np.int32)
-        return mask[..., None], np.ones((1,), dtype=np.int32)
+        return mask[..., None], np.full((1,), info.get("instance_class", 1), dtype=np.int32)
 
     def image_reference(self, image_id: int) -> str:
         """The image's file path."""
@@ -264,6 +279,18 @@ class LesionDataset(Dataset):
         if info["source"] == self.SOURCE:
             return info["path"]
         return super().image_reference(image_id)
+
+
+def diagnosis_classes(config: Config | None) -> list[str] | None:
+    """The classes the dataset scan reads labels for: ``config.CLASSES`` of a diagnosing config, else None."""
+    return list(config.CLASSES) if config is not None and diagnoses(config) else None
+
+
+def detector_class_names(config: Config | None) -> list[str]:
+    """The detector's foreground class names: CLASSES with DIAGNOSIS_HEAD "roi", else ["lesion"]."""
+    if config is not None and diagnoses(config) and config.DIAGNOSIS_HEAD == "roi":
+        return list(config.CLASSES)
+    return ["lesion"]
 
 
 def prepare_demo_data(config: LesionConfig, root: Path = DEMO_DIR) -> Path:
@@ -289,15 +316,17 @@ def dataset_root(dataset: str, config: LesionConfig) -> Path:
 
 def scan_and_split(root: Path, config: LesionConfig) -> tuple[dataset_scan.ScanReport, list[str], list[str]]:
     """Scan and split ``root`` with the config's VALIDATION_FRACTION and SEED (printed, problems named)."""
-    report, train, val = dataset_scan.scan_and_split(root, config.VALIDATION_FRACTION, config.SEED)
+    report, train, val = dataset_scan.scan_and_split(root, config.VALIDATION_FRACTION, config.SEED,
+                                                     classes=diagnosis_classes(config))
     if not train:
         raise CliError(f"dataset {root} leaves no training image after the split")
     return report, train, val
 
 
 def make_datasets(report: dataset_scan.ScanReport, *id_lists: list[str],
-                  cache_dir: Path | None = None) -> list[LesionDataset]:
-    """One prepared LesionDataset per list of ids; with ``cache_dir`` they share a preprocessing cache."""
+                  cache_dir: Path | None = None, config: Config | None = None) -> list[LesionDataset]:
+    """One prepared LesionDataset per list of ids (classes of ``config``, default one class lesion);
+    with ``cache_dir`` they share a preprocessing cache."""
     by_id = {p.image_id: p for p in report.pairs}
     cache = None
     if cache_dir is not None:
@@ -307,7 +336,7 @@ def make_datasets(report: dataset_scan.ScanReport, *id_lists: list[str],
     datasets = []
     for ids in id_lists:
         dataset = LesionDataset()
-        dataset.add_pairs([by_id[i] for i in ids])
+        dataset.add_pairs([by_id[i] for i in ids], config)
         dataset.prepare()
         if cache is not None:
             dataset.preprocess_cache = cache
@@ -410,14 +439,14 @@ def run_train(args: argparse.Namespace) -> int:
         which = range(args.folds) if args.fold in (None, "all") else [int(args.fold)]
         dataset_scan.report_empty_masks(report.pairs)
         run_kfold(config, report, args.folds, list(which), start, logs,
-                  lambda train, val: tuple(make_datasets(report, train, val, cache_dir=cache_dir)),
+                  lambda train, val: tuple(make_datasets(report, train, val, cache_dir=cache_dir, config=config)),
                   {"dataset": str(root)}, augmentation)
         return 0
     if not val_ids:
         raise CliError(f"dataset {root} leaves no validation image (raise VALIDATION_FRACTION or add images)")
     train_set_ids = set(train_ids)
     dataset_scan.report_empty_masks([p for p in report.pairs if p.image_id in train_set_ids])
-    train_set, val_set = make_datasets(report, train_ids, val_ids, cache_dir=cache_dir)
+    train_set, val_set = make_datasets(report, train_ids, val_ids, cache_dir=cache_dir, config=config)
     train_run(config, train_set, val_set, start, logs, {"dataset": str(root)}, augmentation)
     print("  next:        python lesions.py --mode predict --image PATH   (uses the newest checkpoint)")
     return 0

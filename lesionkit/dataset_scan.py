@@ -51,6 +51,8 @@ class Pair:
     image_id: str
     image_path: Path
     mask_path: Path
+    #: The image's diagnosis (one of ``config.CLASSES``) when the scan read labels, else None.
+    diagnosis: str | None = None
 
 
 @dataclass
@@ -69,6 +71,11 @@ class ScanReport:
     duplicate_ids: list[str] = field(default_factory=list)
     not_images: list[str] = field(default_factory=list)
     splits: dict[str, str] | None = None
+    # Diagnosis labels (filled by lesionkit.diagnosis_labels.attach_labels for a diagnosing config)
+    label_missing: list[str] = field(default_factory=list)
+    label_unknown: list[str] = field(default_factory=list)
+    label_files_bad: list[str] = field(default_factory=list)
+    label_files: list[str] = field(default_factory=list)
 
     PROBLEMS = (
         ("images_without_mask", "image(s) without a mask (skipped)"),
@@ -77,6 +84,9 @@ class ScanReport:
         ("size_mismatch", "mask(s) of a different size than the image (skipped)"),
         ("duplicate_ids", "duplicate id(s) (first file kept)"),
         ("not_images", "non-image file(s) (ignored)"),
+        ("label_missing", "image(s) without a diagnosis label (skipped)"),
+        ("label_unknown", "image(s) with a diagnosis not in CLASSES (skipped)"),
+        ("label_files_bad", "label file(s) that do not parse (ignored)"),
     )
 
     def problem_lines(self, show: int = SHOW_FIRST) -> list[str]:
@@ -94,6 +104,12 @@ class ScanReport:
         out: dict = {"root": str(self.root), "layout": self.layout, "usable_pairs": len(self.pairs)}
         for attr, _ in self.PROBLEMS:
             out[attr] = list(getattr(self, attr))
+        if self.label_files:
+            out["label_files"] = list(self.label_files)
+            counts: dict[str, int] = {}
+            for pair in self.pairs:
+                counts[str(pair.diagnosis)] = counts.get(str(pair.diagnosis), 0) + 1
+            out["diagnoses"] = dict(sorted(counts.items()))
         return out
 
 
@@ -291,9 +307,12 @@ def _pair_is_usable(image_id: str, image_path: Path, mask_path: Path, report: Sc
     return True
 
 
-def scan_dataset(root: str | Path, check_files: bool = True) -> ScanReport:
+def scan_dataset(root: str | Path, check_files: bool = True, classes: list[str] | None = None) -> ScanReport:
     """Find the layout under ``root``, pair images with masks and read any ``metadata.csv`` split.
 
+    With ``classes`` (the diagnosis classes of a diagnosing config) every pair also gets its
+    diagnosis label (:func:`lesionkit.diagnosis_labels.attach_labels`: ``dx`` of metadata.csv or
+    the ISIC 2018 Task 3 ground truth); pairs without a usable label are skipped and counted.
     Raises :class:`DatasetLayoutError` for a missing/empty/unknown folder or when no usable pair
     remains (the message says what was found instead).
     """
@@ -303,6 +322,10 @@ def scan_dataset(root: str | Path, check_files: bool = True) -> ScanReport:
     if not report.pairs:
         details = "; ".join(report.problem_lines(3)) or f"{image_dir.name}/ holds no images"
         raise DatasetLayoutError(f"no usable image/mask pair in {root}: {details}")
+    if classes:
+        from lesionkit.diagnosis_labels import attach_labels
+
+        attach_labels(report, classes)
     return report
 
 
@@ -474,20 +497,24 @@ def report_empty_masks(pairs: list[Pair]) -> tuple[int, int]:
 # Scan and split, reported
 
 
-def scan_and_split(root: str | Path, val_fraction: float, seed: int | None
+def scan_and_split(root: str | Path, val_fraction: float, seed: int | None, classes: list[str] | None = None
                    ) -> tuple[ScanReport, list[str], list[str]]:
     """(scan report, train ids, validation ids) of ``root``, printing the layout, counts and problems.
 
     A ``split`` column in ``metadata.csv`` decides the split; otherwise :func:`split_ids` with
-    ``val_fraction`` and ``seed``.
+    ``val_fraction`` and ``seed``. ``classes``: read diagnosis labels too (:func:`scan_dataset`).
     """
     print(f"Scanning dataset {root} ...", flush=True)
-    report = scan_dataset(root)
+    report = scan_dataset(root, classes=classes)
     ids = [p.image_id for p in report.pairs]
     train, val = split_ids(ids, val_fraction, seed, report.splits)
     how = "split column of metadata.csv" if report.splits else f"VALIDATION_FRACTION {val_fraction}, SEED {seed}"
     print(f"  layout {report.layout}: {len(ids)} usable image/mask pairs -> {len(train)} train,"
           f" {len(val)} validation ({how})")
+    if report.label_files:
+        counts = report.to_dict()["diagnoses"]
+        print(f"  diagnosis labels from {', '.join(report.label_files)}: "
+              + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for line in report.problem_lines():
         print(f"  warning: {line}")
     return report, train, val

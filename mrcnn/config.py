@@ -58,8 +58,25 @@ class Config:
     TOP_DOWN_PYRAMID_SIZE = 256
     NUM_CLASSES = 1  # including background
     #: Names of the foreground classes, in class-id order (id 1 = CLASSES[0]). None (Matterport):
-    #: set NUM_CLASSES yourself. A list makes NUM_CLASSES = 1 + len(CLASSES) (it then follows).
+    #: set NUM_CLASSES yourself. A list makes NUM_CLASSES follow it (:func:`derived_num_classes`).
+    #: Two or more names make the model diagnose: it names the image's class (``class_probs``).
     CLASSES: list[str] | None = None
+    #: How a model with two or more CLASSES diagnoses (mrcnn/diagnosis.py): "roi" = Mask R-CNN's own
+    #: class head over 1 + len(CLASSES) classes, the image's class from its detections; "image" = the
+    #: detector keeps one class ("lesion", NUM_CLASSES = 2) and an extra image-level head on the
+    #: backbone (global pooling of P2..P5, dropout, dense) predicts CLASSES.
+    DIAGNOSIS_HEAD = "roi"
+    #: Per-class weights of the diagnosis loss (the class head's loss with "roi", the image head's with
+    #: "image"): "none", "balanced" (inverse class frequency of the training split, normalised to a
+    #: frequency-weighted mean of 1, computed when training starts) or one positive number per CLASSES.
+    CLASS_LOSS_WEIGHTS: Any = "none"
+    #: Focal loss (Lin et al. 2017) on the diagnosis loss: cross-entropy times (1 - p_true)^gamma.
+    #: 0 = plain cross-entropy.
+    FOCAL_LOSS_GAMMA = 0.0
+    #: Weight of the image-level diagnosis loss (DIAGNOSIS_HEAD "image") in the total loss.
+    DIAGNOSIS_LOSS_WEIGHT = 1.0
+    #: Dropout rate before the image-level diagnosis head's last dense layer.
+    DIAGNOSIS_DROPOUT = 0.3
 
     # RPN -----------------------------------------------------------------------------------
     RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
@@ -145,8 +162,9 @@ class Config:
 
     def __init__(self) -> None:
         self.BATCH_SIZE = self.IMAGES_PER_GPU * self.GPU_COUNT
-        if isinstance(self.CLASSES, (list, tuple)):
-            self.NUM_CLASSES = 1 + len(self.CLASSES)
+        derived = derived_num_classes(self)
+        if derived is not None:
+            self.NUM_CLASSES = derived
         if self.IMAGE_RESIZE_MODE == "crop":
             self.IMAGE_SHAPE = np.array([self.IMAGE_MIN_DIM, self.IMAGE_MIN_DIM, self.IMAGE_CHANNEL_COUNT])
         else:
@@ -231,9 +249,11 @@ class Config:
             raise ConfigError(f"unknown config key {key!r}{where}{hint}")
         current = getattr(self, key)
         value = _coerce(key, value, current, where)
-        if key == "NUM_CLASSES" and self.CLASSES is not None and value != 1 + len(self.CLASSES):
-            raise ConfigError(f"NUM_CLASSES{where} follows CLASSES ({len(self.CLASSES)} classes + background ="
-                              f" {1 + len(self.CLASSES)}), got {value}; set CLASSES instead")
+        derived = derived_num_classes(self)
+        if key == "NUM_CLASSES" and derived is not None and value != derived:
+            raise ConfigError(f"NUM_CLASSES{where} follows CLASSES and DIAGNOSIS_HEAD ({derived} with"
+                              f" {len(self.CLASSES)} class(es), DIAGNOSIS_HEAD {self.DIAGNOSIS_HEAD!r}), got {value};"
+                              " set CLASSES instead")
         setattr(self, key, value)
         Config.__init__(self)  # recompute derived values
 
@@ -286,6 +306,28 @@ class Config:
                       f"CLASSES must not repeat a name (case-insensitive), got {names}")
             err.check("bg" not in {str(n).lower() for n in names},
                       "CLASSES lists the foreground classes only; 'BG' (background) is class 0 already")
+        err.check(self.DIAGNOSIS_HEAD in ("roi", "image"),
+                  f"DIAGNOSIS_HEAD must be roi or image, got {self.DIAGNOSIS_HEAD!r}")
+        err.check(self.DIAGNOSIS_HEAD == "roi" or diagnoses(self),
+                  "DIAGNOSIS_HEAD image needs two or more CLASSES (the diagnoses it predicts)")
+        weights = self.CLASS_LOSS_WEIGHTS
+        if isinstance(weights, str):
+            err.check(weights in ("none", "balanced"),
+                      f"CLASS_LOSS_WEIGHTS must be none, balanced or a list of positive numbers, got {weights!r}")
+        else:
+            n_classes = len(self.CLASSES) if self.CLASSES is not None else None
+            err.check(isinstance(weights, (list, tuple)) and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                for w in weights), f"CLASS_LOSS_WEIGHTS must be none, balanced or positive numbers, got {weights!r}")
+            err.check(n_classes is not None and isinstance(weights, (list, tuple)) and len(weights) == n_classes,
+                      f"CLASS_LOSS_WEIGHTS lists {len(weights) if isinstance(weights, (list, tuple)) else '?'}"
+                      f" weight(s) but CLASSES has {n_classes} class(es): one weight per class")
+        err.check(isinstance(self.FOCAL_LOSS_GAMMA, (int, float)) and 0.0 <= self.FOCAL_LOSS_GAMMA <= 10.0,
+                  f"FOCAL_LOSS_GAMMA must be in [0, 10], got {self.FOCAL_LOSS_GAMMA!r}")
+        err.check(self.DIAGNOSIS_LOSS_WEIGHT >= 0 and math.isfinite(self.DIAGNOSIS_LOSS_WEIGHT),
+                  f"DIAGNOSIS_LOSS_WEIGHT must be >= 0, got {self.DIAGNOSIS_LOSS_WEIGHT}")
+        err.check(0.0 <= self.DIAGNOSIS_DROPOUT < 1.0,
+                  f"DIAGNOSIS_DROPOUT must be in [0, 1), got {self.DIAGNOSIS_DROPOUT}")
         for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES", "IMAGE_MAX_DIM",
                     "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                     "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",
@@ -382,6 +424,30 @@ class Config:
 
 
 # -------------------------------------------------------------------------------------------
+# Diagnosis: the one rule for NUM_CLASSES and for "this model diagnoses"
+
+
+def diagnoses(config: Any) -> bool:
+    """True when ``config`` describes a model that names each image's class (a diagnosis over
+    ``config.CLASSES``): CLASSES lists two or more names. Its ``detect`` results then carry
+    ``class_probs``; a one-class (or Matterport, CLASSES None) model's do not."""
+    classes = getattr(config, "CLASSES", None)
+    return isinstance(classes, (list, tuple)) and len(classes) >= 2
+
+
+def derived_num_classes(config: Any) -> int | None:
+    """NUM_CLASSES as CLASSES and DIAGNOSIS_HEAD decide it (None: CLASSES unset, NUM_CLASSES is the
+    user's): 1 + len(CLASSES), except with DIAGNOSIS_HEAD "image" and two or more CLASSES, where the
+    detector keeps one class (lesion) and the diagnosis comes from the image-level head: 2."""
+    classes = getattr(config, "CLASSES", None)
+    if not isinstance(classes, (list, tuple)):
+        return None
+    if diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "image":
+        return 2
+    return 1 + len(classes)
+
+
+# -------------------------------------------------------------------------------------------
 # helpers
 
 class _Checker:
@@ -414,6 +480,11 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
 
     if key in CALLABLE_KEYS:
         return value
+    if key == "CLASS_LOSS_WEIGHTS":
+        if isinstance(value, str) or (isinstance(value, (list, tuple))
+                                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+        raise bad("none, balanced or a list of numbers")
     if key == "CLASSES":
         if value is None:
             return None

@@ -153,8 +153,11 @@ def exif_orientation(dataset: Any) -> bool:
 def entry_key(info: dict[str, Any], settings: dict[str, Any], code: str, exif: bool = False) -> str:
     """The JSON key stored in (and compared with) an entry."""
     stamps = [file_stamp(p) for p in source_files(info)]
-    return json.dumps({"version": FORMAT_VERSION, "id": str(info.get("id")), "source": str(info.get("source")),
-                       "files": stamps, "settings": settings, "exif": bool(exif), "code": code}, sort_keys=True)
+    fields = {"version": FORMAT_VERSION, "id": str(info.get("id")), "source": str(info.get("source")),
+              "files": stamps, "settings": settings, "exif": bool(exif), "code": code}
+    if "instance_class" in info:  # a dataset that gives instances a per-image class (diagnosis)
+        fields["instance_class"] = int(info["instance_class"])
+    return json.dumps(fields, sort_keys=True)
 
 
 def settings_folder(settings: dict[str, Any]) -> str:
