@@ -236,7 +236,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise lesions.CliError(f"dataset {args.dataset} has no validation images")
     # no validation loss (VALIDATION_STEPS stays 0): every second of the budget trains
     config = complete_steps(config, len(train_ids), 0)
-    train_set, = lesions.make_datasets(report, train_ids)
+    train_set, = lesions.make_datasets(report, train_ids, config=config)
+    from mrcnn.diagnosis import resolve_class_weights
+
+    config = resolve_class_weights(config, train_set, verbose=True)
     run_dir = new_run_dir(Path(args.logs))
     run_dir.mkdir(parents=True)
     from lesionkit import dataset_scan

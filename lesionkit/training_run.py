@@ -17,7 +17,7 @@ from mrcnn.checkpoints import checkpoints_in
 from mrcnn.config import Config
 
 #: Layers whose shape depends on NUM_CLASSES: not taken from COCO weights.
-COCO_EXCLUDE = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask")
+COCO_EXCLUDE = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask", "mrcnn_diagnosis_logits")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,9 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
                             1 if cluster is None else cluster.size)
     print("Building the model (TensorFlow) ...", flush=True)
     from mrcnn import model as modellib
+    from mrcnn.diagnosis import resolve_class_weights
+
+    config = resolve_class_weights(config, train_set, verbose=True)
 
     model = modellib.MaskRCNN(mode="training", config=config, model_dir=str(logs))
     if start.path is not None:

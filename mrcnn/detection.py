@@ -22,6 +22,9 @@ class DetectionLayer(KL.Layer):
     background and (if DETECTION_MIN_CONFIDENCE is truthy) low-score ROIs dropped; per-class NMS.
     With DETECTION_FOREGROUND_FALLBACK, an image where no ROI survives that filter keeps its ROI
     of highest foreground probability, as that foreground class (so it never has no detection).
+    For a diagnosing class head (DIAGNOSIS_HEAD "roi", mrcnn.diagnosis) an ROI's score is its
+    foreground probability 1 - P(background), its class the most probable foreground class, and
+    NMS runs over all classes together.
     """
 
     def __init__(self, config: Any, **kwargs: Any) -> None:
@@ -34,6 +37,11 @@ class DetectionLayer(KL.Layer):
         self.nms_threshold = float(config.DETECTION_NMS_THRESHOLD)
         self.std_dev = np.asarray(config.BBOX_STD_DEV, dtype=np.float32).reshape(1, 4)
         self.foreground_fallback = bool(config.DETECTION_FOREGROUND_FALLBACK)
+        from mrcnn.diagnosis import uses_roi_head
+
+        # A diagnosing class head (mrcnn.diagnosis): an ROI is a lesion by 1 - P(background), whatever
+        # its diagnosis, and one NMS runs over all classes (one lesion is one instance).
+        self.foreground_score = uses_roi_head(config)
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         rois, probs, deltas, image_meta = (tf.cast(t, tf.float32) for t in inputs)
@@ -46,19 +54,26 @@ class DetectionLayer(KL.Layer):
     def _detections_for_image(self, args: tuple[tf.Tensor, ...]) -> tf.Tensor:
         """rois [N, 4], probs [N, C], deltas [N, C, 4], window [4] -> detections [MAX, 6]."""
         rois, probs, deltas, window = args
-        class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
-        scores = tf.gather(probs, class_ids, batch_dims=1)
-        wanted = class_ids > 0
+        if self.foreground_score:
+            class_ids, scores, wanted = self._foreground_classes(probs)
+        else:
+            class_ids = tf.argmax(probs, axis=1, output_type=tf.int32)
+            scores = tf.gather(probs, class_ids, batch_dims=1)
+            wanted = class_ids > 0
         if self.min_confidence:
             wanted = tf.logical_and(wanted, scores >= self.min_confidence)
-        if self.foreground_fallback:
+        if self.foreground_fallback and self.foreground_score:
+            best = tf.equal(tf.range(tf.shape(probs)[0]), tf.argmax(scores, output_type=tf.int32))
+            wanted = tf.logical_or(wanted, tf.logical_and(tf.logical_not(tf.reduce_any(wanted)), best))
+        elif self.foreground_fallback:
             class_ids, scores, wanted = self._best_foreground_if_none(probs, class_ids, scores, wanted)
         class_deltas = tf.gather(deltas, class_ids, batch_dims=1)
         boxes = apply_box_deltas_graph(rois, class_deltas * tf.constant(self.std_dev))
         boxes = clip_boxes_graph(boxes, window)
 
         keep = tf.reshape(tf.where(wanted), (-1,))
-        keep = self._per_class_nms(keep, boxes, scores, class_ids)
+        nms_groups = tf.ones_like(class_ids) if self.foreground_score else class_ids
+        keep = self._per_class_nms(keep, boxes, scores, nms_groups)
 
         count = tf.minimum(tf.size(keep), self.max_instances)
         top = tf.math.top_k(tf.gather(scores, keep), k=count, sorted=True).indices
@@ -67,6 +82,14 @@ class DetectionLayer(KL.Layer):
                           tf.cast(tf.gather(class_ids, keep), tf.float32)[:, tf.newaxis],
                           tf.gather(scores, keep)[:, tf.newaxis]], axis=1)
         return tf.pad(rows, [(0, self.max_instances - tf.shape(rows)[0]), (0, 0)])
+
+    @staticmethod
+    def _foreground_classes(probs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """probs [N, C] -> (class ids [N]: the most probable foreground class, scores [N]: the
+        foreground probability 1 - P(background), wanted [N]: score >= P(background))."""
+        class_ids = tf.argmax(probs[:, 1:], axis=1, output_type=tf.int32) + 1
+        scores = 1.0 - probs[:, 0]
+        return class_ids, scores, scores >= probs[:, 0]
 
     @staticmethod
     def _best_foreground_if_none(probs: tf.Tensor, class_ids: tf.Tensor, scores: tf.Tensor, wanted: tf.Tensor

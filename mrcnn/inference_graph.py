@@ -4,6 +4,8 @@ Inputs (Matterport names): input_image [B, H, W, C] float32 (molded), input_imag
 input_anchors [B, A, 4] normalised anchors. Outputs (Matterport order): detections [B, D, 6],
 mrcnn_class [B, R, NC], mrcnn_bbox [B, R, NC, 4], mrcnn_mask [B, D, 28, 28, NC], rpn_rois [B, R, 4],
 rpn_class [B, A, 2], rpn_bbox [B, A, 4]; D = DETECTION_MAX_INSTANCES, R = POST_NMS_ROIS_INFERENCE.
+A diagnosing model (mrcnn.diagnosis) appends class_probs [B, K] over CLASSES; with DIAGNOSIS_HEAD
+"roi" its mrcnn_bbox and mrcnn_mask carry class 1's deltas and mask in every class.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import portable_ops
+from mrcnn import diagnosis
 from mrcnn.backbone import batch_norm_mode, build_backbone_and_fpn
 from mrcnn.detection import DetectionLayer
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
@@ -102,6 +105,9 @@ def build_inference_model(config: Any) -> keras.Model:
         _, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
             rpn_rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
             train_bn=train_bn, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE)
+        roi_dx = diagnosis.uses_roi_head(config)
+        if roi_dx:  # one class-free box regressor (class 1's) for every diagnosis
+            mrcnn_bbox = diagnosis.class_agnostic(mrcnn_bbox)
         detections = DetectionLayer(config, name="mrcnn_detection")(
             [rpn_rois, mrcnn_class, mrcnn_bbox, input_image_meta])
         detection_boxes = DetectionBoxes(name="detection_boxes")(detections)
@@ -111,4 +117,9 @@ def build_inference_model(config: Any) -> keras.Model:
                                           channels=config.MASK_HEAD_CHANNELS,
                                           pad_to=config.DETECTION_MAX_INSTANCES)
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
+        if roi_dx:  # one class-free mask (class 1's) for every diagnosis; the image's class from the ROIs
+            outputs[3] = diagnosis.class_agnostic_mask(mrcnn_mask)
+            outputs.append(diagnosis.roi_diagnosis(mrcnn_class))
+        elif diagnosis.uses_image_head(config):
+            outputs.append(diagnosis.build_image_diagnosis_head(mrcnn_feature_maps, config)[1])
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 #: Order of the training model's inputs (Matterport §4.1).
 INPUT_NAMES = ("input_image", "input_image_meta", "input_rpn_match", "input_rpn_bbox",
                "input_gt_class_ids", "input_gt_boxes", "input_gt_masks")
+
+
+def input_names(config) -> tuple[str, ...]:
+    """INPUT_NAMES, plus ``input_gt_diagnosis`` (int32 per image: index of its diagnosis in CLASSES,
+    -1 = none) for a model with the image-level diagnosis head (mrcnn.diagnosis)."""
+    from mrcnn.diagnosis import DIAGNOSIS_INPUT, uses_image_head
+
+    return INPUT_NAMES + ((DIAGNOSIS_INPUT,) if uses_image_head(config) else ())
 #: A data error is logged and the image skipped; after this many errors the pipeline fails.
 MAX_DATA_ERRORS = 5
 
@@ -314,6 +322,10 @@ def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, a
         "input_gt_boxes": gt_boxes,
         "input_gt_masks": gt_masks,
     }
+    from mrcnn.diagnosis import DIAGNOSIS_INPUT, diagnosis_index, uses_image_head
+
+    if uses_image_head(config):
+        sample[DIAGNOSIS_INPUT] = np.int32(diagnosis_index(dataset.image_info[image_id], config))
     if random_rois:  # Matterport's debugging extras, from all instances (before the MAX_GT_INSTANCES cap)
         from mrcnn.targets import build_detection_targets, generate_random_rois
 
@@ -331,7 +343,10 @@ def sample_specs(config) -> dict[str, tf.TensorSpec]:
     m = config.MAX_GT_INSTANCES
     mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
     a = len(get_training_anchors(config))
-    return {
+    from mrcnn.diagnosis import DIAGNOSIS_INPUT, uses_image_head
+
+    extra = {DIAGNOSIS_INPUT: tf.TensorSpec([], tf.int32)} if uses_image_head(config) else {}
+    return extra | {
         "input_image": tf.TensorSpec([h, w, c], tf.float32),
         "input_image_meta": tf.TensorSpec([config.IMAGE_META_SIZE], tf.float32),
         "input_rpn_match": tf.TensorSpec([a, 1], tf.int32),
@@ -414,7 +429,7 @@ def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None
     seed = config.SEED if seed is None else seed
     source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources, seed)
     specs = sample_specs(config)
-    names = list(INPUT_NAMES)
+    names = list(input_names(config))
 
     def load(index):
         sample = source(int(index))

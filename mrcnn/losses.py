@@ -70,6 +70,52 @@ def mrcnn_class_loss(target_class_ids: tf.Tensor, pred_class_logits: tf.Tensor,
     return tf.math.divide_no_nan(tf.reduce_sum(loss * pred_active), tf.reduce_sum(pred_active))
 
 
+def focal_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0) -> tf.Tensor:
+    """Per-example softmax cross-entropy [N] from logits [N, C] and int labels [N] (float32, stable:
+    log-softmax of the logits), times ``class_weights[label]`` (a [C] array or None = 1) and, with
+    ``gamma`` > 0, the focal factor (1 - p_label)^gamma (Lin et al. 2017)."""
+    labels = tf.cast(labels, tf.int32)
+    logits = tf.cast(logits, tf.float32)
+    log_probs = tf.nn.log_softmax(logits, axis=-1)
+    log_p = tf.gather(log_probs, labels, batch_dims=1)
+    loss = -log_p
+    if gamma:
+        loss = loss * tf.pow(tf.maximum(1.0 - tf.exp(log_p), 0.0), float(gamma))
+    if class_weights is not None:
+        loss = loss * tf.gather(tf.constant(class_weights, tf.float32), labels)
+    return loss
+
+
+def weighted_class_loss(target_class_ids: tf.Tensor, pred_class_logits: tf.Tensor, active_class_ids: tf.Tensor,
+                        class_weights=None, gamma: float = 0.0) -> tf.Tensor:
+    """:func:`mrcnn_class_loss` with per-class weights [C] (background included) and a focal factor
+    (:func:`focal_cross_entropy`); the same masking and denominator (ROIs kept). With neither it is
+    :func:`mrcnn_class_loss` exactly."""
+    target_class_ids = tf.cast(target_class_ids, tf.int64)
+    pred_class_logits = tf.cast(pred_class_logits, tf.float32)
+    pred_active = tf.gather(tf.cast(active_class_ids[0], tf.float32), tf.argmax(pred_class_logits, axis=2))
+    flat_logits = tf.reshape(pred_class_logits, [-1, tf.shape(pred_class_logits)[-1]])
+    loss = focal_cross_entropy(tf.reshape(target_class_ids, [-1]), flat_logits, class_weights, gamma)
+    loss = tf.reshape(loss, tf.shape(target_class_ids))
+    return tf.math.divide_no_nan(tf.reduce_sum(loss * pred_active), tf.reduce_sum(pred_active))
+
+
+def image_diagnosis_loss(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0) -> tf.Tensor:
+    """Image-level diagnosis loss: :func:`focal_cross_entropy` averaged over the images that have a
+    label (labels [B] int, index in CLASSES, -1 = none; logits [B, K]); 0 when none has one. The
+    mean is over images, not over weights, so class weights keep their effect in small batches."""
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    known = labels >= 0
+    loss = focal_cross_entropy(tf.boolean_mask(labels, known), tf.boolean_mask(tf.cast(logits, tf.float32), known),
+                               class_weights, gamma)
+    return _mean_or_zero(loss)
+
+
+def agnostic_class_ids(target_class_ids: tf.Tensor) -> tf.Tensor:
+    """Every positive class id -> 1 (class-agnostic box and mask losses: one regressor, one mask)."""
+    return tf.minimum(tf.cast(target_class_ids, tf.int32), 1)
+
+
 def _positive_rois(target_class_ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Flat indices [P] of ROIs with class > 0 and their class ids [P] (int64)."""
     ids = tf.reshape(tf.cast(target_class_ids, tf.int64), [-1])

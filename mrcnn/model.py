@@ -22,6 +22,7 @@ import tensorflow as tf
 from mrcnn import checkpoints
 from mrcnn import weights as weights_io
 from mrcnn.boxes import compute_backbone_shapes, generate_pyramid_anchors, norm_boxes
+from mrcnn.config import diagnoses
 from mrcnn.imaging import compose_image_meta, mold_image, resize_image, to_rgb
 from mrcnn.inference_graph import build_inference_model
 from mrcnn.postprocess import unmold_detections
@@ -138,8 +139,12 @@ class MaskRCNN:
                          tf.TensorSpec((batch, int(cfg.IMAGE_META_SIZE)), tf.float32),
                          tf.TensorSpec((batch, anchor_count, 4), tf.float32)]
 
-            def forward(images: tf.Tensor, metas: tf.Tensor, anchors: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            diagnosing = diagnoses(cfg)
+
+            def forward(images: tf.Tensor, metas: tf.Tensor, anchors: tf.Tensor) -> tuple[tf.Tensor, ...]:
                 outputs = self.keras_model([images, metas, anchors], training=False)
+                if diagnosing:  # detections, mrcnn_mask, class_probs (the last output)
+                    return outputs[0], outputs[3], outputs[-1]
                 return outputs[0], outputs[3]  # detections, mrcnn_mask
 
             self._detect_fns[hw] = tf.function(forward, input_signature=signature)
@@ -156,14 +161,17 @@ class MaskRCNN:
         anchors = self.get_anchors(molded.shape[1:3])
         return np.broadcast_to(anchors, (molded.shape[0],) + anchors.shape)
 
-    def _run(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Molded batch -> (detections [B, D, 6], mrcnn_mask [B, D, mh, mw, C]) as numpy."""
+    def _run(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Molded batch -> (detections [B, D, 6], mrcnn_mask [B, D, mh, mw, C], class_probs [B, K]
+        or None for a model that does not diagnose) as numpy."""
         anchors = self._batch_anchors(molded)
-        detections, masks = self._detect_function(molded.shape)(
+        outputs = self._detect_function(molded.shape)(
             tf.constant(molded, tf.float32), tf.constant(metas, tf.float32), tf.constant(anchors, tf.float32))
-        return detections.numpy(), masks.numpy()
+        class_probs = outputs[2].numpy() if len(outputs) > 2 else None
+        return outputs[0].numpy(), outputs[1].numpy(), class_probs
 
-    def _run_padded(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_padded(self, molded: np.ndarray, metas: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Like :meth:`_run` for 1..BATCH_SIZE images of one molded shape [n, h, w, C].
 
         A short batch is padded to BATCH_SIZE with copies of its last image (each image is
@@ -174,8 +182,8 @@ class MaskRCNN:
         if missing > 0:
             molded = np.concatenate([molded, np.repeat(molded[-1:], missing, axis=0)])
             metas = np.concatenate([metas, np.repeat(metas[-1:], missing, axis=0)])
-        detections, masks = self._run(molded, metas)
-        return detections[:count], masks[:count]
+        detections, masks, class_probs = self._run(molded, metas)
+        return detections[:count], masks[:count], None if class_probs is None else class_probs[:count]
 
     def detect(self, images: Sequence[np.ndarray], verbose: int = 0, *,
                exact_batch: bool = False) -> list[dict[str, np.ndarray]]:
@@ -183,6 +191,8 @@ class MaskRCNN:
 
         Returns one dict per image, in order: rois int32 [N, 4] (y1, x1, y2, x2, original pixels,
         y2/x2 exclusive), class_ids int32 [N], scores float32 [N], masks bool [H, W, N]; by score.
+        A diagnosing model (two or more ``config.CLASSES``, :mod:`mrcnn.diagnosis`) adds
+        ``class_probs`` float32 [K]: the image's probability of each of CLASSES (sum 1).
 
         The images run BATCH_SIZE (IMAGES_PER_GPU x GPU_COUNT) at a time, molded one batch at a
         time (memory stays that of one batch); the last batch is padded to BATCH_SIZE, so any
@@ -216,10 +226,10 @@ class MaskRCNN:
                     log("image", images[i])
                 log("molded_images", molded)
                 log("image_metas", metas)
-            detections, masks = self._run_padded(molded, metas)
+            detections, masks, class_probs = self._run_padded(molded, metas)
             for row, i in enumerate(indices):
                 results[i] = self._result(detections[row], masks[row], images[i].shape, molded[row].shape,
-                                          molded_one[i][2][0])
+                                          molded_one[i][2][0], None if class_probs is None else class_probs[row])
         return results
 
     def detect_molded(self, molded_images: np.ndarray, image_metas: np.ndarray,
@@ -233,16 +243,21 @@ class MaskRCNN:
         results = []
         for start in range(0, len(molded), self.config.BATCH_SIZE):
             stop = start + self.config.BATCH_SIZE
-            detections, masks = self._run_padded(molded[start:stop], metas[start:stop])
+            detections, masks, class_probs = self._run_padded(molded[start:stop], metas[start:stop])
             results.extend(self._result(detections[i], masks[i], molded[start + i].shape, molded[start + i].shape,
-                                        (0, 0, h, w)) for i in range(len(detections)))
+                                        (0, 0, h, w), None if class_probs is None else class_probs[i])
+                           for i in range(len(detections)))
         return results
 
     def _result(self, detections: np.ndarray, masks: np.ndarray, original_shape: Sequence[int],
-                molded_shape: Sequence[int], window: Sequence[int]) -> dict[str, np.ndarray]:
+                molded_shape: Sequence[int], window: Sequence[int],
+                class_probs: np.ndarray | None = None) -> dict[str, np.ndarray]:
         rois, class_ids, scores, full_masks = unmold_detections(detections, masks, original_shape, molded_shape,
                                                                 window, self.config.DETECTION_MASK_THRESHOLD)
-        return {"rois": rois, "class_ids": class_ids, "scores": scores, "masks": full_masks}
+        result = {"rois": rois, "class_ids": class_ids, "scores": scores, "masks": full_masks}
+        if class_probs is not None:
+            result["class_probs"] = np.asarray(class_probs, dtype=np.float32)
+        return result
 
     def unmold_detections(self, detections: np.ndarray, mrcnn_mask: np.ndarray, original_image_shape: Sequence[int],
                           image_shape: Sequence[int], window: Sequence[int]) -> tuple[np.ndarray, ...]:

@@ -26,8 +26,16 @@ from keras import layers as KL
 from mrcnn import losses as L
 from mrcnn import multiworker, tf_boxes
 from mrcnn.config import LOSS_NAMES
+from mrcnn.diagnosis import (
+    DIAGNOSIS_LOSS,
+    build_image_diagnosis_head,
+    class_loss_weights,
+    roi_class_weights,
+    uses_image_head,
+    uses_roi_head,
+)
 from mrcnn.errors import TrainingDivergedError
-from mrcnn.input_pipeline import INPUT_NAMES, check_augmentation, get_training_anchors, make_dataset
+from mrcnn.input_pipeline import check_augmentation, get_training_anchors, input_names, make_dataset
 from mrcnn.targets import DetectionTargetLayer
 from mrcnn.train_callbacks import (
     EpochCheckpoint,
@@ -153,7 +161,8 @@ class TrainingModel(keras.Model):
     def __init__(self, *args, config=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mrcnn_config = config
-        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *LOSS_NAMES)}
+        self.loss_names = loss_names(config)
+        self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *self.loss_names)}
 
     @property
     def metrics(self):
@@ -161,14 +170,14 @@ class TrainingModel(keras.Model):
 
     def _model_inputs(self, data) -> list:
         if isinstance(data, dict):
-            return [data[name] for name in INPUT_NAMES]
+            return [data[name] for name in input_names(self.mrcnn_config)]
         return list(data[0] if len(data) == 1 else data)
 
     def _loss_terms(self, outputs) -> dict[str, tf.Tensor]:
-        """Weighted losses keyed by LOSS_NAMES (the last 5 model outputs)."""
-        weights = self.mrcnn_config.LOSS_WEIGHTS
+        """Weighted losses keyed by :func:`loss_names` (the last 5 or 6 model outputs)."""
+        weights = loss_weights(self.mrcnn_config)
         return {name: tf.cast(value, tf.float32) * float(weights[name])
-                for name, value in zip(LOSS_NAMES, outputs[-len(LOSS_NAMES):], strict=True)}
+                for name, value in zip(self.loss_names, outputs[-len(self.loss_names):], strict=True)}
 
     def _record(self, total, terms) -> dict[str, tf.Tensor]:
         self.loss_trackers["loss"].update_state(total)
@@ -244,6 +253,20 @@ def _first_replica(strategy, batch):
     return tf.nest.map_structure(local, batch)
 
 
+def loss_names(config) -> tuple[str, ...]:
+    """Matterport's five loss names, plus ``mrcnn_diagnosis_loss`` with the image-level diagnosis head."""
+    from mrcnn.diagnosis import DIAGNOSIS_LOSS, uses_image_head
+
+    return LOSS_NAMES + ((DIAGNOSIS_LOSS,) if uses_image_head(config) else ())
+
+
+def loss_weights(config) -> dict[str, float]:
+    """LOSS_WEIGHTS plus DIAGNOSIS_LOSS_WEIGHT for the image-level diagnosis loss."""
+    from mrcnn.diagnosis import DIAGNOSIS_LOSS
+
+    return {**config.LOSS_WEIGHTS, DIAGNOSIS_LOSS: float(config.DIAGNOSIS_LOSS_WEIGHT)}
+
+
 def _training_inputs(config) -> list:
     """keras.Input tensors in Matterport's training order (see mrcnn.input_pipeline for shapes)."""
     h, w, c = (int(v) for v in config.IMAGE_SHAPE)
@@ -256,7 +279,7 @@ def _training_inputs(config) -> list:
         keras.Input((None,), name="input_gt_class_ids", dtype="int32"),
         keras.Input((None, 4), name="input_gt_boxes", dtype="float32"),
         keras.Input((*mask_hw, None), name="input_gt_masks", dtype="bool"),
-    ]
+    ] + ([keras.Input((), name="input_gt_diagnosis", dtype="int32")] if uses_image_head(config) else [])
 
 
 def _normalised_training_anchors(config) -> np.ndarray:
@@ -266,15 +289,35 @@ def _normalised_training_anchors(config) -> np.ndarray:
 
 def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                  mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask, mrcnn_mask) -> list:
-    """The 5 named scalar loss tensors (unweighted, as Matterport's Lambda layers)."""
+    """The 5 named scalar loss tensors (unweighted, as Matterport's Lambda layers).
+
+    A diagnosing model with DIAGNOSIS_HEAD "roi" weighs the class loss by CLASS_LOSS_WEIGHTS and
+    FOCAL_LOSS_GAMMA and trains one class-free box regressor and mask (class 1's) on every lesion.
+    """
+    class_loss, box_mask_ids = L.mrcnn_class_loss, (lambda ids: ids)
+    if uses_roi_head(config):
+        weights, gamma = roi_class_weights(config), float(config.FOCAL_LOSS_GAMMA)
+        if weights is not None or gamma:
+            def class_loss(*a):
+                return L.weighted_class_loss(*a, class_weights=weights, gamma=gamma)
+        box_mask_ids = L.agnostic_class_ids
     return [
         LossLayer(L.rpn_class_loss, name="rpn_class_loss")([rpn_match, rpn_class_logits]),
         LossLayer(lambda *a: L.rpn_bbox_loss(config, *a), name="rpn_bbox_loss")([rpn_bbox_target, rpn_match, rpn_bbox]),
-        LossLayer(L.mrcnn_class_loss, name="mrcnn_class_loss")([target_class_ids, mrcnn_class_logits,
-                                                                 active_class_ids]),
-        LossLayer(L.mrcnn_bbox_loss, name="mrcnn_bbox_loss")([target_bbox, target_class_ids, mrcnn_bbox]),
-        LossLayer(L.mrcnn_mask_loss, name="mrcnn_mask_loss")([target_mask, target_class_ids, mrcnn_mask]),
+        LossLayer(class_loss, name="mrcnn_class_loss")([target_class_ids, mrcnn_class_logits, active_class_ids]),
+        LossLayer(lambda t, ids, p: L.mrcnn_bbox_loss(t, box_mask_ids(ids), p),
+                  name="mrcnn_bbox_loss")([target_bbox, target_class_ids, mrcnn_bbox]),
+        LossLayer(lambda t, ids, p: L.mrcnn_mask_loss(t, box_mask_ids(ids), p),
+                  name="mrcnn_mask_loss")([target_mask, target_class_ids, mrcnn_mask]),
     ]
+
+
+def _image_diagnosis_loss(config, labels, mrcnn_feature_maps) -> tuple[list, list]:
+    """(outputs, losses) of the image-level diagnosis head: ([logits, probs], [mrcnn_diagnosis_loss])."""
+    logits, probs = build_image_diagnosis_head(mrcnn_feature_maps, config)
+    weights, gamma = class_loss_weights(config), float(config.FOCAL_LOSS_GAMMA)
+    loss = LossLayer(lambda y, z: L.image_diagnosis_loss(y, z, weights, gamma), name=DIAGNOSIS_LOSS)([labels, logits])
+    return [logits, probs], [loss]
 
 
 def _build_graph(config) -> TrainingModel:
@@ -285,7 +328,7 @@ def _build_graph(config) -> TrainingModel:
 
     check_image_shape(config)
     inputs = _training_inputs(config)
-    image, meta, rpn_match, rpn_bbox_target, gt_class_ids, gt_boxes_px, gt_masks = inputs
+    image, meta, rpn_match, rpn_bbox_target, gt_class_ids, gt_boxes_px, gt_masks = inputs[:7]
     gt_boxes = NormBoxes(name="input_gt_boxes_norm", dtype="float32")([gt_boxes_px, image])
     rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(image, config)
     anchors = ConstantAnchors(_normalised_training_anchors(config), name="anchors", dtype="float32")(image)
@@ -310,8 +353,12 @@ def _build_graph(config) -> TrainingModel:
     loss_outputs = _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox, target_class_ids,
                                 mrcnn_class_logits, active_class_ids, target_bbox, mrcnn_bbox, target_mask,
                                 mrcnn_mask)
+    diagnosis_outputs: list = []
+    if uses_image_head(config):
+        diagnosis_outputs, diagnosis_loss = _image_diagnosis_loss(config, inputs[7], mrcnn_feature_maps)
+        loss_outputs += diagnosis_loss
     outputs = [rpn_class_logits, rpn_class, rpn_bbox, mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask,
-               rpn_rois, output_rois, *loss_outputs]
+               rpn_rois, output_rois, *diagnosis_outputs, *loss_outputs]
     return TrainingModel(inputs, outputs, name="mask_rcnn", config=config)
 
 

@@ -21,8 +21,9 @@ import numpy as np
 from mrcnn.errors import UserError
 from mrcnn.fileio import atomic_path
 
-#: Layers whose weight shapes depend on NUM_CLASSES (skipped with a message on mismatch).
-CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask")
+#: Layers whose weight shapes depend on NUM_CLASSES or on len(CLASSES) (the image-level diagnosis
+#: head): skipped with a message on mismatch.
+CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask", "mrcnn_diagnosis_logits")
 #: Layers whose input channel count depends on IMAGE_CHANNEL_COUNT.
 INPUT_CHANNEL_LAYERS = ("conv1",)
 #: Keras-2 save order within a layer (matches tf_keras: trainable first, BN stats last).

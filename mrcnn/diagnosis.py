@@ -1,0 +1,203 @@
+"""Diagnosis: Mask R-CNN that also names the image's class (e.g. the 7 HAM10000 diagnoses).
+
+A config diagnoses when ``CLASSES`` lists two or more names (:func:`mrcnn.config.diagnoses`, the
+one predicate). ``DIAGNOSIS_HEAD`` picks how, in the same single model and forward pass:
+
+* ``"roi"``: Mask R-CNN's own class head over 1 + K classes (NUM_CLASSES = 1 + K). Each ground-truth
+  instance's class is its image's diagnosis. The segmentation stays class-independent:
+  :class:`ClassAgnostic` gives every class the box deltas and mask of class 1 (one box regressor
+  and one mask for all diagnoses, trained on every lesion; the loss uses channel 1 too), and the
+  detection layer scores an ROI by its foreground probability 1 - P(background) with one NMS over
+  all classes. The image's class probabilities (:class:`RoiDiagnosis`) are the class-head softmax
+  of the ROI with the highest foreground probability, over the K foreground classes,
+  renormalised to sum 1.
+* ``"image"``: the detector keeps one class (lesion, NUM_CLASSES = 2); one extra branch
+  (:func:`build_image_diagnosis_head`) pools every pyramid level P2..P5 globally (average),
+  concatenates them, applies dropout and a dense layer to K logits; its softmax is the diagnosis.
+  Its loss (``mrcnn_diagnosis_loss``) is added to the training loss, the image's label comes
+  through the input pipeline (``input_gt_diagnosis``, index in CLASSES, -1 = none).
+
+Imbalance: ``CLASS_LOSS_WEIGHTS`` ("balanced" = inverse class frequency of the training split,
+:func:`balanced_class_weights`) and ``FOCAL_LOSS_GAMMA`` apply to the diagnosis loss of either
+variant (:func:`mrcnn.losses.focal_cross_entropy`). ``detect`` results then carry ``class_probs``
+float32 [K] over CLASSES (sum 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+from keras import layers as KL
+
+from mrcnn.config import ConfigError, diagnoses
+
+#: Name of the image-level diagnosis loss (logged next to Matterport's five).
+DIAGNOSIS_LOSS = "mrcnn_diagnosis_loss"
+#: Input of the image label in training (int32 per image: index in CLASSES, -1 = no label).
+DIAGNOSIS_INPUT = "input_gt_diagnosis"
+#: Weighted layers of the image-level head (their shape depends on len(CLASSES)).
+IMAGE_HEAD_LAYERS = ("mrcnn_diagnosis_fc", "mrcnn_diagnosis_logits")
+
+
+def uses_image_head(config: Any) -> bool:
+    """True for a diagnosing config with DIAGNOSIS_HEAD "image" (extra branch, extra loss and input)."""
+    return diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "image"
+
+
+def uses_roi_head(config: Any) -> bool:
+    """True for a diagnosing config with DIAGNOSIS_HEAD "roi" (class head over the diagnoses)."""
+    return diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "roi"
+
+
+def diagnosis_index(info: dict, config: Any) -> int:
+    """Index in ``config.CLASSES`` of an image's ``info["diagnosis"]`` (case-insensitive); -1 if none."""
+    name = info.get("diagnosis")
+    if name is None:
+        return -1
+    lower = [str(c).lower() for c in config.CLASSES]
+    return lower.index(str(name).lower()) if str(name).lower() in lower else -1
+
+
+def class_counts(labels: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    """int64 [K]: how many of ``labels`` are each of ``classes`` (case-insensitive; others ignored)."""
+    lower = [str(c).lower() for c in classes]
+    counts = np.zeros(len(classes), dtype=np.int64)
+    for label in labels:
+        if label is not None and str(label).lower() in lower:
+            counts[lower.index(str(label).lower())] += 1
+    return counts
+
+
+def balanced_class_weights(labels: Sequence[str | None], classes: Sequence[str]) -> list[float]:
+    """Inverse-frequency weights w_c = n / (K n_c) (scikit-learn's "balanced"), so that the
+    frequency-weighted mean sum_c (n_c / n) w_c is 1 and the loss keeps its scale. A class absent
+    from ``labels`` gets the largest weight of the present ones. Raises ConfigError without labels."""
+    counts = class_counts(labels, classes).astype(np.float64)
+    total, k = counts.sum(), len(classes)
+    if total == 0:
+        raise ConfigError("CLASS_LOSS_WEIGHTS balanced: the training images carry no diagnosis label of CLASSES")
+    present = counts > 0
+    weights = np.zeros(k)
+    weights[present] = total / (k * counts[present])
+    weights[~present] = weights[present].max()
+    return [float(w) for w in weights]
+
+
+def resolve_class_weights(config: Any, dataset: Any, verbose: bool = False) -> Any:
+    """``config`` with CLASS_LOSS_WEIGHTS "balanced" replaced by the numbers from ``dataset``'s
+    diagnoses (``image_info[i]["diagnosis"]``), so config.json records them; any other config is
+    returned unchanged. ``verbose``: print the class counts and weights."""
+    if not diagnoses(config) or config.CLASS_LOSS_WEIGHTS != "balanced":
+        return config
+    labels = [info.get("diagnosis") for info in dataset.image_info]
+    weights = [round(w, 6) for w in balanced_class_weights(labels, config.CLASSES)]
+    if verbose:
+        counts = class_counts(labels, config.CLASSES)
+        print("CLASS_LOSS_WEIGHTS balanced (inverse frequency of the training split): "
+              + ", ".join(f"{c} {n} -> {w:.3g}" for c, n, w in zip(config.CLASSES, counts, weights, strict=True)))
+    return config.replace(CLASS_LOSS_WEIGHTS=weights)
+
+
+def class_loss_weights(config: Any) -> np.ndarray | None:
+    """float32 [K] per-diagnosis weights of the diagnosis loss, or None (all 1). Raises ConfigError
+    for "balanced" not yet resolved (:func:`resolve_class_weights` does it from the training set)."""
+    weights = getattr(config, "CLASS_LOSS_WEIGHTS", "none")
+    if not diagnoses(config) or weights == "none":
+        return None
+    if weights == "balanced":
+        raise ConfigError("CLASS_LOSS_WEIGHTS balanced must be resolved from the training split before the model"
+                          " is built (mrcnn.diagnosis.resolve_class_weights(config, train_dataset))")
+    return np.asarray(weights, dtype=np.float32)
+
+
+def roi_class_weights(config: Any) -> np.ndarray | None:
+    """float32 [NUM_CLASSES]: background 1, then the diagnosis weights (ROI variant), or None."""
+    weights = class_loss_weights(config)
+    return None if weights is None else np.concatenate([[1.0], weights]).astype(np.float32)
+
+
+def top_roi_probs(class_probs: np.ndarray) -> np.ndarray:
+    """numpy reference of :class:`RoiDiagnosis` for one image: class_probs [R, 1 + K] -> [K]."""
+    probs = np.asarray(class_probs, dtype=np.float64)
+    best = int(np.argmax(1.0 - probs[:, 0]))
+    fg = probs[best, 1:]
+    return (fg / max(fg.sum(), 1e-12)).astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------
+# Keras layers
+
+
+class RoiDiagnosis(KL.Layer):
+    """mrcnn_class [B, R, 1 + K] -> class_probs [B, K]: the foreground class probabilities of the
+    ROI with the highest foreground probability (1 - P(background)), renormalised to sum 1."""
+
+    def call(self, probs):
+        probs = tf.cast(probs, tf.float32)
+        best = tf.argmax(1.0 - probs[..., 0], axis=1, output_type=tf.int32)
+        chosen = tf.gather(probs, best, batch_dims=1)[:, 1:]
+        return chosen / tf.maximum(tf.reduce_sum(chosen, axis=1, keepdims=True), 1e-12)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2] - 1)
+
+
+class ClassAgnostic(KL.Layer):
+    """Copy class 1's slice to every class along ``axis`` (box deltas [B, R, C, 4]: axis 2; masks
+    [B, D, h, w, C]: axis -1), so detection and unmolding use one class-free box and mask."""
+
+    def __init__(self, axis: int, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = int(axis)
+
+    def call(self, x):
+        axis = self.axis % len(x.shape)
+        one = tf.gather(x, [1], axis=axis)
+        multiples = [1] * len(x.shape)
+        multiples[axis] = tf.shape(x)[axis]
+        return tf.tile(one, tf.stack(multiples))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
+
+class GlobalPyramidPool(KL.Layer):
+    """[P2, P3, P4, P5] each [B, h, w, C] -> [B, 4 C]: global average of each level, concatenated."""
+
+    def call(self, maps):
+        return tf.concat([tf.reduce_mean(tf.cast(m, tf.float32), axis=[1, 2]) for m in maps], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], sum(int(s[-1]) for s in input_shape))
+
+
+def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tuple[Any, Any]:
+    """The image-level branch on P2..P5 (``feature_maps``, each [B, h, w, TOP_DOWN_PYRAMID_SIZE]):
+    global average pooling of each level, concatenated [B, 4 * TOP_DOWN_PYRAMID_SIZE], dense 256 +
+    ReLU, dropout DIAGNOSIS_DROPOUT, dense K. Returns (logits [B, K], probabilities [B, K]), float32."""
+    x = GlobalPyramidPool(name="mrcnn_diagnosis_pool", dtype="float32")(list(feature_maps))
+    x = KL.Dense(256, activation="relu", name="mrcnn_diagnosis_fc")(x)
+    x = KL.Dropout(float(config.DIAGNOSIS_DROPOUT), name="mrcnn_diagnosis_dropout")(x)
+    logits = KL.Dense(len(config.CLASSES), name="mrcnn_diagnosis_logits", dtype="float32")(x)
+    probs = KL.Activation("softmax", name="mrcnn_diagnosis", dtype="float32")(logits)
+    return logits, probs
+
+
+def class_agnostic(bbox: Any) -> Any:
+    """Box deltas [B, R, C, 4] with class 1's copied to every class (see :class:`ClassAgnostic`)."""
+    return ClassAgnostic(2, name="mrcnn_bbox_agnostic", dtype="float32")(bbox)
+
+
+def class_agnostic_mask(mask: Any) -> Any:
+    """Masks [B, D, h, w, C] with class 1's copied to every class (see :class:`ClassAgnostic`)."""
+    return ClassAgnostic(-1, name="mrcnn_mask_agnostic", dtype="float32")(mask)
+
+
+def roi_diagnosis(mrcnn_class: Any) -> Any:
+    """class_probs [B, K] from the class head's probabilities [B, R, 1 + K] (:class:`RoiDiagnosis`)."""
+    return RoiDiagnosis(name="class_probs", dtype="float32")(mrcnn_class)
