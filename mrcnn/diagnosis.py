@@ -72,8 +72,8 @@ def class_counts(labels: Sequence[str | None], classes: Sequence[str]) -> np.nda
 
 def balanced_class_weights(labels: Sequence[str | None], classes: Sequence[str]) -> list[float]:
     """Inverse-frequency weights w_c = n / (K n_c) (scikit-learn's "balanced"), so that the
-    frequency-weighted mean sum_c (n_c / n) w_c is 1 and the loss keeps its scale. A class absent
-    from ``labels`` gets the largest weight of the present ones. Raises ConfigError without labels."""
+    frequency-weighted mean sum_c (n_c / n) w_c is 1 (every class present) and the loss keeps its
+    scale. A class absent from ``labels`` gets the largest weight of the present ones. Raises ConfigError without labels."""
     counts = class_counts(labels, classes).astype(np.float64)
     total, k = counts.sum(), len(classes)
     if total == 0:

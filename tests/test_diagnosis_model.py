@@ -1,0 +1,226 @@
+"""A Mask R-CNN that also diagnoses (mrcnn.diagnosis): losses against hand computations, the class
+weights, both variants' detect (class_probs), a few training steps without NaN, weights loading,
+and one-class models unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from factories import make_config
+from helpers import lesion_pairs
+
+import mrcnn.model as modellib
+from mrcnn import diagnosis
+from mrcnn import losses as L
+from mrcnn.dataset import Dataset
+from mrcnn.detection import DetectionLayer
+
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+
+
+# -------------------------------------------------------------------------------------------
+# Numbers
+
+
+def test_balanced_class_weights_against_hand_computation():
+    # n = 4, K = 3: a 4/(3*3), b 4/(3*1); c absent gets the largest present weight
+    weights = diagnosis.balanced_class_weights(["a", "A", "a", "b", None, "zzz"], ["a", "b", "c"])
+    np.testing.assert_allclose(weights, [4 / 9, 4 / 3, 4 / 3])
+    two = diagnosis.balanced_class_weights(["a", "a", "a", "b"], ["a", "b"])
+    np.testing.assert_allclose(two, [4 / 6, 4 / 2])
+    assert math.isclose(float(np.dot([0.75, 0.25], two)), 1.0)  # frequency-weighted mean 1 (all present)
+    with pytest.raises(diagnosis.ConfigError, match="no diagnosis label"):
+        diagnosis.balanced_class_weights([None], ["a", "b"])
+
+
+def test_resolve_class_weights_writes_numbers_into_the_config():
+    config = make_config("tiny", CLASSES=["mel", "nv"], CLASS_LOSS_WEIGHTS="balanced")
+
+    class Labels:
+        image_info = [{"diagnosis": d} for d in ("nv", "nv", "nv", "mel")]
+
+    resolved = diagnosis.resolve_class_weights(config, Labels())
+    assert resolved.CLASS_LOSS_WEIGHTS == [2.0, pytest.approx(0.666667)]  # 4/(2*1), 4/(2*3)
+    assert config.CLASS_LOSS_WEIGHTS == "balanced"                        # the original is untouched
+    np.testing.assert_allclose(diagnosis.roi_class_weights(resolved), [1.0, 2.0, 0.666667], rtol=1e-6)
+    with pytest.raises(diagnosis.ConfigError, match="must be resolved from the training split"):
+        diagnosis.class_loss_weights(config)
+
+
+def test_focal_cross_entropy_against_hand_computation():
+    logits = tf.constant([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = tf.constant([0, 2])
+    p0 = math.exp(2) / (math.exp(2) + 2)           # 0.78699
+    p1 = 1 / (2 + math.e)                          # 0.21194
+    ce = [-math.log(p0), -math.log(p1)]
+    np.testing.assert_allclose(L.focal_cross_entropy(labels, logits).numpy(), ce, rtol=1e-5)
+    focal = [ce[0] * (1 - p0) ** 2, ce[1] * (1 - p1) ** 2]
+    np.testing.assert_allclose(L.focal_cross_entropy(labels, logits, gamma=2.0).numpy(), focal, rtol=1e-5)
+    weights = np.array([3.0, 1.0, 0.5], np.float32)
+    np.testing.assert_allclose(L.focal_cross_entropy(labels, logits, weights, 2.0).numpy(),
+                               [3 * focal[0], 0.5 * focal[1]], rtol=1e-5)
+    # stable for huge logits (log-softmax), float16 logits accepted
+    big = L.focal_cross_entropy(tf.constant([1]), tf.constant([[1e4, -1e4]], tf.float16), weights[:2], 2.0)
+    assert np.isfinite(big.numpy()).all() and big.numpy()[0] > 1e3
+
+
+def test_image_diagnosis_loss_ignores_unlabelled_images():
+    logits = tf.constant([[2.0, 0.0, 0.0], [5.0, 5.0, 5.0], [0.0, 1.0, 0.0]])
+    labels = tf.constant([0, -1, 2])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(1 / (2 + math.e))) / 2
+    assert math.isclose(float(L.image_diagnosis_loss(labels, logits)), expected, rel_tol=1e-5)
+    assert float(L.image_diagnosis_loss(tf.constant([-1, -1]), logits[:2])) == 0.0
+
+
+def test_weighted_class_loss_reduces_to_matterports_and_weighs_per_roi():
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(2, 5, 3)).astype(np.float32))
+    targets = tf.constant([[1, 2, 0, 0, 0], [2, 0, 0, 0, 0]])
+    active = tf.ones((2, 3))
+    plain = float(L.mrcnn_class_loss(targets, logits, active))
+    assert math.isclose(float(L.weighted_class_loss(targets, logits, active)), plain, rel_tol=1e-6)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits).numpy()
+    w = np.array([1.0, 4.0, 0.5], np.float32)
+    expected = float((ce * w[targets.numpy()]).sum() / ce.size)
+    assert math.isclose(float(L.weighted_class_loss(targets, logits, active, w)), expected, rel_tol=1e-5)
+    np.testing.assert_array_equal(L.agnostic_class_ids(targets).numpy(), np.minimum(targets.numpy(), 1))
+
+
+def test_roi_diagnosis_takes_the_most_lesion_like_roi():
+    probs = np.array([[[0.9, 0.05, 0.05], [0.2, 0.2, 0.6], [0.3, 0.6, 0.1]],
+                      [[0.1, 0.45, 0.45], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]], np.float32)
+    out = diagnosis.RoiDiagnosis()(tf.constant(probs)).numpy()
+    np.testing.assert_allclose(out, [[0.25, 0.75], [0.5, 0.5]], rtol=1e-6)  # ROI 1 (fg 0.8), ROI 0 (fg 0.9)
+    np.testing.assert_allclose(diagnosis.top_roi_probs(probs[0]), out[0], rtol=1e-6)
+
+
+def test_detection_layer_scores_foreground_for_a_diagnosing_class_head():
+    """An ROI with P(bg) 0.4 and 0.3 / 0.3 on two diagnoses is a lesion (score 0.6) for the ROI
+    variant; Matterport's argmax would call it background. Overlapping ROIs of different classes
+    are one lesion (one NMS over classes)."""
+    rois = tf.constant([[[0.1, 0.1, 0.6, 0.6], [0.12, 0.1, 0.6, 0.62], [0.7, 0.7, 0.9, 0.9]]])
+    probs = tf.constant([[[0.4, 0.3, 0.3], [0.2, 0.1, 0.7], [0.9, 0.05, 0.05]]])
+    deltas = tf.zeros((1, 3, 3, 4))
+    meta = tf.constant([[0, 64, 64, 3, 64, 64, 3, 0, 0, 64, 64, 1, 0, 0, 0]], tf.float32)
+    dx = make_config("small", CLASSES=["a", "b"], DETECTION_MIN_CONFIDENCE=0.0, DETECTION_NMS_THRESHOLD=0.5)
+    out = DetectionLayer(dx)([rois, probs, deltas, meta]).numpy()[0]
+    kept = out[out[:, 4] > 0]
+    assert len(kept) == 1                           # ROI 0 and 1 overlap: one lesion, ROI 2 is background
+    np.testing.assert_allclose(kept[0, 4:], [2, 0.8], rtol=1e-6)   # class 'b', score 1 - 0.2
+    plain = make_config("small", NUM_CLASSES=3, DETECTION_MIN_CONFIDENCE=0.0, DETECTION_NMS_THRESHOLD=0.5)
+    out = DetectionLayer(plain)([rois[:, :1], probs[:, :1], deltas[:, :1], meta]).numpy()[0]
+    assert not (out[:, 4] > 0).any()                # Matterport: argmax is background
+
+
+# -------------------------------------------------------------------------------------------
+# Models (small preset: a stand-in backbone, 64 px)
+
+
+class LabelledDataset(Dataset):
+    """In-memory lesions with a diagnosis each; instance class = diagnosis for the ROI variant."""
+
+    def __init__(self, pairs, head: str) -> None:
+        super().__init__()
+        names = HAM if head == "roi" else ["lesion"]
+        for i, name in enumerate(names, start=1):
+            self.add_class("x", i, name)
+        for i, (image, masks) in enumerate(pairs):
+            dx = HAM[i % len(HAM)]
+            self.add_image("x", i, None, image=image, masks=masks, diagnosis=dx,
+                           instance_class=HAM.index(dx) + 1 if head == "roi" else 1)
+        self.prepare()
+
+    def load_image(self, image_id):
+        return self.image_info[image_id]["image"]
+
+    def load_mask(self, image_id):
+        masks = self.image_info[image_id]["masks"]
+        return masks, np.full([masks.shape[-1]], self.image_info[image_id]["instance_class"], np.int32)
+
+
+def _dx_config(head: str, **overrides):
+    return make_config("small", CLASSES=HAM, DIAGNOSIS_HEAD=head, **overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{head: checkpoint} after 3 training steps of each variant (weights + focal loss on)."""
+    logs = tmp_path_factory.mktemp("dxlogs")
+    out = {}
+    for head in ("roi", "image"):
+        config = _dx_config(head, IMAGES_PER_GPU=2, STEPS_PER_EPOCH=3, VALIDATION_STEPS=1, LEARNING_RATE=0.01,
+                            CLASS_LOSS_WEIGHTS=[1.0, 2.0, 1.0, 3.0, 1.0, 0.5, 2.0], FOCAL_LOSS_GAMMA=2.0)
+        dataset = LabelledDataset(lesion_pairs(8), head)
+        model = modellib.MaskRCNN("training", config, str(logs))
+        history = model.train(dataset, dataset, 0.01, 1, "all", list_layers=False)
+        out[head] = (model.find_last(), history.history, dataset)
+    return out
+
+
+@pytest.mark.parametrize("head", ["roi", "image"])
+def test_training_steps_stay_finite_and_log_the_diagnosis_loss(trained, head):
+    _, history, _ = trained[head]
+    assert all(np.isfinite(v).all() for v in history.values())
+    assert ("mrcnn_diagnosis_loss" in history) == (head == "image")
+    if head == "image":
+        assert history["mrcnn_diagnosis_loss"][0] > 0 and history["val_mrcnn_diagnosis_loss"][0] > 0
+
+
+@pytest.mark.parametrize("head", ["roi", "image"])
+def test_detect_returns_class_probs_over_classes(trained, head):
+    checkpoint, _, dataset = trained[head]
+    model = modellib.MaskRCNN("inference", _dx_config(head), "unused")
+    report = model.load_weights(checkpoint, by_name=True, verbose=0)
+    assert not report.skipped
+    results = model.detect([dataset.load_image(0)])
+    probs = results[0]["class_probs"]
+    assert probs.shape == (7,) and probs.dtype == np.float32
+    assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5) and (probs >= 0).all()
+    assert results[0]["masks"].shape[:2] == (64, 64)
+    if head == "roi":  # class-free masks: every detection's class uses the same (class 1) mask
+        assert set(results[0]["class_ids"]) <= set(range(1, 8))
+    else:
+        assert set(results[0]["class_ids"]) <= {1}
+
+
+def test_one_class_model_has_no_class_probs_and_loads_into_dx_models(trained, tmp_path):
+    one = make_config("small", CLASSES=["lesion"])
+    assert one.NUM_CLASSES == 2
+    model = modellib.MaskRCNN("inference", one, str(tmp_path))
+    result = model.detect([lesion_pairs(1)[0][0]])[0]
+    assert set(result) == {"rois", "class_ids", "scores", "masks"}
+    assert len(model.keras_model.outputs) == 7
+    path = str(tmp_path / "one.h5")
+    model.save_weights(path)
+    # a one-class checkpoint into the image variant: the detector loads, the new head keeps its init
+    image = modellib.MaskRCNN("inference", _dx_config("image"), str(tmp_path))
+    report = image.load_weights(path, by_name=True, verbose=0)
+    assert "mrcnn_diagnosis_logits" in report.only_in_model and not report.skipped
+    # ... into the ROI variant: the class-specific layers are skipped with the reason
+    roi = modellib.MaskRCNN("inference", _dx_config("roi"), str(tmp_path))
+    report = roi.load_weights(path, by_name=True, verbose=0)
+    assert {name for name, _ in report.skipped} == {"mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask"}
+    assert all("NUM_CLASSES differs" in why for _, why in report.skipped)
+    # an image-variant checkpoint of 7 classes into one of 3: the diagnosis head is skipped
+    checkpoint, _, _ = trained["image"]
+    three = modellib.MaskRCNN("inference", make_config("small", CLASSES=["mel", "nv", "bcc"], DIAGNOSIS_HEAD="image"),
+                              str(tmp_path))
+    report = three.load_weights(checkpoint, by_name=True, verbose=0)
+    assert [name for name, _ in report.skipped] == ["mrcnn_diagnosis_logits"]
+
+
+def test_training_input_carries_the_diagnosis_index():
+    from mrcnn.input_pipeline import build_training_sample, get_training_anchors, input_names, sample_specs
+
+    config = _dx_config("image")
+    dataset = LabelledDataset(lesion_pairs(5), "image")
+    sample = build_training_sample(dataset, config, 4, get_training_anchors(config), rng=np.random.default_rng(0))
+    assert int(sample["input_gt_diagnosis"]) == HAM.index("mel") == 4
+    assert input_names(config)[-1] == "input_gt_diagnosis" and "input_gt_diagnosis" in sample_specs(config)
+    roi = _dx_config("roi")
+    assert "input_gt_diagnosis" not in input_names(roi)
+    assert "input_gt_diagnosis" not in build_training_sample(LabelledDataset(lesion_pairs(1), "roi"), roi, 0,
+                                                             get_training_anchors(roi))
