@@ -194,8 +194,10 @@ def batch_norm_mode(config: Any, inference: bool = False) -> bool | None:
     return {"moving": False, "batch": True}.get(choice, config.TRAIN_BN)
 
 
-def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = False) -> tuple[list[Any], list[Any]]:
-    """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]).
+def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = False,
+                           return_c5: bool = False) -> tuple[Any, ...]:
+    """input_image [B, H, W, C] -> (rpn_feature_maps [P2..P6], mrcnn_feature_maps [P2..P5]), and
+    with ``return_c5`` the backbone's last stage C5 as a third element (the image-level diagnosis head).
 
     ``config.BACKBONE`` may be "resnet50", "resnet101", "resnet18", "resnet34" (basic blocks,
     ``config.BACKBONE_WIDTH`` channels in stage 2) or a callable with resnet_graph's signature.
@@ -210,6 +212,8 @@ def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = Fals
     else:
         _, c2, c3, c4, c5 = resnet_graph(input_image, config.BACKBONE, stage5=True, train_bn=train_bn)
     p2, p3, p4, p5, p6 = build_fpn(c2, c3, c4, c5, config.TOP_DOWN_PYRAMID_SIZE)
+    if return_c5:
+        return [p2, p3, p4, p5, p6], [p2, p3, p4, p5], c5
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 
 

@@ -12,8 +12,9 @@ one predicate). ``DIAGNOSIS_HEAD`` picks how, in the same single model and forwa
   of the ROI with the highest foreground probability, over the K foreground classes,
   renormalised to sum 1.
 * ``"image"``: the detector keeps one class (lesion, NUM_CLASSES = 2); one extra branch
-  (:func:`build_image_diagnosis_head`) pools every pyramid level P2..P5 globally (average),
-  concatenates them, applies dropout and a dense layer to K logits; its softmax is the diagnosis.
+  (:func:`build_image_diagnosis_head`) pools the backbone's last stage C5 and every pyramid level
+  P2..P5 globally (average), concatenates them, then dense 256 + ReLU, dropout and a dense layer
+  to K logits; its softmax is the diagnosis.
   Its loss (``mrcnn_diagnosis_loss``) is added to the training loss, the image's label comes
   through the input pipeline (``input_gt_diagnosis``, index in CLASSES, -1 = none).
 
@@ -167,7 +168,7 @@ class ClassAgnostic(KL.Layer):
 
 
 class GlobalPyramidPool(KL.Layer):
-    """[P2, P3, P4, P5] each [B, h, w, C] -> [B, 4 C]: global average of each level, concatenated."""
+    """Feature maps [B, h_i, w_i, C_i] -> [B, sum C_i]: global average of each, concatenated."""
 
     def call(self, maps):
         return tf.concat([tf.reduce_mean(tf.cast(m, tf.float32), axis=[1, 2]) for m in maps], axis=-1)
@@ -177,8 +178,8 @@ class GlobalPyramidPool(KL.Layer):
 
 
 def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tuple[Any, Any]:
-    """The image-level branch on P2..P5 (``feature_maps``, each [B, h, w, TOP_DOWN_PYRAMID_SIZE]):
-    global average pooling of each level, concatenated [B, 4 * TOP_DOWN_PYRAMID_SIZE], dense 256 +
+    """The image-level branch on ``feature_maps`` ([C5, P2, P3, P4, P5] in the models): global
+    average pooling of each, concatenated [B, C5 channels + 4 * TOP_DOWN_PYRAMID_SIZE], dense 256 +
     ReLU, dropout DIAGNOSIS_DROPOUT, dense K. Returns (logits [B, K], probabilities [B, K]), float32."""
     x = GlobalPyramidPool(name="mrcnn_diagnosis_pool", dtype="float32")(list(feature_maps))
     x = KL.Dense(256, activation="relu", name="mrcnn_diagnosis_fc")(x)

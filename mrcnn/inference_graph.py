@@ -96,7 +96,8 @@ def build_inference_model(config: Any) -> keras.Model:
         input_image_meta = keras.Input(shape=(int(config.IMAGE_META_SIZE),), name="input_image_meta")
         input_anchors = keras.Input(shape=(None, 4), name="input_anchors")
 
-        rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(input_image, config, inference=True)
+        rpn_feature_maps, mrcnn_feature_maps, c5 = build_backbone_and_fpn(input_image, config, inference=True,
+                                                                          return_c5=True)
         rpn = build_rpn_for_config(config)
         _, rpn_class, rpn_bbox = apply_rpn(rpn, rpn_feature_maps)
         rpn_rois = ProposalLayer(config.POST_NMS_ROIS_INFERENCE, config.RPN_NMS_THRESHOLD, config,
@@ -121,5 +122,5 @@ def build_inference_model(config: Any) -> keras.Model:
             outputs[3] = diagnosis.class_agnostic_mask(mrcnn_mask)
             outputs.append(diagnosis.roi_diagnosis(mrcnn_class))
         elif diagnosis.uses_image_head(config):
-            outputs.append(diagnosis.build_image_diagnosis_head(mrcnn_feature_maps, config)[1])
+            outputs.append(diagnosis.build_image_diagnosis_head([c5, *mrcnn_feature_maps], config)[1])
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

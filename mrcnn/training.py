@@ -312,9 +312,10 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
     ]
 
 
-def _image_diagnosis_loss(config, labels, mrcnn_feature_maps) -> tuple[list, list]:
-    """(outputs, losses) of the image-level diagnosis head: ([logits, probs], [mrcnn_diagnosis_loss])."""
-    logits, probs = build_image_diagnosis_head(mrcnn_feature_maps, config)
+def _image_diagnosis_loss(config, labels, feature_maps) -> tuple[list, list]:
+    """(outputs, losses) of the image-level diagnosis head on ``feature_maps`` [C5, P2..P5]:
+    ([logits, probs], [mrcnn_diagnosis_loss])."""
+    logits, probs = build_image_diagnosis_head(feature_maps, config)
     weights, gamma = class_loss_weights(config), float(config.FOCAL_LOSS_GAMMA)
     loss = LossLayer(lambda y, z: L.image_diagnosis_loss(y, z, weights, gamma), name=DIAGNOSIS_LOSS)([labels, logits])
     return [logits, probs], [loss]
@@ -330,7 +331,7 @@ def _build_graph(config) -> TrainingModel:
     inputs = _training_inputs(config)
     image, meta, rpn_match, rpn_bbox_target, gt_class_ids, gt_boxes_px, gt_masks = inputs[:7]
     gt_boxes = NormBoxes(name="input_gt_boxes_norm", dtype="float32")([gt_boxes_px, image])
-    rpn_feature_maps, mrcnn_feature_maps = build_backbone_and_fpn(image, config)
+    rpn_feature_maps, mrcnn_feature_maps, c5 = build_backbone_and_fpn(image, config, return_c5=True)
     anchors = ConstantAnchors(_normalised_training_anchors(config), name="anchors", dtype="float32")(image)
     rpn_class_logits, rpn_class, rpn_bbox = apply_rpn(build_rpn_for_config(config), rpn_feature_maps)
     rpn_rois = ProposalLayer(config.POST_NMS_ROIS_TRAINING, config.RPN_NMS_THRESHOLD, config,
@@ -355,7 +356,7 @@ def _build_graph(config) -> TrainingModel:
                                 mrcnn_mask)
     diagnosis_outputs: list = []
     if uses_image_head(config):
-        diagnosis_outputs, diagnosis_loss = _image_diagnosis_loss(config, inputs[7], mrcnn_feature_maps)
+        diagnosis_outputs, diagnosis_loss = _image_diagnosis_loss(config, inputs[7], [c5, *mrcnn_feature_maps])
         loss_outputs += diagnosis_loss
     outputs = [rpn_class_logits, rpn_class, rpn_bbox, mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask,
                rpn_rois, output_rois, *diagnosis_outputs, *loss_outputs]

@@ -148,9 +148,9 @@ def _dx_config(head: str, **overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{head: checkpoint} after 3 training steps of each variant (weights + focal loss on)."""
-    logs = tmp_path_factory.mktemp("dxlogs")
     out = {}
     for head in ("roi", "image"):
+        logs = tmp_path_factory.mktemp(f"dxlogs_{head}")  # one run folder each (they are named by minute)
         config = _dx_config(head, IMAGES_PER_GPU=2, STEPS_PER_EPOCH=3, VALIDATION_STEPS=1, LEARNING_RATE=0.01,
                             CLASS_LOSS_WEIGHTS=[1.0, 2.0, 1.0, 3.0, 1.0, 0.5, 2.0], FOCAL_LOSS_GAMMA=2.0)
         dataset = LabelledDataset(lesion_pairs(8), head)
