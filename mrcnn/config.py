@@ -73,6 +73,11 @@ class Config:
     #: Focal loss (Lin et al. 2017) on the diagnosis loss: cross-entropy times (1 - p_true)^gamma.
     #: 0 = plain cross-entropy.
     FOCAL_LOSS_GAMMA = 0.0
+    #: Class-balanced sampling of the training images of a diagnosing model, 0..1: each training pass
+    #: draws its images (with replacement) with probability proportional to n_class^-s, n_class =
+    #: the number of training images of the image's diagnosis. 0 = every image once per pass (off),
+    #: 1 = every diagnosis equally often, 0.5 = in between (square root).
+    CLASS_BALANCED_SAMPLING = 0.0
     #: Weight of the image-level diagnosis loss (DIAGNOSIS_HEAD "image") in the total loss.
     DIAGNOSIS_LOSS_WEIGHT = 1.0
     #: Dropout rate before the image-level diagnosis head's last dense layer.
@@ -324,6 +329,8 @@ class Config:
                       f" weight(s) but CLASSES has {n_classes} class(es): one weight per class")
         err.check(isinstance(self.FOCAL_LOSS_GAMMA, (int, float)) and 0.0 <= self.FOCAL_LOSS_GAMMA <= 10.0,
                   f"FOCAL_LOSS_GAMMA must be in [0, 10], got {self.FOCAL_LOSS_GAMMA!r}")
+        err.check(0.0 <= self.CLASS_BALANCED_SAMPLING <= 1.0,
+                  f"CLASS_BALANCED_SAMPLING must be in [0, 1], got {self.CLASS_BALANCED_SAMPLING}")
         err.check(self.DIAGNOSIS_LOSS_WEIGHT >= 0 and math.isfinite(self.DIAGNOSIS_LOSS_WEIGHT),
                   f"DIAGNOSIS_LOSS_WEIGHT must be >= 0, got {self.DIAGNOSIS_LOSS_WEIGHT}")
         err.check(0.0 <= self.DIAGNOSIS_DROPOUT < 1.0,

@@ -20,7 +20,8 @@ one predicate). ``DIAGNOSIS_HEAD`` picks how, in the same single model and forwa
 
 Imbalance: ``CLASS_LOSS_WEIGHTS`` ("balanced" = inverse class frequency of the training split,
 :func:`balanced_class_weights`) and ``FOCAL_LOSS_GAMMA`` apply to the diagnosis loss of either
-variant (:func:`mrcnn.losses.focal_cross_entropy`). ``detect`` results then carry ``class_probs``
+variant (:func:`mrcnn.losses.focal_cross_entropy`); ``CLASS_BALANCED_SAMPLING`` draws the training
+images with probability ~ n_class^-s (:func:`sampling_probabilities`, used by the input pipeline). ``detect`` results then carry ``class_probs``
 float32 [K] over CLASSES (sum 1).
 """
 
@@ -99,6 +100,22 @@ def resolve_class_weights(config: Any, dataset: Any, verbose: bool = False) -> A
         print("CLASS_LOSS_WEIGHTS balanced (inverse frequency of the training split): "
               + ", ".join(f"{c} {n} -> {w:.3g}" for c, n, w in zip(config.CLASSES, counts, weights, strict=True)))
     return config.replace(CLASS_LOSS_WEIGHTS=weights)
+
+
+def sampling_probabilities(dataset: Any, config: Any) -> np.ndarray | None:
+    """float64 [N] probability of drawing each image of ``dataset`` under CLASS_BALANCED_SAMPLING s:
+    proportional to n_c^-s for an image of diagnosis c (images without a diagnosis: as the most
+    frequent class); None when sampling is off or the config does not diagnose."""
+    strength = float(getattr(config, "CLASS_BALANCED_SAMPLING", 0.0) or 0.0)
+    if not diagnoses(config) or strength <= 0:
+        return None
+    index = np.array([diagnosis_index(info, config) for info in dataset.image_info])
+    counts = np.bincount(index[index >= 0], minlength=len(config.CLASSES)).astype(np.float64)
+    if not counts.any():
+        return None
+    per_image = np.where(index >= 0, counts[np.maximum(index, 0)], counts.max())
+    weights = per_image ** -strength
+    return weights / weights.sum()
 
 
 def class_loss_weights(config: Any) -> np.ndarray | None:

@@ -370,7 +370,7 @@ class SampleSource:
 
     def __init__(self, dataset, config, shuffle: bool = True, augmentation: Any = None,
                  no_augmentation_sources: list[str] | None = None, seed: int | None = None,
-                 **sample_options: Any) -> None:
+                 balanced: bool = False, **sample_options: Any) -> None:
         check_augmentation(augmentation)
         self.dataset, self.config, self.shuffle, self.augmentation = dataset, config, shuffle, augmentation
         self.sample_options = sample_options  # data_generator's extras: see build_training_sample
@@ -382,6 +382,11 @@ class SampleSource:
             raise ValueError("the dataset has no images (did you call prepare()?)")
         self.errors = 0
         self._orders: dict[int, np.ndarray] = {}
+        from mrcnn.diagnosis import sampling_probabilities
+
+        #: With ``balanced`` (training) and CLASS_BALANCED_SAMPLING: each pass draws its images with
+        #: these probabilities (with replacement) instead of a permutation.
+        self.probabilities = sampling_probabilities(dataset, config) if balanced and shuffle else None
 
     def image_for(self, index: int) -> int:
         """Image id of sample number ``index``."""
@@ -391,7 +396,11 @@ class SampleSource:
             return int(self.image_ids[pos])
         order = self._orders.get(epoch)  # one cached pass; worker threads may race, results stay equal
         if order is None:
-            order = np.random.default_rng([self.seed, 2**31 + epoch]).permutation(self.image_ids)
+            rng = np.random.default_rng([self.seed, 2**31 + epoch])
+            if self.probabilities is None:
+                order = rng.permutation(self.image_ids)
+            else:
+                order = rng.choice(self.image_ids, size=n, replace=True, p=self.probabilities)
             self._orders = {epoch: order}
         return int(order[pos])
 
@@ -416,7 +425,7 @@ class SampleSource:
 def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None,
                  no_augmentation_sources: list[str] | None = None, seed: int | None = None,
                  batch_size: int | None = None, start: int = 0, parallel: int | None = None,
-                 shard: tuple[int, int, int] | None = None) -> tf.data.Dataset:
+                 shard: tuple[int, int, int] | None = None, balanced: bool = False) -> tf.data.Dataset:
     """Infinite tf.data pipeline of batched training inputs (dict keyed by INPUT_NAMES).
 
     Images are loaded, augmented and given RPN targets in parallel worker threads (``parallel``
@@ -425,9 +434,10 @@ def make_dataset(dataset, config, shuffle: bool = True, augmentation: Any = None
     (e.g. to resume). Every element has fixed shapes (see :func:`sample_specs`).
     ``shard`` = (share, workers, rank): only this worker's ``share`` samples of every global batch
     of ``share * workers`` (:func:`mrcnn.multiworker.shard_indices`; ``start`` counts global samples).
+    ``balanced`` (the training set): draw images by CLASS_BALANCED_SAMPLING.
     """
     seed = config.SEED if seed is None else seed
-    source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources, seed)
+    source = SampleSource(dataset, config, shuffle, augmentation, no_augmentation_sources, seed, balanced=balanced)
     specs = sample_specs(config)
     names = list(input_names(config))
 

@@ -501,7 +501,7 @@ def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_s
                                          shard=(config.BATCH_SIZE, workers, cluster.rank), **options))
 
     train_ds = build(train_dataset, shuffle=True, augmentation=augmentation,
-                     no_augmentation_sources=no_augmentation_sources, seed=seed, start=start)
+                     no_augmentation_sources=no_augmentation_sources, seed=seed, start=start, balanced=True)
     val_ds = None
     if val_dataset is not None and config.VALIDATION_STEPS:
         val_ds = build(val_dataset, shuffle=True, seed=None if seed is None else seed + 1)

@@ -202,6 +202,7 @@ def test_num_classes_rule_and_predicate():
     ({"CLASSES": HAM, "FOCAL_LOSS_GAMMA": -1.0}, "FOCAL_LOSS_GAMMA must be in [0, 10]"),
     ({"CLASSES": HAM, "DIAGNOSIS_DROPOUT": 1.0}, "DIAGNOSIS_DROPOUT must be in [0, 1)"),
     ({"CLASSES": HAM, "DIAGNOSIS_LOSS_WEIGHT": -0.5}, "DIAGNOSIS_LOSS_WEIGHT must be >= 0"),
+    ({"CLASSES": HAM, "CLASS_BALANCED_SAMPLING": 1.5}, "CLASS_BALANCED_SAMPLING must be in [0, 1]"),
 ])
 def test_bad_diagnosis_keys_are_refused(overrides, expected):
     with pytest.raises(ConfigError) as info:

@@ -224,3 +224,24 @@ def test_training_input_carries_the_diagnosis_index():
     assert "input_gt_diagnosis" not in input_names(roi)
     assert "input_gt_diagnosis" not in build_training_sample(LabelledDataset(lesion_pairs(1), "roi"), roi, 0,
                                                              get_training_anchors(roi))
+
+
+def test_class_balanced_sampling_probabilities_and_draws():
+    from mrcnn.input_pipeline import SampleSource
+
+    class Labels:
+        image_ids = np.arange(5)
+        image_info = [{"diagnosis": d} for d in ("a", "a", "a", "b", None)]
+
+    full = make_config("small", CLASSES=["a", "b"], CLASS_BALANCED_SAMPLING=1.0)
+    # weights 1/3, 1/3, 1/3, 1, 1/3 (no label: as the most frequent class) -> sum 7/3
+    np.testing.assert_allclose(diagnosis.sampling_probabilities(Labels(), full), [1 / 7, 1 / 7, 1 / 7, 3 / 7, 1 / 7])
+    half = make_config("small", CLASSES=["a", "b"], CLASS_BALANCED_SAMPLING=0.5)
+    w = np.array([3 ** -0.5] * 3 + [1.0, 3 ** -0.5])
+    np.testing.assert_allclose(diagnosis.sampling_probabilities(Labels(), half), w / w.sum())
+    assert diagnosis.sampling_probabilities(Labels(), make_config("small", CLASSES=["a", "b"])) is None
+    source = SampleSource(Labels(), full, shuffle=True, seed=3, balanced=True)
+    draws = np.array([source.image_for(i) for i in range(5 * 400)])
+    assert abs(np.mean(draws == 3) - 3 / 7) < 0.04          # the rare class about 3 times as often as each other image
+    plain = SampleSource(Labels(), full, shuffle=True, seed=3)  # validation: no resampling
+    assert sorted(plain.image_for(i) for i in range(5)) == [0, 1, 2, 3, 4]
