@@ -217,3 +217,50 @@ def test_cli_set_class_loss_weights_types():
         lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=true"])
     preset = lesions.build_config("ham10000_dx", [])
     assert preset.CLASSES == HAM and preset.DIAGNOSIS_HEAD == "image" and preset.CLASS_LOSS_WEIGHTS == "balanced"
+
+
+# -------------------------------------------------------------------------------------------
+# Through the command line
+
+
+def _labelled_dataset(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    rows = ["image_id,dx,split"]
+    for i in range(n):
+        image = rng.normal(190, 10, (64, 80, 3)).clip(0, 255).astype(np.uint8)
+        mask = np.zeros((64, 80), np.uint8)
+        mask[16 + i:48, 20:60 - i] = 255
+        image[mask > 0] = 80
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}_segmentation.png")
+        rows.append(f"im{i},{['mel', 'nv', 'bcc'][i % 3]},{'val' if i == 5 else 'train'}")
+    _write(root / "metadata.csv", "\n".join(rows) + "\n")
+    return root
+
+
+def test_cli_trains_a_diagnosing_model_with_balanced_weights(tmp_path):
+    from cli_helpers import TINY, assert_user_error, run_cli
+
+    data = _labelled_dataset(tmp_path / "data")
+    classes = '["mel", "nv", "bcc"]'
+    proc = run_cli("--mode", "train", "--dataset", str(data), "--config", str(TINY), "--weights", "none",
+                   "--set", f"CLASSES={classes}", "--set", "DIAGNOSIS_HEAD=image", "--set", "CLASS_LOSS_WEIGHTS=balanced",
+                   "--set", "HEADS_EPOCHS=0", "--set", "ALL_EPOCHS=1", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "diagnosis labels from" in proc.stdout and "bcc 2, mel 2, nv 2" in proc.stdout
+    assert "CLASS_LOSS_WEIGHTS balanced (inverse frequency of the training split): mel 2 -> 0.833" in proc.stdout
+    run, = (tmp_path / "logs").glob("lesion*")
+    import json
+
+    saved = json.loads((run / "config.json").read_text())
+    # 5 training images: mel 2, nv 2, bcc 1 -> 5 / (3 n_c)
+    assert saved["CLASS_LOSS_WEIGHTS"] == pytest.approx([5 / 6, 5 / 6, 5 / 3], rel=1e-5)
+    assert (saved["NUM_CLASSES"], saved["DIAGNOSIS_HEAD"]) == (2, "image")
+    assert "mrcnn_diagnosis_loss" in (run / "training.csv").read_text().splitlines()[0]
+    # labels that are all unknown: one line, exit 2
+    _write(data / "metadata.csv", "image_id,dx\n" + "".join(f"im{i},melanoma\n" for i in range(6)))
+    proc = run_cli("--mode", "train", "--dataset", str(data), "--config", str(TINY), "--weights", "none",
+                   "--set", f"CLASSES={classes}", cwd=tmp_path, timeout=300)
+    assert_user_error(proc, "no image with a usable diagnosis label", "6 image(s) with a diagnosis not in CLASSES")
