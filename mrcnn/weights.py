@@ -21,9 +21,11 @@ import numpy as np
 from mrcnn.errors import UserError
 from mrcnn.fileio import atomic_path
 
-#: Layers whose weight shapes depend on NUM_CLASSES or on len(CLASSES) (the image-level diagnosis
-#: head): skipped with a message on mismatch.
-CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask", "mrcnn_diagnosis_logits")
+#: Layers whose weight shapes depend on NUM_CLASSES (skipped with a message on mismatch).
+CLASS_SPECIFIC_LAYERS = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_mask")
+#: Layers whose weight shapes depend on len(CLASSES): the image-level diagnosis head's last layer
+#: (mrcnn.diagnosis; skipped with a message on mismatch).
+DIAGNOSIS_CLASS_LAYERS = ("mrcnn_diagnosis_logits",)
 #: Layers whose input channel count depends on IMAGE_CHANNEL_COUNT.
 INPUT_CHANNEL_LAYERS = ("conv1",)
 #: Keras-2 save order within a layer (matches tf_keras: trainable first, BN stats last).
@@ -225,10 +227,11 @@ def load_hdf5_weights(keras_model: keras.Model, filepath: str, by_name: bool = F
             continue
         pairs = _pair_weights(name, name in nested, model_entries, file_layers[name])
         if isinstance(pairs, str):
-            tolerated = name in CLASS_SPECIFIC_LAYERS or name in INPUT_CHANNEL_LAYERS
+            tolerated = name in CLASS_SPECIFIC_LAYERS or name in INPUT_CHANNEL_LAYERS or name in DIAGNOSIS_CLASS_LAYERS
             if strict or not tolerated:
                 raise WeightsError(f"{filepath}: {pairs}")
-            why = "NUM_CLASSES differs" if name in CLASS_SPECIFIC_LAYERS else "IMAGE_CHANNEL_COUNT differs"
+            why = ("NUM_CLASSES differs" if name in CLASS_SPECIFIC_LAYERS else
+                   "the number of CLASSES differs" if name in DIAGNOSIS_CLASS_LAYERS else "IMAGE_CHANNEL_COUNT differs")
             report.skipped.append((name, f"shape mismatch ({why}): {pairs}"))
             continue
         assignments += pairs

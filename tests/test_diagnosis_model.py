@@ -210,6 +210,7 @@ def test_one_class_model_has_no_class_probs_and_loads_into_dx_models(trained, tm
                               str(tmp_path))
     report = three.load_weights(checkpoint, by_name=True, verbose=0)
     assert [name for name, _ in report.skipped] == ["mrcnn_diagnosis_logits"]
+    assert "the number of CLASSES differs" in report.skipped[0][1]
 
 
 def test_training_input_carries_the_diagnosis_index():
