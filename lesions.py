@@ -314,10 +314,14 @@ def dataset_root(dataset: str, config: LesionConfig) -> Path:
     return Path(dataset)
 
 
-def scan_and_split(root: Path, config: LesionConfig) -> tuple[dataset_scan.ScanReport, list[str], list[str]]:
-    """Scan and split ``root`` with the config's VALIDATION_FRACTION and SEED (printed, problems named)."""
+def scan_and_split(root: Path, config: LesionConfig, labels_required: bool = True
+                   ) -> tuple[dataset_scan.ScanReport, list[str], list[str]]:
+    """Scan and split ``root`` with the config's VALIDATION_FRACTION and SEED (printed, problems named).
+    A diagnosing config also reads the labels; ``labels_required`` False (evaluate) keeps unlabelled
+    images (their segmentation is scored)."""
     report, train, val = dataset_scan.scan_and_split(root, config.VALIDATION_FRACTION, config.SEED,
-                                                     classes=diagnosis_classes(config))
+                                                     classes=diagnosis_classes(config),
+                                                     labels_required=labels_required)
     if not train:
         raise CliError(f"dataset {root} leaves no training image after the split")
     return report, train, val
@@ -626,7 +630,7 @@ def validation_pairs(args: argparse.Namespace) -> tuple[list[dataset_scan.Pair],
         weights = None
     config = build_config(args.config, args.set, saved_run_config(weights)[0])
     root = dataset_root(args.dataset, config)
-    report, _, val_ids = scan_and_split(root, config)
+    report, _, val_ids = scan_and_split(root, config, labels_required=False)
     if weights is None:
         weights = resolve_model_weights(args.weights, Path(args.logs))  # the error, now that the data is fine
     split_file = weights.parent / "split.json"

@@ -76,6 +76,8 @@ class ScanReport:
     label_unknown: list[str] = field(default_factory=list)
     label_files_bad: list[str] = field(default_factory=list)
     label_files: list[str] = field(default_factory=list)
+    #: False when unlabelled images are kept (evaluation) rather than skipped (training).
+    labels_required: bool = True
 
     PROBLEMS = (
         ("images_without_mask", "image(s) without a mask (skipped)"),
@@ -94,6 +96,8 @@ class ScanReport:
         lines = []
         for attr, text in self.PROBLEMS:
             names = getattr(self, attr)
+            if attr.startswith("label_") and attr != "label_files_bad" and not self.labels_required:
+                text = text.replace("(skipped)", "(segmentation scored, no diagnosis)")
             if names:
                 more = f", ... ({len(names) - show} more)" if len(names) > show else ""
                 lines.append(f"{len(names)} {text}: {', '.join(names[:show])}{more}")
@@ -108,7 +112,8 @@ class ScanReport:
             out["label_files"] = list(self.label_files)
             counts: dict[str, int] = {}
             for pair in self.pairs:
-                counts[str(pair.diagnosis)] = counts.get(str(pair.diagnosis), 0) + 1
+                if pair.diagnosis is not None:
+                    counts[pair.diagnosis] = counts.get(pair.diagnosis, 0) + 1
             out["diagnoses"] = dict(sorted(counts.items()))
         return out
 
@@ -307,12 +312,14 @@ def _pair_is_usable(image_id: str, image_path: Path, mask_path: Path, report: Sc
     return True
 
 
-def scan_dataset(root: str | Path, check_files: bool = True, classes: list[str] | None = None) -> ScanReport:
+def scan_dataset(root: str | Path, check_files: bool = True, classes: list[str] | None = None,
+                 labels_required: bool = True) -> ScanReport:
     """Find the layout under ``root``, pair images with masks and read any ``metadata.csv`` split.
 
     With ``classes`` (the diagnosis classes of a diagnosing config) every pair also gets its
     diagnosis label (:func:`lesionkit.diagnosis_labels.attach_labels`: ``dx`` of metadata.csv or
-    the ISIC 2018 Task 3 ground truth); pairs without a usable label are skipped and counted.
+    the ISIC 2018 Task 3 ground truth); pairs without a usable label are counted, and skipped
+    unless ``labels_required`` is False (evaluation: their segmentation is still scored).
     Raises :class:`DatasetLayoutError` for a missing/empty/unknown folder or when no usable pair
     remains (the message says what was found instead).
     """
@@ -325,7 +332,7 @@ def scan_dataset(root: str | Path, check_files: bool = True, classes: list[str] 
     if classes:
         from lesionkit.diagnosis_labels import attach_labels
 
-        attach_labels(report, classes)
+        attach_labels(report, classes, required=labels_required)
     return report
 
 
@@ -497,15 +504,15 @@ def report_empty_masks(pairs: list[Pair]) -> tuple[int, int]:
 # Scan and split, reported
 
 
-def scan_and_split(root: str | Path, val_fraction: float, seed: int | None, classes: list[str] | None = None
-                   ) -> tuple[ScanReport, list[str], list[str]]:
+def scan_and_split(root: str | Path, val_fraction: float, seed: int | None, classes: list[str] | None = None,
+                   labels_required: bool = True) -> tuple[ScanReport, list[str], list[str]]:
     """(scan report, train ids, validation ids) of ``root``, printing the layout, counts and problems.
 
     A ``split`` column in ``metadata.csv`` decides the split; otherwise :func:`split_ids` with
-    ``val_fraction`` and ``seed``. ``classes``: read diagnosis labels too (:func:`scan_dataset`).
+    ``val_fraction`` and ``seed``. ``classes``, ``labels_required``: diagnosis labels (:func:`scan_dataset`).
     """
     print(f"Scanning dataset {root} ...", flush=True)
-    report = scan_dataset(root, classes=classes)
+    report = scan_dataset(root, classes=classes, labels_required=labels_required)
     ids = [p.image_id for p in report.pairs]
     train, val = split_ids(ids, val_fraction, seed, report.splits)
     how = "split column of metadata.csv" if report.splits else f"VALIDATION_FRACTION {val_fraction}, SEED {seed}"

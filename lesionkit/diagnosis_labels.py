@@ -232,13 +232,14 @@ def find_labels(root: str | Path) -> tuple[dict[str, str | None], list[str], lis
     return labels, used, bad
 
 
-def attach_labels(report, classes: Sequence[str]) -> None:
+def attach_labels(report, classes: Sequence[str], required: bool = True) -> None:
     """Give each pair of a :class:`lesionkit.dataset_scan.ScanReport` its diagnosis (one of
-    ``classes``, matched case-insensitively, stored in the ``classes`` spelling) and drop the
-    pairs without a usable one, recording them in the report: ``label_unknown`` (``"id (dx)"``,
-    not in ``classes``), ``label_missing`` (no label in any file) and ``label_files_bad`` (a label
-    file that does not parse, with the reason). Raises
-    :class:`lesionkit.dataset_scan.DatasetLayoutError` when no labelled pair is left."""
+    ``classes``, matched case-insensitively, stored in the ``classes`` spelling), recording the
+    problems in the report: ``label_unknown`` (``"id (dx)"``, not in ``classes``),
+    ``label_missing`` (no label in any file) and ``label_files_bad`` (a label file that does not
+    parse, with the reason). ``required`` (training): pairs without a usable label are dropped,
+    and :class:`lesionkit.dataset_scan.DatasetLayoutError` is raised when none is left; otherwise
+    (evaluation: the segmentation is still scored) they stay, with diagnosis None."""
     from dataclasses import replace
 
     from lesionkit.dataset_scan import DatasetLayoutError
@@ -246,6 +247,7 @@ def attach_labels(report, classes: Sequence[str]) -> None:
     labels, used, bad = find_labels(report.root)
     report.label_files = used
     report.label_files_bad = bad
+    report.labels_required = required
     by_lower = {str(c).lower(): str(c) for c in classes}
     kept = []
     for pair in report.pairs:
@@ -256,8 +258,11 @@ def attach_labels(report, classes: Sequence[str]) -> None:
             report.label_unknown.append(f"{pair.image_id} ({dx})")
         else:
             kept.append(replace(pair, diagnosis=by_lower[dx.lower()]))
+            continue
+        if not required:
+            kept.append(pair)
     report.pairs = kept
-    if not kept:
+    if required and not kept:
         where = ", ".join(used) if used else f"no {TASK3_GT_NAME} or metadata.csv with a dx column in {report.root}"
         details = "; ".join(report.problem_lines(3))
         raise DatasetLayoutError(f"no image with a usable diagnosis label in {report.root} (labels from: {where};"

@@ -130,6 +130,18 @@ def test_scan_counts_missing_and_unknown_labels(tmp_path, capsys):
     assert len(plain.pairs) == 4 and plain.label_missing == [] and plain.pairs[0].diagnosis is None
 
 
+def test_scan_for_evaluation_keeps_unlabelled_images(tmp_path):
+    for image_id in ("a", "b", "c"):
+        _pair(tmp_path, image_id)
+    _write(tmp_path / "metadata.csv", "image_id,dx\na,nv\nb,lesion\n")
+    report = dataset_scan.scan_dataset(tmp_path, classes=HAM, labels_required=False)
+    assert [(p.image_id, p.diagnosis) for p in report.pairs] == [("a", "nv"), ("b", None), ("c", None)]
+    assert "1 image(s) without a diagnosis label (segmentation scored, no diagnosis): c" in report.problem_lines()
+    assert report.to_dict()["diagnoses"] == {"nv": 1}
+    (tmp_path / "metadata.csv").unlink()  # no label at all: still no error, the masks are scored
+    assert len(dataset_scan.scan_dataset(tmp_path, classes=HAM, labels_required=False).pairs) == 3
+
+
 def test_scan_reads_task3_ground_truth_and_counts_a_bad_label_file(tmp_path):
     images, masks = "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"
     for image_id in ("ISIC_1", "ISIC_2"):
