@@ -13,8 +13,8 @@ one predicate). ``DIAGNOSIS_HEAD`` picks how, in the same single model and forwa
   renormalised to sum 1.
 * ``"image"``: the detector keeps one class (lesion, NUM_CLASSES = 2); one extra branch
   (:func:`build_image_diagnosis_head`) pools the backbone's last stage C5 and every pyramid level
-  P2..P5 globally (average), concatenates them, then dense 256 + ReLU, dropout and a dense layer
-  to K logits; its softmax is the diagnosis.
+  P2..P5 globally (average), concatenates and layer-normalises them, then dense 256 + ReLU,
+  dropout and a dense layer to K logits; its softmax is the diagnosis.
   Its loss (``mrcnn_diagnosis_loss``) is added to the training loss, the image's label comes
   through the input pipeline (``input_gt_diagnosis``, index in CLASSES, -1 = none).
 
@@ -39,8 +39,6 @@ from mrcnn.config import ConfigError, diagnoses
 DIAGNOSIS_LOSS = "mrcnn_diagnosis_loss"
 #: Input of the image label in training (int32 per image: index in CLASSES, -1 = no label).
 DIAGNOSIS_INPUT = "input_gt_diagnosis"
-#: Weighted layers of the image-level head (their shape depends on len(CLASSES)).
-IMAGE_HEAD_LAYERS = ("mrcnn_diagnosis_fc", "mrcnn_diagnosis_logits")
 
 
 def uses_image_head(config: Any) -> bool:
@@ -196,9 +194,12 @@ class GlobalPyramidPool(KL.Layer):
 
 def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tuple[Any, Any]:
     """The image-level branch on ``feature_maps`` ([C5, P2, P3, P4, P5] in the models): global
-    average pooling of each, concatenated [B, C5 channels + 4 * TOP_DOWN_PYRAMID_SIZE], dense 256 +
-    ReLU, dropout DIAGNOSIS_DROPOUT, dense K. Returns (logits [B, K], probabilities [B, K]), float32."""
+    average pooling of each, concatenated [B, C5 channels + 4 * TOP_DOWN_PYRAMID_SIZE], layer
+    normalisation, dense 256 + ReLU, dropout DIAGNOSIS_DROPOUT, dense K. Returns (logits [B, K], probabilities [B, K]), float32."""
     x = GlobalPyramidPool(name="mrcnn_diagnosis_pool", dtype="float32")(list(feature_maps))
+    # The pyramid levels carry no normalisation: without it the pooled values, and so the first
+    # logits, start large and the head begins over-confident.
+    x = KL.LayerNormalization(name="mrcnn_diagnosis_norm")(x)
     x = KL.Dense(256, activation="relu", name="mrcnn_diagnosis_fc")(x)
     x = KL.Dropout(float(config.DIAGNOSIS_DROPOUT), name="mrcnn_diagnosis_dropout")(x)
     logits = KL.Dense(len(config.CLASSES), name="mrcnn_diagnosis_logits", dtype="float32")(x)
