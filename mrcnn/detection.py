@@ -9,6 +9,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import portable_ops
+from mrcnn.diagnosis import uses_roi_head
 from mrcnn.tf_boxes import apply_box_deltas_graph, clip_boxes_graph, norm_boxes_graph
 
 
@@ -37,8 +38,6 @@ class DetectionLayer(KL.Layer):
         self.nms_threshold = float(config.DETECTION_NMS_THRESHOLD)
         self.std_dev = np.asarray(config.BBOX_STD_DEV, dtype=np.float32).reshape(1, 4)
         self.foreground_fallback = bool(config.DETECTION_FOREGROUND_FALLBACK)
-        from mrcnn.diagnosis import uses_roi_head
-
         # A diagnosing class head (mrcnn.diagnosis): an ROI is a lesion by 1 - P(background), whatever
         # its diagnosis, and one NMS runs over all classes (one lesion is one instance).
         self.foreground_score = uses_roi_head(config)

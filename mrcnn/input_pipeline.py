@@ -17,7 +17,9 @@ One training sample (before batching) is a dict of numpy arrays:
 ``input_rpn_match`` int32 [A, 1], ``input_rpn_bbox`` float32 [RPN_TRAIN_ANCHORS_PER_IMAGE, 4],
 ``input_gt_class_ids`` int32 [MAX_GT], ``input_gt_boxes`` float32 [MAX_GT, 4] (pixels, y1, x1,
 y2, x2), ``input_gt_masks`` bool [mh, mw, MAX_GT] (mini masks) or [H, W, MAX_GT]; rows beyond
-the image's instance count are zero.
+the image's instance count are zero. A model with the image-level diagnosis head also gets
+``input_gt_diagnosis`` int32 [] (index of the image's diagnosis in CLASSES, -1 = none;
+:func:`input_names`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn.boxes import compute_backbone_shapes, extract_bboxes, generate_pyramid_anchors
+from mrcnn.diagnosis import DIAGNOSIS_INPUT, diagnosis_index, sampling_probabilities, uses_image_head
 from mrcnn.imaging import compose_image_meta, minimize_mask, mold_image
 from mrcnn.preprocess_cache import resize_sample
 from mrcnn.targets import build_rpn_targets
@@ -45,8 +48,6 @@ INPUT_NAMES = ("input_image", "input_image_meta", "input_rpn_match", "input_rpn_
 def input_names(config) -> tuple[str, ...]:
     """INPUT_NAMES, plus ``input_gt_diagnosis`` (int32 per image: index of its diagnosis in CLASSES,
     -1 = none) for a model with the image-level diagnosis head (mrcnn.diagnosis)."""
-    from mrcnn.diagnosis import DIAGNOSIS_INPUT, uses_image_head
-
     return INPUT_NAMES + ((DIAGNOSIS_INPUT,) if uses_image_head(config) else ())
 #: A data error is logged and the image skipped; after this many errors the pipeline fails.
 MAX_DATA_ERRORS = 5
@@ -322,8 +323,6 @@ def build_training_sample(dataset, config, image_id: int, anchors: np.ndarray, a
         "input_gt_boxes": gt_boxes,
         "input_gt_masks": gt_masks,
     }
-    from mrcnn.diagnosis import DIAGNOSIS_INPUT, diagnosis_index, uses_image_head
-
     if uses_image_head(config):
         sample[DIAGNOSIS_INPUT] = np.int32(diagnosis_index(dataset.image_info[image_id], config))
     if random_rois:  # Matterport's debugging extras, from all instances (before the MAX_GT_INSTANCES cap)
@@ -343,8 +342,6 @@ def sample_specs(config) -> dict[str, tf.TensorSpec]:
     m = config.MAX_GT_INSTANCES
     mask_hw = tuple(config.MINI_MASK_SHAPE) if config.USE_MINI_MASK else (h, w)
     a = len(get_training_anchors(config))
-    from mrcnn.diagnosis import DIAGNOSIS_INPUT, uses_image_head
-
     extra = {DIAGNOSIS_INPUT: tf.TensorSpec([], tf.int32)} if uses_image_head(config) else {}
     return extra | {
         "input_image": tf.TensorSpec([h, w, c], tf.float32),
@@ -382,8 +379,6 @@ class SampleSource:
             raise ValueError("the dataset has no images (did you call prepare()?)")
         self.errors = 0
         self._orders: dict[int, np.ndarray] = {}
-        from mrcnn.diagnosis import sampling_probabilities
-
         #: With ``balanced`` (training) and CLASS_BALANCED_SAMPLING: each pass draws its images with
         #: these probabilities (with replacement) instead of a permutation.
         self.probabilities = sampling_probabilities(dataset, config) if balanced and shuffle else None
