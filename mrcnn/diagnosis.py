@@ -70,17 +70,23 @@ def class_counts(labels: Sequence[str | None], classes: Sequence[str]) -> np.nda
     return counts
 
 
-def balanced_class_weights(labels: Sequence[str | None], classes: Sequence[str]) -> list[float]:
-    """Inverse-frequency weights w_c = n / (K n_c) (scikit-learn's "balanced"), so that the
-    frequency-weighted mean sum_c (n_c / n) w_c is 1 (every class present) and the loss keeps its
-    scale. A class absent from ``labels`` gets the largest weight of the present ones. Raises ConfigError without labels."""
+def balanced_class_weights(labels: Sequence[str | None], classes: Sequence[str], sampling: float = 0.0
+                           ) -> list[float]:
+    """Inverse-frequency weights w_c = 1 / (K q_c), q_c = the share of class c among the images
+    training sees: n_c / n (scikit-learn's "balanced", w_c = n / (K n_c)) or, with class-balanced
+    sampling of strength ``sampling`` = s, n_c^(1-s) / sum_k n_k^(1-s). So the weighted classes
+    count equally and the q-weighted mean of the weights is 1 (the loss keeps its scale). A class
+    absent from ``labels`` gets the largest weight of the present ones. Raises ConfigError without
+    labels."""
     counts = class_counts(labels, classes).astype(np.float64)
-    total, k = counts.sum(), len(classes)
-    if total == 0:
+    if counts.sum() == 0:
         raise ConfigError("CLASS_LOSS_WEIGHTS balanced: the training images carry no diagnosis label of CLASSES")
     present = counts > 0
-    weights = np.zeros(k)
-    weights[present] = total / (k * counts[present])
+    seen = np.where(present, counts, 0.0) ** (1.0 - float(sampling))
+    seen[~present] = 0.0
+    share = seen / seen.sum()
+    weights = np.zeros(len(classes))
+    weights[present] = 1.0 / (len(classes) * share[present])
     weights[~present] = weights[present].max()
     return [float(w) for w in weights]
 
@@ -92,10 +98,12 @@ def resolve_class_weights(config: Any, dataset: Any, verbose: bool = False) -> A
     if not diagnoses(config) or config.CLASS_LOSS_WEIGHTS != "balanced":
         return config
     labels = [info.get("diagnosis") for info in dataset.image_info]
-    weights = [round(w, 6) for w in balanced_class_weights(labels, config.CLASSES)]
+    sampling = float(config.CLASS_BALANCED_SAMPLING)
+    weights = [round(w, 6) for w in balanced_class_weights(labels, config.CLASSES, sampling)]
     if verbose:
         counts = class_counts(labels, config.CLASSES)
-        print("CLASS_LOSS_WEIGHTS balanced (inverse frequency of the training split): "
+        how = f", as drawn with CLASS_BALANCED_SAMPLING {sampling:g}" if sampling else ""
+        print(f"CLASS_LOSS_WEIGHTS balanced (inverse frequency of the training split{how}): "
               + ", ".join(f"{c} {n} -> {w:.3g}" for c, n, w in zip(config.CLASSES, counts, weights, strict=True)))
     return config.replace(CLASS_LOSS_WEIGHTS=weights)
 

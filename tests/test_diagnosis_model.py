@@ -34,6 +34,13 @@ def test_balanced_class_weights_against_hand_computation():
     assert math.isclose(float(np.dot([0.75, 0.25], two)), 1.0)  # frequency-weighted mean 1 (all present)
     with pytest.raises(diagnosis.ConfigError, match="no diagnosis label"):
         diagnosis.balanced_class_weights([None], ["a", "b"])
+    # with class-balanced sampling 0.5 training sees a and b as sqrt(3) : 1 -> q = 0.634, 0.366
+    half = diagnosis.balanced_class_weights(["a", "a", "a", "b"], ["a", "b"], sampling=0.5)
+    q = np.array([3 ** 0.5, 1.0]) / (3 ** 0.5 + 1)
+    np.testing.assert_allclose(half, 1 / (2 * q))
+    assert math.isclose(float(np.dot(q, half)), 1.0)
+    # fully balanced sampling: nothing left to weigh
+    np.testing.assert_allclose(diagnosis.balanced_class_weights(["a", "a", "a", "b"], ["a", "b"], 1.0), [1, 1])
 
 
 def test_resolve_class_weights_writes_numbers_into_the_config():
