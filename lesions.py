@@ -522,7 +522,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 "tta": options.tta, "crop": options.crop, "batch_size": options.batch_size,
                 "refiner": refiner_path(model), "skipped_non_images": skipped, "unreadable": unreadable,
                 "duplicate_ids": duplicates, "names_too_long": too_long}
-        summary = prediction_files.write_summary(out_dir, records, meta)
+        summary = prediction_files.write_summary(out_dir, records, meta, diagnosis_classes(config))
     finally:
         if created:
             prediction_files.remove_empty_dirs(*created)
@@ -532,6 +532,8 @@ def run_predict(args: argparse.Namespace) -> int:
           + (f" and {len(duplicates)} duplicate id(s)" if duplicates else "")
           + (f" and {len(too_long)} name(s) too long for their outputs" if too_long else "") + ".")
     print(f"  masks and overlays: {out_dir}/")
+    if (out_dir / prediction_files.DIAGNOSIS_CSV).is_file() and diagnosis_classes(config):
+        print(f"  diagnoses:          {out_dir / prediction_files.DIAGNOSIS_CSV} (ISIC 2018 Task 3 format)")
     print(f"  summary:            {summary}")
     return 0
 
@@ -570,28 +572,21 @@ def split_too_long(paths: list[Path]) -> tuple[list[Path], list[str]]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """--mode evaluate: ISIC metrics on the validation split, an --images/--masks pair, or --pred."""
-    from lesionkit.evaluation_run import GridOptions, evaluate_prediction_folder, evaluate_with_model
+    from lesionkit.evaluation_run import GridOptions, evaluate_with_model
 
     grid = GridOptions(args.grid, args.worst_first)
     if args.pred:
-        if not args.masks:
-            raise CliError("--pred needs --masks DIR (the ground-truth masks)")
-        for flag, folder in (("--pred", args.pred), ("--masks", args.masks), ("--images", args.images)):
-            if folder and not Path(folder).is_dir():
-                raise CliError(f"{flag} {folder} is not a folder")
-        out_dir, created = prediction_files.make_output_dir(args.output, "evaluations")
-        try:
-            evaluate_prediction_folder(Path(args.pred), Path(args.masks), out_dir,
-                                       Path(args.images) if args.images else None, grid)
-        finally:
-            if created:
-                prediction_files.remove_empty_dirs(*created)
-        return 0
+        return evaluate_existing(args, grid)
     if bool(args.images) != bool(args.masks):
         raise CliError("--images and --masks go together (or use --pred DIR --masks DIR without a model)")
+    if args.labels and not args.images:
+        raise CliError("--labels goes with --pred or --images/--masks (the validation split uses the dataset's"
+                       " own labels)")
     weights = resolve_model_weights(args.weights, Path(args.logs)) if args.images else None
     pairs, weights = (folder_pairs(args.images, args.masks), weights) if args.images else validation_pairs(args)
     config = config_for_weights(args, weights, inference=True)
+    if args.images and diagnoses(config):
+        pairs = with_labels(pairs, diagnosis_truth(args.labels, args.masks))
     from lesionkit.prediction_run import load_inference_model
 
     options = predict_options(args, config)
@@ -604,6 +599,84 @@ def run_evaluate(args: argparse.Namespace) -> int:
             prediction_files.remove_empty_dirs(out_dir / "tta" / "predictions", out_dir / "tta",
                                                out_dir / "predictions", *created)
     return 0
+
+
+def evaluate_existing(args: argparse.Namespace, grid: Any) -> int:
+    """--pred without a model: a folder of ``<id>_segmentation.png`` (+ ``diagnosis.csv``) against
+    --masks, or a Task 3 CSV of diagnoses against --labels (or the labels found next to --masks)."""
+    from lesionkit.evaluation_run import evaluate_diagnosis_file, evaluate_prediction_folder
+
+    pred = Path(args.pred)
+    if not pred.exists():
+        raise CliError(f"--pred {pred} does not exist")
+    csv_only = pred.is_file()
+    if csv_only and pred.suffix.lower() != ".csv":
+        raise CliError(f"--pred {pred} is neither a folder of <id>_segmentation.png files nor a .csv of diagnoses"
+                       " (ISIC 2018 Task 3 format)")
+    if not csv_only and not args.masks:
+        raise CliError("--pred DIR needs --masks DIR (the ground-truth masks)")
+    for flag, folder in (("--masks", args.masks), ("--images", args.images)):
+        if folder and not Path(folder).is_dir():
+            raise CliError(f"{flag} {folder} is not a folder")
+    labels = diagnosis_truth(args.labels, args.masks)
+    if csv_only and labels is None:
+        raise CliError(f"--pred {pred} (diagnoses) needs the true diagnoses: --labels FILE (metadata.csv with a dx"
+                       " column, or ISIC2018_Task3_Training_GroundTruth.csv)"
+                       + (f"; none found next to {args.masks}" if args.masks else ""))
+    if csv_only and args.masks:  # the masks folder names the images to score
+        labels = {i: labels.get(i) for i in mask_ids(Path(args.masks))}
+    out_dir, created = prediction_files.make_output_dir(args.output, "evaluations")
+    try:
+        if csv_only:
+            evaluate_diagnosis_file(pred, labels, out_dir)
+        else:
+            evaluate_prediction_folder(pred, Path(args.masks), out_dir, Path(args.images) if args.images else None,
+                                       grid, labels)
+    finally:
+        if created:
+            prediction_files.remove_empty_dirs(*created)
+    return 0
+
+
+def diagnosis_truth(labels_file: str | None, masks: str | None) -> dict[str, str | None] | None:
+    """The true diagnoses (``id -> dx``) for evaluate: ``--labels FILE`` (metadata.csv with ``dx``, or
+    a Task 3 ground-truth CSV), else those found next to ``--masks`` (its parent folder, the dataset
+    root, then the folder itself); None when there are none."""
+    from lesionkit.diagnosis_labels import find_labels
+    from lesionkit.diagnosis_scoring import read_label_file
+
+    if labels_file:
+        labels = read_label_file(labels_file)
+        if not labels:
+            raise CliError(f"--labels {labels_file} holds no diagnosis labels (expected image_id and dx columns,"
+                           " or image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)")
+        return labels
+    for folder in ([Path(masks).parent, Path(masks)] if masks else []):
+        labels, used, bad = find_labels(folder)
+        for line in bad:
+            print(f"  warning: {line}")
+        if labels:
+            print(f"  diagnosis labels from {', '.join(used)}")
+            return labels
+    return None
+
+
+def mask_ids(masks: Path) -> list[str]:
+    """Image ids of the ground-truth masks in ``masks`` (as the mask scorer names them)."""
+    from lesionkit import metrics
+
+    return [metrics.truth_id(p) for p in sorted(masks.iterdir())
+            if p.is_file() and p.suffix.lower() in metrics.MASK_SUFFIXES]
+
+
+def with_labels(pairs: list[dataset_scan.Pair], labels: dict[str, str | None] | None) -> list[dataset_scan.Pair]:
+    """``pairs`` with each one's ``diagnosis`` from ``labels`` (unchanged and a note when there are none)."""
+    from dataclasses import replace
+
+    if labels is None:
+        print("  note: no diagnosis labels (give --labels FILE): the diagnoses are predicted but not scored")
+        return pairs
+    return [replace(p, diagnosis=labels.get(p.image_id)) for p in pairs]
 
 
 def folder_pairs(images: str, masks: str) -> list[dataset_scan.Pair]:
@@ -732,8 +805,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", action=_Once, metavar="DIR",
                    help="evaluate: image folder (with --masks) instead of the val split")
     p.add_argument("--masks", action=_Once, metavar="DIR", help="evaluate: ground-truth <id>_segmentation.png folder")
-    p.add_argument("--pred", action=_Once, metavar="DIR",
-                   help="evaluate: score existing <id>_segmentation.png files (no model)")
+    p.add_argument("--pred", action=_Once, metavar="DIR|CSV",
+                   help="evaluate: score existing <id>_segmentation.png files (+ diagnosis.csv) in DIR, or the"
+                        " diagnoses of an ISIC 2018 Task 3 CSV (no model)")
+    p.add_argument("--labels", action=_Once, metavar="CSV",
+                   help="evaluate with --pred or --images: true diagnoses, metadata.csv (dx column) or"
+                        " ISIC2018_Task3_Training_GroundTruth.csv (default: found next to --masks)")
     p.add_argument("--grid", action=_Once, type=int, default=0, metavar="N",
                    help="evaluate: also save evaluation_grid.png with N images (image / truth / prediction)")
     p.add_argument("--worst-first", action="store_true", help="evaluate: the grid shows the worst Jaccard first")
@@ -743,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
 MODE_OPTIONS = {
     "train": {"folds", "fold", "no_cache", "cache_dir"},
     "predict": {"image", "output", "top1", "crop", "tta", "batch_size", "no_refine"},
-    "evaluate": {"images", "masks", "pred", "output", "tta", "grid", "worst_first", "batch_size", "no_refine"},
+    "evaluate": {"images", "masks", "pred", "labels", "output", "tta", "grid", "worst_first", "batch_size", "no_refine"},
     "export": {"format", "output", "image"},
 }
 

@@ -29,6 +29,13 @@ the official metrics (``threshold_jaccard``, ``jaccard``, ``dice``, ``sensitivit
 many images fell back to the best box or got an empty mask, and ``other_load_share``: the share
 of the machine's CPU capacity that *other* processes used while training (from /proc/stat minus
 /proc/self/stat) -- a fair measurement has it near 0.
+
+For a diagnosing config (two or more ``CLASSES``, e.g. ``--config ham10000_dx``) it also has, from
+the same evaluation: ``diagnosis`` (``balanced_accuracy`` -- the ISIC 2018 Task 3 metric --,
+``accuracy``, ``macro_auc``, ``mel_sensitivity``, ``mel_specificity``, ``recall`` per class,
+``n_diagnosed``), ``baseline_classifier`` (issue 14's bar: a separate classifier's numbers on the
+same split) and ``bar`` (ours against it: balanced accuracy above the baseline's while thresholded
+Jaccard stays >= 0.82).
 """
 
 from __future__ import annotations
@@ -59,6 +66,12 @@ DEFAULT_REAL = REPO_DIR.parent / "shared" / "data" / "real_samples"
 DEFAULT_CONFIG = "ham10000_cpu"
 AUGMENTATIONS = ("flips", "default", "none")
 METRIC_KEYS = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy", "map50", "map")
+#: Issue 14's bar for a diagnosing model: a separate classifier's numbers on the HAM10000 val split
+#: (1,952 images), melanoma recall 0.636 at melanoma specificity 0.861.
+BASELINE_CLASSIFIER = {"balanced_accuracy": 0.612, "accuracy": 0.677, "macro_auc": 0.922,
+                       "mel_sensitivity": 0.636, "mel_specificity": 0.861}
+#: ... while the segmentation keeps at least this thresholded Jaccard.
+THRESHOLD_JACCARD_FLOOR = 0.82
 
 
 # -------------------------------------------------------------------------------------------
@@ -209,7 +222,31 @@ def score_model(model: Any, pairs: list, out_dir: Path, options: Any) -> dict[st
                seconds_per_image=round(seconds / max(len(pairs), 1), 4), eval_seconds=round(seconds, 1),
                eval_other_load_share=load["other_load_share"])
     out.update(mask_counts(out_dir / "predictions" / "summary.json"))
+    if summary.get("diagnosis"):
+        out["diagnosis"] = diagnosis_scores(summary["diagnosis"])
     return out
+
+
+def diagnosis_scores(diagnosis: dict[str, Any]) -> dict[str, Any]:
+    """The JSON's ``diagnosis`` object from evaluate's ``summary["diagnosis"]``: the headline
+    Task 3 metrics, recall per class and how many images were scored."""
+    from lesionkit.diagnosis_metrics import HEADLINE
+
+    return {**{key: _round(diagnosis.get(key)) for key in HEADLINE},
+            "recall": {name: _round(row["recall"]) for name, row in diagnosis["per_class"].items()},
+            "n_diagnosed": diagnosis["n_diagnosed"]}
+
+
+def against_bar(scores: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's bar: balanced accuracy above the baseline classifier's while thresholded Jaccard
+    stays >= the floor; each number beside its reference and the verdicts."""
+    ours = scores["diagnosis"].get("balanced_accuracy")
+    jaccard = scores.get("threshold_jaccard")
+    beats = ours is not None and ours > BASELINE_CLASSIFIER["balanced_accuracy"]
+    keeps = jaccard is not None and jaccard >= THRESHOLD_JACCARD_FLOOR
+    return {"balanced_accuracy": ours, "baseline_balanced_accuracy": BASELINE_CLASSIFIER["balanced_accuracy"],
+            "beats_baseline": beats, "threshold_jaccard": jaccard,
+            "threshold_jaccard_floor": THRESHOLD_JACCARD_FLOOR, "keeps_jaccard": keeps, "passes": beats and keeps}
 
 
 def mask_counts(summary_path: Path) -> dict[str, int]:
@@ -260,6 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
     images_seen = trained["steps"] * config.BATCH_SIZE
+    if "diagnosis" in scores:
+        scores.update(baseline_classifier=dict(BASELINE_CLASSIFIER), bar=against_bar(scores))
     return {"label": args.label, "budget_min": None if args.weights else args.budget_min, "train_seconds": trained["train_seconds"],
             "steps": trained["steps"], "epochs": round(images_seen / len(train_ids), 3),
             "keras_epochs": trained["keras_epochs"], "batch_size": config.BATCH_SIZE, "n_train": len(train_ids),

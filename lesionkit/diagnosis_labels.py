@@ -139,16 +139,24 @@ def labels_from_task3(table: Mapping[str, np.ndarray]) -> dict[str, str | None]:
     return out
 
 
+def probability_text(value: float) -> str:
+    """A probability as written in a diagnosis CSV and stored in summary.json: the shortest text
+    that reads back as the same float32 (``0.6``, ``1.0``, ``2.5e-08``). Fixed decimals would turn a
+    rare class's tiny probabilities into ties (``0.000000``) and change its AUC; the text always has
+    a ``.`` or an exponent, so pandas (the official scorer) reads every column as floats."""
+    return str(np.float32(value))
+
+
 def write_task3_csv(path: str | Path, rows: Iterable[tuple[str, Sequence[float] | np.ndarray]]) -> Path:
     """Write ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` and one line per ``(image id, 7 values in
-    TASK3_COLUMNS order)`` to ``path`` atomically (values with 6 decimals); returns the path.
-    Use :func:`to_task3_order` to turn a model's ``class_probs`` into that order."""
+    TASK3_COLUMNS order)`` to ``path`` atomically (values: :func:`probability_text`); returns the
+    path. Use :func:`to_task3_order` to turn a model's ``class_probs`` into that order."""
     lines = ["image," + ",".join(TASK3_COLUMNS)]
     for image_id, values in rows:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         if values.shape != (len(TASK3_COLUMNS),):
             raise ValueError(f"{image_id}: expected {len(TASK3_COLUMNS)} values, got {values.shape}")
-        lines.append(f"{image_id}," + ",".join(f"{v:.6f}" for v in values))
+        lines.append(f"{image_id}," + ",".join(probability_text(v) for v in values))
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 

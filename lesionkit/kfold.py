@@ -1,4 +1,5 @@
-"""k-fold cross-validation: train and evaluate each fold, then the mean and std of every metric.
+"""k-fold cross-validation: train and evaluate each fold, then the mean and std of every metric
+(the diagnosis metrics too, as ``dx_*`` keys, for a diagnosing model).
 
 Folds come from :func:`lesionkit.dataset_scan.kfold_split` (deterministic by SEED). Fold ``i``
 trains as config NAME ``<name>_fold<i>`` in its own run folder, is evaluated on its held-out
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionkit import dataset_scan
-from lesionkit.evaluation_run import HEADLINE, evaluate_checkpoint, summary_lines
+from lesionkit.evaluation_run import evaluate_checkpoint, summary_lines, table_values
 from lesionkit.training_run import StartWeights, train_run
 from mrcnn.checkpoints import checkpoints_in, newest_checkpoint
 from mrcnn.config import Config
@@ -73,14 +74,17 @@ def fold_start_weights(start: StartWeights, logs: Path, name: str) -> StartWeigh
 
 
 def write_kfold_summary(logs: Path, name: str, summaries: list[dict]) -> Path:
-    """``<logs>/<name>_kfold_<stamp>.json``: per-fold summaries and mean/std; prints the table."""
-    stats = dataset_scan.mean_and_std(summaries, HEADLINE[1:])
+    """``<logs>/<name>_kfold_<stamp>.json``: per-fold summaries and mean/std of every metric of the
+    table (Task 1, and for a diagnosing model the ``dx_*`` diagnosis metrics); prints them."""
+    flat = [table_values(s) for s in summaries]
+    keys = [k for k in dict.fromkeys(k for f in flat for k in f) if k != "n_images"]
+    stats = dataset_scan.mean_and_std(flat, tuple(keys))
     path = logs / f"{name}_kfold_{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
     write_json_atomic(path, {"folds": len(summaries), "mean_std": stats,
                              "per_fold": {str(i): s for i, s in enumerate(summaries)}})
     print(f"\nk-fold cross-validation over {len(summaries)} folds (mean ± std):")
     for key, value in stats.items():
         if value["mean"] is not None:
-            print(f"  {key:18}  {value['mean']:.4f} ± {value['std']:.4f}")
+            print(f"  {key:22}  {value['mean']:.4f} ± {value['std']:.4f}")
     print(f"  summary: {path}")
     return path

@@ -250,12 +250,17 @@ def write_scores(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out_di
                  problems: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/scores.csv`` (one row per image) and ``out_dir/summary.json``, atomically.
 
+    The CSV's columns: ``image_id``, the six metrics (left out when no row has them, e.g. only
+    diagnoses were scored), then any other row keys in order of appearance (the diagnosis columns).
     ``problems``, when given, are stored in summary.json under ``"problems"``. Returns both paths.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["image_id", *METRIC_NAMES], extrasaction="ignore")
+    with_masks = not rows or any(METRIC_NAMES[0] in r for r in rows)
+    known = ["image_id", *(METRIC_NAMES if with_masks else ())]
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in known and k not in METRIC_NAMES]
+    writer = csv.DictWriter(buffer, fieldnames=known + extra, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow(json_safe(row))

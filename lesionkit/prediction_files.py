@@ -8,7 +8,11 @@ For one image and its detection result (``rois`` [N, (y1, x1, y2, x2)] in origin
 * ``<id>_overlay.png``: outline, box and score drawn on the image;
 * ``<id>_crop.png`` (with ``crop``): the lesion's bounding box cut out, background blacked out;
 
-and returns the image's JSON record. Which instances are kept: those scoring at least
+and returns the image's JSON record. For a diagnosing model (``classes`` given and the result
+carrying ``class_probs`` [K] over them) the record also holds the ``diagnosis`` (the most probable
+class), its ``diagnosis_probability`` and every class's probability (``class_probs``), and the
+overlay shows the diagnosis and its probability; :func:`write_diagnosis_csv` writes the run's
+``diagnosis.csv`` (ISIC 2018 Task 3 submission format) from the records at the end. Which instances are kept: those scoring at least
 ``min_confidence``; when none does but the model found something, the single best-scoring
 detection is kept and the record says ``"fallback": true`` (a lesion image almost always has a
 lesion, so an empty mask is rarely the better answer). Every file is written to a temporary name
@@ -20,6 +24,7 @@ from __future__ import annotations
 import datetime
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,11 @@ import numpy as np
 
 from lesionkit.dataset_scan import IMAGE_EXTENSIONS, is_image_name
 from mrcnn.errors import UserError
-from mrcnn.fileio import write_json_atomic
+from mrcnn.fileio import write_json_atomic, write_text_atomic
 
 SUMMARY_NAME = "summary.json"
+#: The run's diagnoses, ISIC 2018 Task 3 submission format (diagnosing models only).
+DIAGNOSIS_CSV = "diagnosis.csv"
 SEGMENTATION_SUFFIX = "_segmentation.png"
 OVERLAY_SUFFIX = "_overlay.png"
 CROP_SUFFIX = "_crop.png"
@@ -210,17 +217,63 @@ def refined_flags(result: dict, indices: list[int]) -> list[bool]:
     return [bool(flags[i]) if i < flags.size else False for i in indices]
 
 
-def make_overlay(image: np.ndarray, result: dict, indices: list[int]) -> np.ndarray:
-    """Image with outline, box and score of each kept instance (mrcnn.visualize.draw_overlay);
-    refined masks are outlined in :data:`REFINED_COLOR`."""
+def make_overlay(image: np.ndarray, result: dict, indices: list[int], caption: str | None = None) -> np.ndarray:
+    """Image with outline, box and score of each kept instance, and ``caption`` (the diagnosis)
+    in a corner (mrcnn.visualize.draw_overlay); refined masks are outlined in :data:`REFINED_COLOR`."""
     from mrcnn.visualize import draw_overlay
 
     masks = np.asarray(result["masks"], dtype=bool)[..., indices]
     boxes = np.asarray(result["rois"]).reshape(-1, 4)[indices]
     scores = np.asarray(result["scores"]).reshape(-1)[indices]
-    if any(refined_flags(result, indices)):
-        return draw_overlay(image, masks, boxes, scores, color=REFINED_COLOR)
-    return draw_overlay(image, masks, boxes, scores)
+    color = {"color": REFINED_COLOR} if any(refined_flags(result, indices)) else {}
+    return draw_overlay(image, masks, boxes, scores, caption=caption, **color)
+
+
+# -------------------------------------------------------------------------------------------
+# Diagnosis (models with two or more CLASSES)
+
+
+def diagnosis_fields(class_probs: Any, classes: Sequence[str]) -> dict[str, Any]:
+    """An image's diagnosis record: ``diagnosis`` (most probable class, first on a tie),
+    ``diagnosis_probability`` and ``class_probs`` ({class: probability}, in ``classes`` order)."""
+    from lesionkit.diagnosis_labels import probability_text
+    from lesionkit.diagnosis_metrics import predicted_indices
+
+    probs = np.asarray(class_probs, dtype=np.float64).reshape(-1)
+    if probs.shape[0] != len(classes):
+        raise ValueError(f"{probs.shape[0]} class probabilities for {len(classes)} classes")
+    best = int(predicted_indices(probs[None])[0])
+    as_stored = {name: float(probability_text(p)) for name, p in zip(classes, probs, strict=True)}
+    return {"diagnosis": classes[best], "diagnosis_probability": as_stored[classes[best]], "class_probs": as_stored}
+
+
+def diagnosis_caption(record: dict) -> str | None:
+    """``"mel 0.82"`` for a record with a diagnosis, else None."""
+    if record.get("diagnosis") is None:
+        return None
+    return f"{record['diagnosis']} {record['diagnosis_probability']:.2f}"
+
+
+def write_diagnosis_csv(out_dir: str | Path, records: Sequence[dict], classes: Sequence[str]) -> Path | None:
+    """``out_dir/diagnosis.csv`` from the records' ``class_probs``, atomically; None when no record
+    has a diagnosis (a one-class model).
+
+    ISIC 2018 Task 3 submission format: ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``, the image id
+    without extension, probabilities (a Task 3 class the model lacks gets 0). When ``classes`` are
+    not all Task 3 diagnoses the columns are ``image`` and the classes themselves, in config order.
+    """
+    from lesionkit.diagnosis_labels import LabelFileError, probability_text, to_task3_order, write_task3_csv
+
+    rows = [(r["id"], [r["class_probs"][name] for name in classes]) for r in records if r.get("class_probs")]
+    if not rows:
+        return None
+    path = Path(out_dir) / DIAGNOSIS_CSV
+    try:
+        return write_task3_csv(path, [(image_id, to_task3_order(p, classes)) for image_id, p in rows])
+    except LabelFileError:  # classes outside Task 3: same layout, the config's own columns
+        lines = ["image," + ",".join(classes)]
+        lines += [f"{image_id}," + ",".join(probability_text(v) for v in p) for image_id, p in rows]
+        return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # -------------------------------------------------------------------------------------------
@@ -229,8 +282,12 @@ def make_overlay(image: np.ndarray, result: dict, indices: list[int]) -> np.ndar
 
 def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, result: dict,
                      min_confidence: float, top1: bool = False, crop: bool = False,
-                     overlay: bool = True) -> dict:
-    """Write the files for one image (see module docstring) and return its JSON record."""
+                     overlay: bool = True, classes: Sequence[str] | None = None) -> dict:
+    """Write the files for one image (see module docstring) and return its JSON record.
+
+    ``classes``: the diagnosis classes of a diagnosing model (``result["class_probs"]`` is over
+    them); None for a one-class model, whose record has no diagnosis fields.
+    """
     out_dir = Path(out_dir)
     shape = (int(image.shape[0]), int(image.shape[1]))
     n = int(np.asarray(result["scores"]).reshape(-1).size)
@@ -238,11 +295,6 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
     result = dict(result, masks=masks)
     indices, fell_back = choose_instances(result["scores"], min_confidence)
     mask = lesion_mask(masks, indices, shape, top1)
-    files = {"segmentation": f"{image_id}{SEGMENTATION_SUFFIX}"}
-    write_png_atomic(out_dir / files["segmentation"], mask.astype(np.uint8) * 255)
-    if overlay:
-        files["overlay"] = f"{image_id}{OVERLAY_SUFFIX}"
-        write_png_atomic(out_dir / files["overlay"], make_overlay(image, result, indices[:1] if top1 else indices))
     record: dict[str, Any] = {
         "id": image_id, "height": shape[0], "width": shape[1],
         "instances": instance_records(result, indices[:1] if top1 else indices, shape),
@@ -251,6 +303,14 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
         "lesion_area_px": int(mask.sum()),
         "lesion_area_pct": round(100.0 * float(mask.sum()) / (shape[0] * shape[1]), 4),
     }
+    if classes is not None and result.get("class_probs") is not None:
+        record.update(diagnosis_fields(result["class_probs"], classes))
+    files = {"segmentation": f"{image_id}{SEGMENTATION_SUFFIX}"}
+    write_png_atomic(out_dir / files["segmentation"], mask.astype(np.uint8) * 255)
+    if overlay:
+        files["overlay"] = f"{image_id}{OVERLAY_SUFFIX}"
+        write_png_atomic(out_dir / files["overlay"], make_overlay(image, result, indices[:1] if top1 else indices,
+                                                                  diagnosis_caption(record)))
     if crop:
         box = mask_box(mask)
         record["crop_box"] = box
@@ -261,10 +321,23 @@ def write_prediction(out_dir: str | Path, image_id: str, image: np.ndarray, resu
     return record
 
 
-def write_summary(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
-    """Write ``summary.json``: the run's settings (``meta``) and one record per image."""
+def write_summary(out_dir: str | Path, records: list[dict], meta: dict,
+                  classes: Sequence[str] | None = None) -> Path:
+    """Write ``summary.json``: the run's settings (``meta``) and one record per image.
+
+    With ``classes`` (a diagnosing model) ``diagnosis.csv`` is written first
+    (:func:`write_diagnosis_csv`), and the summary adds ``classes``, ``diagnosis_csv`` (its name,
+    None without any diagnosis) and ``n_by_diagnosis`` (images per diagnosed class).
+    """
     payload = dict(meta)
+    if classes is not None:
+        csv_path = write_diagnosis_csv(out_dir, records, classes)
+        payload["classes"] = list(classes)
+        payload["diagnosis_csv"] = csv_path.name if csv_path else None
     payload["n_images"] = len(records)
     payload["n_with_lesion"] = sum(1 for r in records if r.get("instances"))
+    diagnosed = [r["diagnosis"] for r in records if r.get("diagnosis") is not None]
+    if diagnosed:
+        payload["n_by_diagnosis"] = {name: diagnosed.count(name) for name in sorted(set(diagnosed))}
     payload["images"] = records
     return write_json_atomic(Path(out_dir) / SUMMARY_NAME, payload)

@@ -135,6 +135,14 @@ def readable_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: in
         yield batch
 
 
+def diagnosis_classes(config: Any) -> list[str] | None:
+    """The classes a model's ``class_probs`` are over: ``config.CLASSES`` of a diagnosing config
+    (:func:`mrcnn.config.diagnoses`), else None (a one-class model: no diagnosis outputs)."""
+    from mrcnn.config import diagnoses
+
+    return [str(c) for c in config.CLASSES] if config is not None and diagnoses(config) else None
+
+
 def predict_images(model: Any, paths: list[Path], out_dir: Path, options: PredictOptions,
                    on_result: Callable[[str, dict, list[int]], None] | None = None
                    ) -> tuple[list[dict], list[str]]:
@@ -145,10 +153,14 @@ def predict_images(model: Any, paths: list[Path], out_dir: Path, options: Predic
     is called after each image's files are written, in order, from the writer thread (evaluation
     uses it). A progress bar with ETA counts the images done (shown for two images or more). On
     an exception or Ctrl-C the file being written is finished (files are written atomically),
-    queued writes are dropped, and the exception propagates.
+    queued writes are dropped, and the exception propagates. A diagnosing model (``model.config``)
+    adds each image's diagnosis to its record and overlay (:func:`lesionkit.prediction_files.
+    write_prediction`); the caller's :func:`lesionkit.prediction_files.write_summary` with those
+    classes writes ``diagnosis.csv``.
     """
     from tqdm import tqdm
 
+    classes = diagnosis_classes(getattr(model, "config", None))
     records: list[dict] = []
     unreadable: list[str] = []
     bar = tqdm(total=len(paths), desc="predict" + (" +tta" if options.tta else ""), unit="img",
@@ -161,7 +173,7 @@ def predict_images(model: Any, paths: list[Path], out_dir: Path, options: Predic
 
     def write(path: Path, image: np.ndarray, result: dict) -> dict:
         record = write_prediction(out_dir, path.stem, image, result, options.min_confidence,
-                                  top1=options.top1, crop=options.crop)
+                                  top1=options.top1, crop=options.crop, classes=classes)
         record["image"] = str(path)
         if on_result is not None:
             on_result(path.stem, result, choose_instances(result["scores"], options.min_confidence)[0])

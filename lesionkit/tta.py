@@ -9,7 +9,7 @@ instance in ``detect``'s format, with the mean of the variants' best scores as i
 the same for several images with one ``detect`` call over all their variants (which ``detect``
 batches by BATCH_SIZE). With a :class:`lesionkit.refine.inference.RefinedDetector` as ``model``
 both stages run on every variant, and the merged result says ``refined`` when any variant's mask
-was refined.
+was refined. A diagnosing model's ``class_probs`` are averaged over the variants.
 """
 
 from __future__ import annotations
@@ -65,17 +65,21 @@ def detect_tta_batch(model: Any, images: list[np.ndarray], min_confidence: float
     results = model.detect(variants, verbose=0) if variants else []
     merged = []
     for i, image in enumerate(images):
-        masks, scores, refined = [], [], []
+        masks, scores, refined, class_probs = [], [], [], []
         for j, name in enumerate(transforms):
             variant, result = variants[i * len(transforms) + j], results[i * len(transforms) + j]
             mask, score = best_lesion_mask(result, variant.shape[:2], min_confidence)
             masks.append(np.ascontiguousarray(TRANSFORMS[name][1](mask)))
             scores.append(score)
             refined.append(bool(np.asarray(result.get("refined", False)).any()))  # lesionkit.refine's flag
+            if result.get("class_probs") is not None:
+                class_probs.append(np.asarray(result["class_probs"], dtype=np.float32))
         found = [s for s in scores if s > 0]
         mask = merge_masks(masks) if masks else np.zeros((int(image.shape[0]), int(image.shape[1])), bool)
         out = as_result(mask, float(np.mean(found)) if found else 0.0)
         out["refined"] = np.full(out["scores"].shape, any(refined))  # both stages ran on every variant
+        if class_probs:  # a diagnosing model: the mean of the variants' class probabilities
+            out["class_probs"] = np.mean(np.stack(class_probs), axis=0).astype(np.float32)
         merged.append(out)
     return merged
 

@@ -17,8 +17,7 @@ import keras
 import tensorflow as tf
 from keras import layers as KL
 
-from mrcnn import portable_ops
-from mrcnn import diagnosis
+from mrcnn import diagnosis, portable_ops
 from mrcnn.backbone import batch_norm_mode, build_backbone_and_fpn
 from mrcnn.detection import DetectionLayer
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph

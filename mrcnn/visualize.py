@@ -427,10 +427,11 @@ def save_instances(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, clas
 
 def draw_overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None = None,
                  scores: np.ndarray | None = None, color: tuple[int, int, int] = (0, 255, 0),
-                 box_color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+                 box_color: tuple[int, int, int] = (255, 255, 0), caption: str | None = None) -> np.ndarray:
     """RGB uint8 copy of ``image`` [H, W, 3] with each lesion's outline, box and score drawn with OpenCV.
 
-    masks: bool [H, W] (a union) or [H, W, N]; boxes [N, 4] (y1, x1, y2, x2); scores [N].
+    masks: bool [H, W] (a union) or [H, W, N]; boxes [N, 4] (y1, x1, y2, x2); scores [N];
+    ``caption`` (e.g. a diagnosis ``"mel 0.82"``): white text in the image's bottom-left corner.
     """
     out = _rgb(image).copy()
     masks = np.asarray(masks, dtype=bool)
@@ -447,6 +448,8 @@ def draw_overlay(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None 
     for i, (y1, x1, _, _) in enumerate(boxes):
         if scores is not None and i < len(scores):
             _label(out, f"{float(scores[i]):.3f}", x1, y1, box_color)
+    if caption:
+        _label(out, caption, 2, height, (255, 255, 255))
     return out
 
 
@@ -572,4 +575,29 @@ def save_evaluation_grid(rows: Sequence[Any], out_png: str | os.PathLike, ncols:
             else:
                 ax.imshow(content)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.05, hspace=0.15)
+    return save_figure(fig, out_png, dpi=100)
+
+
+def save_confusion_matrix(counts: Sequence[Sequence[int]], class_names: Sequence[str],
+                          out_png: str | os.PathLike) -> Path:
+    """Confusion matrix picture: counts (left) and row-normalised shares (right), rows = truth,
+    columns = prediction, both in ``class_names`` order; counts [K, K]. Written atomically."""
+    counts = np.asarray(counts, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    k = len(class_names)
+    side = max(3.0, 0.6 * k + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.0, side), dpi=100)
+    for ax, values, title, text in ((axes[0], counts, "counts", lambda v: f"{int(v)}"),
+                                    (axes[1], shares, "share of each true class", lambda v: f"{v:.2f}")):
+        ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        for (row, col), value in np.ndenumerate(values):
+            ax.text(col, row, text(value), ha="center", va="center", fontsize=7,
+                    color="white" if shares[row, col] > 0.5 else "black")
+    fig.tight_layout()
     return save_figure(fig, out_png, dpi=100)

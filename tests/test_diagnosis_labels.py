@@ -75,10 +75,19 @@ def test_write_task3_csv_round_trip_and_format(tmp_path):
     path = dl.write_task3_csv(tmp_path / "out" / "diagnosis.csv", [("ISIC_9", probs), ("ISIC_8", np.eye(7)[1])])
     lines = path.read_text().splitlines()
     assert lines[0] == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
-    assert lines[1] == "ISIC_9,0.600000,0.250000,0.020000,0.010000,0.030000,0.040000,0.050000"
-    assert lines[2] == "ISIC_8,0.000000,1.000000,0.000000,0.000000,0.000000,0.000000,0.000000"
+    assert lines[1] == "ISIC_9,0.6,0.25,0.02,0.01,0.03,0.04,0.05"
+    assert lines[2] == "ISIC_8,0.0,1.0,0.0,0.0,0.0,0.0,0.0"
     back = dl.read_task3_csv(path)
-    np.testing.assert_allclose(back["ISIC_9"], probs, atol=1e-6)
+    np.testing.assert_array_equal(back["ISIC_9"], probs)  # exact float32 round trip
+
+
+def test_write_task3_csv_keeps_tiny_probabilities_apart(tmp_path):
+    """A rare class's probabilities far below 1e-6 keep their order (a fixed 6 decimals made them ties)."""
+    rows = [("a", [1.0, 0, 0, 0, 0, 0, 3e-8]), ("b", [1.0, 0, 0, 0, 0, 0, 2e-9])]
+    path = dl.write_task3_csv(tmp_path / "d.csv", rows)
+    assert path.read_text().splitlines()[1:] == ["a,1.0,0.0,0.0,0.0,0.0,0.0,3e-08", "b,1.0,0.0,0.0,0.0,0.0,0.0,2e-09"]
+    back = dl.read_task3_csv(path)
+    assert back["a"][6] > back["b"][6] > 0
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
 
 

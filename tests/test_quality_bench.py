@@ -142,3 +142,23 @@ def test_time_budget_schedule_follows_steps_or_cpu_seconds():
     assert spent.cpu_used() > 0.01 and spent.fraction() > 1.0
     spent.first_step_end, spent.first_step_ticks, spent.steps = spent.start, spent.start_ticks, 1
     assert spent.should_stop(spent.start)  # CPU budget spent: stop even though the wall budget is not
+
+
+def test_diagnosis_fields_against_the_bar():
+    """The JSON's diagnosis object comes from evaluate's summary; the bar compares it with issue 14's numbers."""
+    from benchmarks import quality
+    from lesionkit.diagnosis_metrics import diagnosis_metrics
+
+    summary = diagnosis_metrics(["mel", "nv", "nv", "bcc"], [[0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.1, 0.5, 0.4],
+                                                            [0.9, 0.05, 0.05]], ["bcc", "mel", "nv"])
+    scores = {"threshold_jaccard": 0.83, "diagnosis": quality.diagnosis_scores(summary)}
+    assert scores["diagnosis"] == {"balanced_accuracy": 0.83333, "accuracy": 0.75, "macro_auc": 1.0,
+                                   "mel_sensitivity": 1.0, "mel_specificity": 0.66667,
+                                   "recall": {"bcc": 1.0, "mel": 1.0, "nv": 0.5}, "n_diagnosed": 4}
+    bar = quality.against_bar(scores)
+    assert bar["baseline_balanced_accuracy"] == 0.612 and bar["threshold_jaccard_floor"] == 0.82
+    assert bar["beats_baseline"] and bar["keeps_jaccard"] and bar["passes"]
+    scores["threshold_jaccard"] = 0.81
+    assert not quality.against_bar(scores)["passes"]
+    assert quality.BASELINE_CLASSIFIER == {"balanced_accuracy": 0.612, "accuracy": 0.677, "macro_auc": 0.922,
+                                           "mel_sensitivity": 0.636, "mel_specificity": 0.861}
