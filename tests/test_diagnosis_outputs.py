@@ -302,15 +302,17 @@ def test_tta_averages_the_class_probabilities():
     from lesionkit.tta import TRANSFORMS, detect_tta
 
     class Alternating:
-        """First call says class 0 for sure, the others class 1."""
-
-        calls = 0
+        """The first variant says class 0 for sure, the others class 1 (detect_tta makes one
+        detect call over all variants)."""
 
         def detect(self, images, verbose=0):
-            self.calls += 1
-            masks = np.ones(images[0].shape[:2] + (1,), bool)
-            return [{"rois": np.array([[0, 0, 8, 8]]), "class_ids": np.array([1]), "scores": np.array([0.9]),
-                     "masks": masks, "class_probs": np.array([1.0, 0.0] if self.calls == 1 else [0.0, 1.0])}]
+            results = []
+            for k, image in enumerate(images):
+                masks = np.ones(image.shape[:2] + (1,), bool)
+                results.append({"rois": np.array([[0, 0, 8, 8]]), "class_ids": np.array([1]),
+                                "scores": np.array([0.9]), "masks": masks,
+                                "class_probs": np.array([1.0, 0.0] if k == 0 else [0.0, 1.0])})
+            return results
 
     merged = detect_tta(Alternating(), np.zeros((8, 8, 3), np.uint8))
     n = len(TRANSFORMS)
