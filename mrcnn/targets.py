@@ -210,9 +210,10 @@ def build_detection_targets(rpn_rois: np.ndarray, gt_class_ids: np.ndarray, gt_b
 
 def _sample_rois(overlaps: tf.Tensor, no_crowd: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor]:
     """Indices of sampled positive and negative proposals from IoU [N, G] (random subsets)."""
-    roi_iou_max = tf.cond(tf.shape(overlaps)[1] > 0,
-                          lambda: tf.reduce_max(overlaps, axis=1),
-                          lambda: tf.zeros(tf.shape(overlaps)[:1], tf.float32))
+    # IoUs are >= 0, so a zero column gives the same maximum and 0 for an image without GT boxes;
+    # no tf.cond (its trace once failed in CI with "No common supertype" of two equal specs).
+    zero_column = tf.zeros(tf.stack([tf.shape(overlaps)[0], 1]), overlaps.dtype)
+    roi_iou_max = tf.reduce_max(tf.concat([overlaps, zero_column], axis=1), axis=1)
     positive = tf.where(roi_iou_max >= ROI_POSITIVE_IOU)[:, 0]
     negative = tf.where(tf.logical_and(roi_iou_max < ROI_POSITIVE_IOU, no_crowd))[:, 0]
     max_positive = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)
