@@ -438,7 +438,7 @@ def diagnoses(config: Any) -> bool:
     """True when ``config`` describes a model that names each image's class (a diagnosis over
     ``config.CLASSES``): CLASSES lists two or more names. Its ``detect`` results then carry
     ``class_probs``; a one-class (or Matterport, CLASSES None) model's do not."""
-    classes = getattr(config, "CLASSES", None)
+    classes = config.CLASSES
     return isinstance(classes, (list, tuple)) and len(classes) >= 2
 
 
@@ -446,10 +446,10 @@ def derived_num_classes(config: Any) -> int | None:
     """NUM_CLASSES as CLASSES and DIAGNOSIS_HEAD decide it (None: CLASSES unset, NUM_CLASSES is the
     user's): 1 + len(CLASSES), except with DIAGNOSIS_HEAD "image" and two or more CLASSES, where the
     detector keeps one class (lesion) and the diagnosis comes from the image-level head: 2."""
-    classes = getattr(config, "CLASSES", None)
+    classes = config.CLASSES
     if not isinstance(classes, (list, tuple)):
         return None
-    if diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "image":
+    if diagnoses(config) and config.DIAGNOSIS_HEAD == "image":
         return 2
     return 1 + len(classes)
 

@@ -43,12 +43,12 @@ DIAGNOSIS_INPUT = "input_gt_diagnosis"
 
 def uses_image_head(config: Any) -> bool:
     """True for a diagnosing config with DIAGNOSIS_HEAD "image" (extra branch, extra loss and input)."""
-    return diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "image"
+    return diagnoses(config) and config.DIAGNOSIS_HEAD == "image"
 
 
 def uses_roi_head(config: Any) -> bool:
     """True for a diagnosing config with DIAGNOSIS_HEAD "roi" (class head over the diagnoses)."""
-    return diagnoses(config) and getattr(config, "DIAGNOSIS_HEAD", "roi") == "roi"
+    return diagnoses(config) and config.DIAGNOSIS_HEAD == "roi"
 
 
 def diagnosis_index(info: dict, config: Any) -> int:
@@ -112,7 +112,7 @@ def sampling_probabilities(dataset: Any, config: Any) -> np.ndarray | None:
     """float64 [N] probability of drawing each image of ``dataset`` under CLASS_BALANCED_SAMPLING s:
     proportional to n_c^-s for an image of diagnosis c (images without a diagnosis: as the most
     frequent class); None when sampling is off or the config does not diagnose."""
-    strength = float(getattr(config, "CLASS_BALANCED_SAMPLING", 0.0) or 0.0)
+    strength = float(config.CLASS_BALANCED_SAMPLING)
     if not diagnoses(config) or strength <= 0:
         return None
     index = np.array([diagnosis_index(info, config) for info in dataset.image_info])
@@ -127,7 +127,7 @@ def sampling_probabilities(dataset: Any, config: Any) -> np.ndarray | None:
 def class_loss_weights(config: Any) -> np.ndarray | None:
     """float32 [K] per-diagnosis weights of the diagnosis loss, or None (all 1). Raises ConfigError
     for "balanced" not yet resolved (:func:`resolve_class_weights` does it from the training set)."""
-    weights = getattr(config, "CLASS_LOSS_WEIGHTS", "none")
+    weights = config.CLASS_LOSS_WEIGHTS
     if not diagnoses(config) or weights == "none":
         return None
     if weights == "balanced":

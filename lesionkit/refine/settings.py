@@ -57,7 +57,7 @@ class RefineSettings:
             raise ConfigError(f"config has no {missing[0]} (refinement keys are declared in lesions.LesionConfig)")
         values = {field: getattr(config, key) for key, field in KEYS.items()}
         values["train_scale"] = tuple(float(v) for v in values["train_scale"])
-        return cls(**values, seed=int(getattr(config, "SEED", None) or 0)).check()
+        return cls(**values, seed=int(config.SEED or 0)).check()
 
     @property
     def channels(self) -> int:
