@@ -46,6 +46,7 @@ import dataclasses
 import datetime
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score the full-size images/ + masks/ of DIR (default ../shared/data/real_samples)")
     p.add_argument("--weights", metavar="CHECKPOINT", help="skip training: evaluate this checkpoint"
                    " (e.g. another mask rule with --top1)")
+    p.add_argument("--train-refiner", action="store_true",
+                   help="with --weights: train a new refiner for --refine-share x --budget-min (and x"
+                        " --cpu-budget-s) on that detector, in a new run folder, then score both: compares"
+                        " refiner settings (--set REFINE_...) on one detector")
     p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
     p.add_argument("--record", metavar="FILE", help="also append the JSON line to FILE")
     p.add_argument("--label", default="", help="free text stored in the JSON (what this run tries)")
@@ -285,6 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_seconds = time.time() - started
     if args.weights:
         trained = {"checkpoint": Path(args.weights), "steps": 0, "keras_epochs": None, "train_seconds": 0.0}
+        if args.train_refiner:
+            trained.update(train_refiner_on(args, config, train_set, run_dir))
     else:
         trained = train_for_budget(args, config, train_set, run_dir)
         if args.refine_share > 0:
@@ -314,6 +321,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "total_seconds": round(time.time() - started, 1)}
 
 
+def train_refiner_on(args: argparse.Namespace, config: lesions.LesionConfig, train_set: Any,
+                     run_dir: Path) -> dict[str, Any]:
+    """``--weights --train-refiner``: the detector checkpoint copied into ``run_dir`` (so the run
+    folder holds both stages, as after training) and a refiner trained there for ``--refine-share``
+    of the budget (``--max-steps``: at most that many refiner steps); facts about it and the copied
+    checkpoint."""
+    from benchmarks.quality_refine import train_refiner_for_budget
+
+    checkpoint = run_dir / Path(args.weights).name
+    shutil.copy2(args.weights, checkpoint)
+    cpu = args.cpu_budget_s * args.refine_share if args.cpu_budget_s else None
+    facts = train_refiner_for_budget(args, config, train_set, run_dir, args.budget_min * 60.0 * args.refine_share, cpu,
+                                     max_steps=args.max_steps)
+    return {"checkpoint": checkpoint, **facts}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with progress on stderr; print the JSON line on stdout."""
     args = build_parser().parse_args(argv)
@@ -321,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--budget-min must be > 0")
     if not 0.0 <= args.refine_share < 1.0:
         build_parser().error("--refine-share must be in [0, 1)")
+    if args.train_refiner and not (args.weights and args.refine_share > 0):
+        build_parser().error("--train-refiner needs --weights (the detector) and --refine-share > 0")
     try:
         with contextlib.redirect_stdout(sys.stderr):
             record = run(args)

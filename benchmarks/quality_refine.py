@@ -31,15 +31,15 @@ def refine_settings(config: Any) -> Any:
 
 
 def train_refiner_for_budget(args: Any, config: Any, train_set: Any, run_dir: Path, seconds: float,
-                             cpu_seconds: float | None) -> dict[str, Any]:
-    """Train the refiner in ``run_dir`` for ``seconds`` of wall clock (and ``cpu_seconds`` of CPU if
-    given); facts about it (``refiner_*`` keys)."""
+                             cpu_seconds: float | None, max_steps: int | None = None) -> dict[str, Any]:
+    """Train the refiner in ``run_dir`` for ``seconds`` of wall clock (and ``cpu_seconds`` of CPU,
+    ``max_steps`` steps if given); facts about it (``refiner_*`` keys)."""
     from benchmarks.time_budget import TimeBudget
     from lesionkit.refine.training import train_refiner
 
     settings = refine_settings(config)
     budget = TimeBudget(seconds, base_lr=settings.learning_rate, schedule=args.schedule,
-                        warmup_steps=min(args.warmup_steps, 50), cpu_seconds=cpu_seconds)
+                        warmup_steps=min(args.warmup_steps, 50), cpu_seconds=cpu_seconds, max_steps=max_steps)
     started = time.time()
     budget.start = started
     last = train_refiner(settings, train_set, None, run_dir, epochs=1_000_000, callbacks=[budget], verbose=2)
