@@ -82,6 +82,21 @@ class Config:
     DIAGNOSIS_LOSS_WEIGHT = 1.0
     #: Dropout rate before the image-level diagnosis head's last dense layer.
     DIAGNOSIS_DROPOUT = 0.3
+    #: What updates the image-level diagnosis head's variables (the ``mrcnn_diagnosis*`` layers):
+    #: "shared" = the model's SGD, as every other layer; "adamw" = their own Keras AdamW (learning
+    #: rate DIAGNOSIS_LEARNING_RATE, decay DIAGNOSIS_WEIGHT_DECAY), every other variable keeps the
+    #: SGD exactly. Only with DIAGNOSIS_HEAD "image"; ignored otherwise.
+    DIAGNOSIS_OPTIMIZER = "shared"
+    #: The head's AdamW learning rate where the SGD's is LEARNING_RATE: at every step it is the SGD's
+    #: current rate x DIAGNOSIS_LEARNING_RATE / LEARNING_RATE (so warm-up, cosine and stages apply).
+    DIAGNOSIS_LEARNING_RATE = 0.001
+    #: The head's AdamW decoupled weight decay (per step w -= rate x decay x w; LayerNorm gamma/beta
+    #: excluded); with "adamw" WEIGHT_DECAY's L2 term leaves the head's weights out.
+    DIAGNOSIS_WEIGHT_DECAY = 0.01
+    #: Factor on the diagnosis loss's gradient where it enters the shared backbone and pyramid
+    #: (DIAGNOSIS_HEAD "image"; the forward pass is unchanged): 1 = plain backpropagation, 0 = the
+    #: head trains on features that its loss does not shape, 0.1 = a tenth of its pull on them.
+    DIAGNOSIS_BACKBONE_GRADIENT = 1.0
 
     # RPN -----------------------------------------------------------------------------------
     RPN_ANCHOR_SCALES = (32, 64, 128, 256, 512)
@@ -335,6 +350,15 @@ class Config:
                   f"DIAGNOSIS_LOSS_WEIGHT must be >= 0, got {self.DIAGNOSIS_LOSS_WEIGHT}")
         err.check(0.0 <= self.DIAGNOSIS_DROPOUT < 1.0,
                   f"DIAGNOSIS_DROPOUT must be in [0, 1), got {self.DIAGNOSIS_DROPOUT}")
+        err.check(self.DIAGNOSIS_OPTIMIZER in ("shared", "adamw"),
+                  f"DIAGNOSIS_OPTIMIZER must be shared or adamw, got {self.DIAGNOSIS_OPTIMIZER!r}")
+        err.check(self.DIAGNOSIS_LEARNING_RATE > 0 and math.isfinite(self.DIAGNOSIS_LEARNING_RATE),
+                  f"DIAGNOSIS_LEARNING_RATE must be > 0, got {self.DIAGNOSIS_LEARNING_RATE}")
+        err.check(self.DIAGNOSIS_WEIGHT_DECAY >= 0 and math.isfinite(self.DIAGNOSIS_WEIGHT_DECAY),
+                  f"DIAGNOSIS_WEIGHT_DECAY must be >= 0, got {self.DIAGNOSIS_WEIGHT_DECAY}")
+        err.check(self.DIAGNOSIS_BACKBONE_GRADIENT >= 0 and math.isfinite(self.DIAGNOSIS_BACKBONE_GRADIENT),
+                  f"DIAGNOSIS_BACKBONE_GRADIENT must be >= 0 (1 = plain backpropagation, 0 = none),"
+                  f" got {self.DIAGNOSIS_BACKBONE_GRADIENT}")
         for key in ("GPU_COUNT", "IMAGES_PER_GPU", "STEPS_PER_EPOCH", "NUM_CLASSES", "IMAGE_MAX_DIM",
                     "IMAGE_CHANNEL_COUNT", "TRAIN_ROIS_PER_IMAGE", "MAX_GT_INSTANCES", "DETECTION_MAX_INSTANCES",
                     "POST_NMS_ROIS_TRAINING", "POST_NMS_ROIS_INFERENCE", "PRE_NMS_LIMIT", "POOL_SIZE",

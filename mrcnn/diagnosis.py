@@ -215,6 +215,53 @@ def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tupl
     return logits, probs
 
 
+#: Name prefix of the image-level head's layers (their variables: :func:`head_variables`).
+HEAD_PREFIX = "mrcnn_diagnosis"
+
+
+def head_variables(keras_model: Any) -> list:
+    """The trainable variables of the image-level head (layers named ``mrcnn_diagnosis*``) of
+    ``keras_model``, in layer order; [] without that head or when set_trainable froze it."""
+    return [v for layer in keras_model.layers if layer.name.startswith(HEAD_PREFIX)
+            for v in layer.trainable_variables]
+
+
+class GradientScale(KL.Layer):
+    """Identity in the forward pass; the backward pass multiplies the gradient by ``factor``
+    (0: no gradient, ``tf.stop_gradient``). Any tensor shape and float dtype."""
+
+    def __init__(self, factor: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.factor = float(factor)
+
+    def call(self, x):
+        if self.factor == 0.0:
+            return tf.stop_gradient(x)
+        factor = self.factor
+
+        @tf.custom_gradient
+        def scaled(t):
+            return tf.identity(t), lambda dy: dy * tf.cast(factor, dy.dtype)
+
+        return scaled(x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+def scale_backbone_gradient(feature_maps: Sequence[Any], config: Any) -> list:
+    """``feature_maps`` (the image head's inputs) with the diagnosis loss's gradient into them
+    times DIAGNOSIS_BACKBONE_GRADIENT (:class:`GradientScale`); unchanged (no layer) at 1."""
+    factor = float(config.DIAGNOSIS_BACKBONE_GRADIENT)
+    if factor == 1.0:
+        return list(feature_maps)
+    scale = GradientScale(factor, name=f"{HEAD_PREFIX}_gradient_scale")
+    return [scale(m) for m in feature_maps]
+
+
 def class_agnostic(bbox: Any) -> Any:
     """Box deltas [B, R, C, 4] with class 1's copied to every class (see :class:`ClassAgnostic`)."""
     return ClassAgnostic(2, name="mrcnn_bbox_agnostic", dtype="float32")(bbox)

@@ -30,7 +30,9 @@ from mrcnn.diagnosis import (
     DIAGNOSIS_LOSS,
     build_image_diagnosis_head,
     class_loss_weights,
+    head_variables,
     roi_class_weights,
+    scale_backbone_gradient,
     uses_image_head,
     uses_roi_head,
 )
@@ -46,8 +48,8 @@ from mrcnn.train_callbacks import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LAYER_REGEX", "TrainingDivergedError", "TrainingModel", "build_training_model", "compile_training_model",
-           "set_trainable", "train"]
+__all__ = ["LAYER_REGEX", "FollowingLearningRate", "TrainingDivergedError", "TrainingModel", "build_training_model",
+           "compile_training_model", "make_diagnosis_optimizer", "set_trainable", "train"]
 
 #: Matterport's ``layers=`` presets (full-match regexes on layer names).
 LAYER_REGEX = {
@@ -156,6 +158,9 @@ class TrainingModel(keras.Model):
 
     Each step minimises sum(LOSS_WEIGHTS[k] * loss_k) + L2 decay (mean square per weight tensor
     times WEIGHT_DECAY, BN gamma/beta excluded). Logged: ``loss`` and the 5 weighted losses.
+    With ``diagnosis_optimizer`` (DIAGNOSIS_OPTIMIZER "adamw", attached by
+    :func:`compile_training_model`) that optimiser updates the image head's variables and the L2
+    term leaves them out; ``optimizer`` updates the rest exactly as without it.
     """
 
     def __init__(self, *args, config=None, **kwargs) -> None:
@@ -163,6 +168,12 @@ class TrainingModel(keras.Model):
         self.mrcnn_config = config
         self.loss_names = loss_names(config)
         self.loss_trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *self.loss_names)}
+        self.diagnosis_optimizer = None
+
+    def compile(self, *args, **kwargs) -> None:
+        """Keras compile; drops the image head's own optimiser (compile_training_model attaches a fresh one)."""
+        self.diagnosis_optimizer = None
+        super().compile(*args, **kwargs)
 
     @property
     def metrics(self):
@@ -203,16 +214,32 @@ class TrainingModel(keras.Model):
     def train_step(self, data):
         inputs = self._model_inputs(data)
         variables = self.trainable_variables
+        own = {id(v) for v in head_variables(self)} if self.diagnosis_optimizer is not None else set()
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=self.bn_training)
             terms = self._loss_terms(outputs)
-            decay = L.weight_decay_loss(variables, self.mrcnn_config.WEIGHT_DECAY)
+            decay = L.weight_decay_loss([v for v in variables if id(v) not in own], self.mrcnn_config.WEIGHT_DECAY)
             total = tf.add_n(list(terms.values())) + decay
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
-        grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(_sum_before_clipping(grads, replicas, self.mrcnn_config), variables)
+        grads = _sum_before_clipping(tape.gradient(scaled, variables), replicas, self.mrcnn_config)
+        if own:
+            head = [(g, v) for g, v in zip(grads, variables, strict=True) if id(v) in own]
+            rest = [(g, v) for g, v in zip(grads, variables, strict=True) if id(v) not in own]
+            self._apply_diagnosis_gradients(*zip(*head, strict=True))  # first: it reads this step's loss scale
+            grads, variables = (list(x) for x in zip(*rest, strict=True))
+        self.optimizer.apply(grads, variables)
         return self._record(total, terms)
+
+    def _apply_diagnosis_gradients(self, grads, variables) -> None:
+        """The head's own optimiser on its gradients. Under mixed precision they carry the main
+        optimiser's loss scale: rescaled to the head's (both powers of two, so exactly), whose
+        LossScaleOptimizer unscales them and skips the step if any is not finite."""
+        head = self.diagnosis_optimizer
+        if isinstance(head, keras.optimizers.LossScaleOptimizer):
+            ratio = _loss_scale(head) / _loss_scale(self.optimizer)
+            grads = [None if g is None else g * tf.cast(ratio, g.dtype) for g in grads]
+        head.apply(list(grads), list(variables))
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras builds a distributed model from the MEAN over replicas of the first batch, which
@@ -227,6 +254,11 @@ class TrainingModel(keras.Model):
         outputs = self(self._model_inputs(data), training=False)
         terms = self._loss_terms(outputs)
         return self._record(tf.add_n(list(terms.values())), terms)
+
+
+def _loss_scale(optimizer) -> Any:
+    """The loss scale a LossScaleOptimizer's ``scale_loss`` applies now (its initial one before it is built)."""
+    return optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
 
 
 def _sum_before_clipping(grads: list, replicas: int, config) -> list:
@@ -315,7 +347,7 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
 def _image_diagnosis_loss(config, labels, feature_maps) -> tuple[list, list]:
     """(outputs, losses) of the image-level diagnosis head on ``feature_maps`` [C5, P2..P5]:
     ([logits, probs], [mrcnn_diagnosis_loss])."""
-    logits, probs = build_image_diagnosis_head(feature_maps, config)
+    logits, probs = build_image_diagnosis_head(scale_backbone_gradient(feature_maps, config), config)
     weights, gamma = class_loss_weights(config), float(config.FOCAL_LOSS_GAMMA)
     loss = LossLayer(lambda y, z: L.image_diagnosis_loss(y, z, weights, gamma), name=DIAGNOSIS_LOSS)([labels, logits])
     return [logits, probs], [loss]
@@ -451,29 +483,74 @@ def set_trainable(model, layer_regex: str, verbose: int = 0, indent: int = 0) ->
     return trainable
 
 
-def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
-    """SGD with LEARNING_MOMENTUM, gradients clipped to GRADIENT_CLIP_NORM; loss-scaled when MIXED_PRECISION.
+def _clipping(config) -> dict[str, float | None]:
+    """Keras optimiser arguments for GRADIENT_CLIP_NORM / GRADIENT_CLIP_MODE.
 
-    GRADIENT_CLIP_MODE "per_variable" clips each variable's gradient (Keras 3 ``clipnorm``),
-    "global" their joint norm (``global_clipnorm``: Matterport's Keras 2 ``clipnorm``). Under a
-    strategy with N replicas the threshold is divided by N: see :func:`_sum_before_clipping`.
+    "per_variable" clips each variable's gradient (Keras 3 ``clipnorm``), "global" their joint
+    norm (``global_clipnorm``: Matterport's Keras 2 ``clipnorm``). Under a strategy with N replicas
+    the threshold is divided by N: see :func:`_sum_before_clipping`.
     """
     clip = config.GRADIENT_CLIP_NORM
     if clip is not None:
         clip = clip / tf.distribute.get_strategy().num_replicas_in_sync
     per_variable = config.GRADIENT_CLIP_MODE == "per_variable"
+    return {"clipnorm": clip if per_variable else None, "global_clipnorm": None if per_variable else clip}
+
+
+def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
+    """SGD with LEARNING_MOMENTUM, gradients clipped to GRADIENT_CLIP_NORM (:func:`_clipping`);
+    loss-scaled when MIXED_PRECISION."""
     optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
-                                     clipnorm=clip if per_variable else None,
-                                     global_clipnorm=None if per_variable else clip)
+                                     **_clipping(config))
     if config.MIXED_PRECISION:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
+class FollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """``factor`` x the current learning rate of ``optimizer``, read at every step: a second
+    optimiser whose rate follows whatever sets the first one's (warm-up, cosine, stages)."""
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, factor: float) -> None:
+        self.optimizer = optimizer
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        return tf.cast(self.optimizer.learning_rate, tf.float32) * self.factor
+
+    def get_config(self) -> dict[str, float]:
+        return {"factor": self.factor}
+
+
+def make_diagnosis_optimizer(config, optimizer: keras.optimizers.Optimizer,
+                             variables: list) -> keras.optimizers.Optimizer | None:
+    """The image head's own optimiser for DIAGNOSIS_OPTIMIZER "adamw", built for ``variables``
+    (:func:`mrcnn.diagnosis.head_variables`); None with "shared", without the image head or with
+    the head frozen.
+
+    Keras AdamW, learning rate :class:`FollowingLearningRate` of ``optimizer`` times
+    DIAGNOSIS_LEARNING_RATE / LEARNING_RATE, decoupled weight decay DIAGNOSIS_WEIGHT_DECAY (not on
+    LayerNorm gamma/beta), clipped as the SGD (:func:`_clipping`); loss-scaled when MIXED_PRECISION.
+    Call it in the strategy scope (its slots are mirrored like the SGD's).
+    """
+    if config.DIAGNOSIS_OPTIMIZER != "adamw" or not uses_image_head(config) or not variables:
+        return None
+    rate = FollowingLearningRate(optimizer, config.DIAGNOSIS_LEARNING_RATE / config.LEARNING_RATE)
+    adamw = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.DIAGNOSIS_WEIGHT_DECAY,
+                                   name="diagnosis_adamw", **_clipping(config))
+    adamw.exclude_from_weight_decay(var_list=[v for v in variables if not L.is_decayed(v)])
+    head = keras.optimizers.LossScaleOptimizer(adamw) if config.MIXED_PRECISION else adamw
+    head.build(variables)
+    return head
+
+
 def compile_training_model(keras_model: TrainingModel, learning_rate: float, config) -> None:
-    """Attach a fresh optimiser (resets train functions; call after set_trainable)."""
+    """Attach fresh optimisers: the SGD and, with DIAGNOSIS_OPTIMIZER "adamw", the image head's
+    AdamW (resets train functions; call after set_trainable)."""
     with keras_model.distribute_strategy.scope():
-        keras_model.compile(optimizer=make_optimizer(config, learning_rate), jit_compile=False)
+        optimizer = make_optimizer(config, learning_rate)
+        keras_model.compile(optimizer=optimizer, jit_compile=False)
+        keras_model.diagnosis_optimizer = make_diagnosis_optimizer(config, optimizer, head_variables(keras_model))
 
 
 # -------------------------------------------------------------------------------------------

@@ -253,3 +253,160 @@ def test_class_balanced_sampling_probabilities_and_draws():
     assert abs(np.mean(draws == 3) - 3 / 7) < 0.04          # the rare class about 3 times as often as each other image
     plain = SampleSource(Labels(), full, shuffle=True, seed=3)  # validation: no resampling
     assert sorted(plain.image_for(i) for i in range(5)) == [0, 1, 2, 3, 4]
+
+
+# -------------------------------------------------------------------------------------------
+# The image head's own optimiser (DIAGNOSIS_OPTIMIZER "adamw") and DIAGNOSIS_BACKBONE_GRADIENT
+
+
+def _image_batch(config, n: int = 2) -> dict:
+    from mrcnn.input_pipeline import build_training_sample, get_training_anchors, input_names
+
+    dataset = LabelledDataset(lesion_pairs(n), "image")
+    anchors = get_training_anchors(config)
+    samples = [build_training_sample(dataset, config, i, anchors, rng=np.random.default_rng(i)) for i in range(n)]
+    return {k: tf.constant(np.stack([s[k] for s in samples])) for k in input_names(config)}
+
+
+#: DIAGNOSIS_LEARNING_RATE / LEARNING_RATE = 0.3; a large decay so that it shows in one step.
+ADAMW = dict(DIAGNOSIS_HEAD="image", DIAGNOSIS_OPTIMIZER="adamw", DIAGNOSIS_DROPOUT=0.0, LEARNING_RATE=0.01,
+             DIAGNOSIS_LEARNING_RATE=0.003, DIAGNOSIS_WEIGHT_DECAY=0.5, DIAGNOSIS_BACKBONE_GRADIENT=0.5,
+             IMAGES_PER_GPU=2, TRAIN_ROIS_PER_IMAGE=8, ROI_POSITIVE_RATIO=0.25, GRADIENT_CLIP_NORM=0.05)
+
+
+@pytest.fixture(scope="module")
+def adamw_model(tmp_path_factory):
+    from mrcnn.training import set_trainable
+
+    config = make_config("small", CLASSES=HAM, **ADAMW)
+    model = modellib.MaskRCNN("training", config, str(tmp_path_factory.mktemp("adamw")))
+    set_trainable(model, "all")
+    return model, _image_batch(config)
+
+
+def _one_step(km, config, batch, start, main_lr: float) -> list[np.ndarray]:
+    """Weights after one train step from ``start`` with ``config``'s optimisers, the SGD's rate set
+    to ``main_lr`` after compiling (as TimeBudget does)."""
+    from mrcnn.training import compile_training_model
+
+    km.set_weights(start)
+    compile_training_model(km, config.LEARNING_RATE, config)
+    km.optimizer.learning_rate = main_lr
+    tf.function(km.train_step)(batch)
+    return [np.array(w) for w in km.get_weights()]
+
+
+def test_adamw_updates_the_head_by_adamw_and_every_other_variable_as_sgd(adamw_model):
+    from mrcnn.training import FollowingLearningRate
+
+    model, batch = adamw_model
+    km, config = model.keras_model, model.config
+    start = [np.array(w) for w in km.get_weights()]
+    head = {id(v) for v in diagnosis.head_variables(km)}
+    names = [v.path for v in km.weights]
+    is_head = [id(v) in head for v in km.weights]
+    assert sorted(n for n, h in zip(names, is_head, strict=True) if h) == sorted(
+        f"mrcnn_diagnosis_{layer}/{w}" for layer, w in [("norm", "gamma"), ("norm", "beta"), ("fc", "kernel"),
+                                                        ("fc", "bias"), ("logits", "kernel"), ("logits", "bias")])
+
+    # the head's gradient (only its own loss reaches it), clipped per variable as Keras does
+    with tf.GradientTape() as tape:
+        loss = km(list(batch.values()), training=km.bn_training)[-1]
+    grads = [np.array(g) for g in tape.gradient(loss, diagnosis.head_variables(km))]
+
+    shared = _one_step(km, config.replace(DIAGNOSIS_OPTIMIZER="shared"), batch, start, 0.02)
+    assert km.diagnosis_optimizer is None
+    adamw = _one_step(km, config, batch, start, 0.02)
+    optimizer = km.diagnosis_optimizer
+    assert isinstance(optimizer, __import__("keras").optimizers.AdamW) and int(optimizer.iterations) == 1
+    assert isinstance(optimizer._learning_rate, FollowingLearningRate)
+
+    rate, clip, (b1, b2), eps = 0.02 * 0.3, 0.05, (0.9, 0.999), 1e-7
+    by_path = dict(zip([v.path for v in diagnosis.head_variables(km)], grads, strict=True))
+    checked = 0
+    for name, w0, w_sgd, w_adamw, own in zip(names, start, shared, adamw, is_head, strict=True):
+        if not own:  # every other variable: exactly the SGD-only step
+            np.testing.assert_allclose(w_adamw - w0, w_sgd - w0, rtol=1e-5, atol=1e-9, err_msg=name)
+            checked += int(np.abs(w_sgd - w0).max() > 0)
+            continue
+        g = by_path[name]
+        g = g * clip / max(float(np.linalg.norm(g)), clip)
+        m, v = (1 - b1) * g, (1 - b2) * g * g                      # Keras Adam, first step
+        alpha = rate * math.sqrt(1 - b2) / (1 - b1)
+        decay = 0.0 if name.endswith(("gamma", "beta")) else rate * 0.5 * w0
+        np.testing.assert_allclose(w_adamw, w0 - decay - alpha * m / (np.sqrt(v) + eps), rtol=1e-4, atol=1e-7,
+                                   err_msg=name)
+        assert not np.allclose(w_adamw, w_sgd)
+    assert checked > 20  # the step moved the backbone, RPN and heads
+
+    # the head's rate follows the SGD's wherever it is set, by DIAGNOSIS_LEARNING_RATE / LEARNING_RATE
+    for main in (0.01, 0.0005):
+        km.optimizer.learning_rate = main
+        assert math.isclose(float(optimizer.learning_rate), main * 0.3, rel_tol=1e-6)
+    # compiling again gives a fresh AdamW; a plain Keras compile drops it
+    from mrcnn.training import compile_training_model
+    compile_training_model(km, 0.01, config)
+    assert km.diagnosis_optimizer is not optimizer and int(km.diagnosis_optimizer.iterations) == 0
+    km.compile(optimizer="sgd")
+    assert km.diagnosis_optimizer is None
+
+
+def test_gradient_scale_is_identity_forward_and_scales_the_gradient():
+    x = tf.constant([[1.0, -2.0, 3.0]])
+    for factor, expected in [(0.25, [0.25, 0.5, 0.75]), (0.0, [0.0, 0.0, 0.0]), (3.0, [3.0, 6.0, 9.0])]:
+        layer = diagnosis.GradientScale(factor)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * tf.constant([[1.0, 2.0, 3.0]]))  # d loss / d y = [1, 2, 3]
+        np.testing.assert_array_equal(y.numpy(), x.numpy())
+        grad = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        np.testing.assert_allclose(grad.numpy(), [expected])
+
+
+def test_backbone_gradient_scales_only_the_diagnosis_losss_pull_on_the_backbone(adamw_model):
+    model, batch = adamw_model
+    km = model.keras_model
+    scale = km.get_layer("mrcnn_diagnosis_gradient_scale")
+    assert scale.factor == 0.5  # DIAGNOSIS_BACKBONE_GRADIENT
+    targets = [km.get_layer("fpn_p5").kernel, *diagnosis.head_variables(km)[-2:]]
+
+    def diagnosis_grads(factor):
+        scale.factor = factor
+        with tf.GradientTape() as tape:
+            loss = km(list(batch.values()), training=km.bn_training)[-1]
+        return [np.array(g) for g in tape.gradient(loss, targets)]
+
+    try:
+        half, full = diagnosis_grads(0.5), diagnosis_grads(1.0)
+    finally:
+        scale.factor = 0.5
+    assert np.abs(full[0]).max() > 0
+    np.testing.assert_allclose(half[0], 0.5 * full[0], rtol=1e-5, atol=1e-12)  # into the pyramid: halved
+    for a, b in zip(half[1:], full[1:], strict=True):                          # the head's own: unchanged
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adamw_head_under_mixed_precision_trains_and_stays_finite(tmp_path):
+    import keras
+
+    from mrcnn.training import compile_training_model, set_trainable
+
+    config = make_config("small", CLASSES=HAM, MIXED_PRECISION=True, **ADAMW)
+    model = modellib.MaskRCNN("training", config, str(tmp_path))
+    km = model.keras_model
+    set_trainable(model, "all")
+    compile_training_model(km, 0.01, config)
+    assert isinstance(km.diagnosis_optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(km.diagnosis_optimizer.inner_optimizer, keras.optimizers.AdamW)
+    before = [np.array(v) for v in diagnosis.head_variables(km)]
+    step = tf.function(km.train_step)
+    for _ in range(4):  # dynamic loss scaling may skip the first steps (float16 overflow)
+        logs = {k: float(v) for k, v in step(_image_batch(config)).items()}
+        assert all(math.isfinite(v) for v in logs.values()), logs
+        after = [np.array(v) for v in diagnosis.head_variables(km)]
+        if any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
+            break
+    else:
+        pytest.fail("4 mixed-precision steps left the diagnosis head unchanged")
+    assert all(np.isfinite(w).all() for w in km.get_weights())
