@@ -224,6 +224,12 @@ def test_num_classes_rule_and_predicate():
     ({"CLASSES": HAM, "DIAGNOSIS_DROPOUT": 1.0}, "DIAGNOSIS_DROPOUT must be in [0, 1)"),
     ({"CLASSES": HAM, "DIAGNOSIS_LOSS_WEIGHT": -0.5}, "DIAGNOSIS_LOSS_WEIGHT must be >= 0"),
     ({"CLASSES": HAM, "CLASS_BALANCED_SAMPLING": 1.5}, "CLASS_BALANCED_SAMPLING must be in [0, 1]"),
+    ({"CLASSES": HAM, "DIAGNOSIS_OPTIMIZER": "adam"}, "DIAGNOSIS_OPTIMIZER must be shared or adamw, got 'adam'"),
+    ({"CLASSES": HAM, "DIAGNOSIS_LEARNING_RATE": 0.0}, "DIAGNOSIS_LEARNING_RATE must be > 0, got 0.0"),
+    ({"CLASSES": HAM, "DIAGNOSIS_LEARNING_RATE": float("nan")}, "DIAGNOSIS_LEARNING_RATE must be > 0"),
+    ({"CLASSES": HAM, "DIAGNOSIS_WEIGHT_DECAY": -0.01}, "DIAGNOSIS_WEIGHT_DECAY must be >= 0, got -0.01"),
+    ({"CLASSES": HAM, "DIAGNOSIS_BACKBONE_GRADIENT": -1}, "DIAGNOSIS_BACKBONE_GRADIENT must be >= 0"),
+    ({"CLASSES": HAM, "DIAGNOSIS_BACKBONE_GRADIENT": float("inf")}, "DIAGNOSIS_BACKBONE_GRADIENT must be >= 0"),
 ])
 def test_bad_diagnosis_keys_are_refused(overrides, expected):
     with pytest.raises(ConfigError) as info:
@@ -238,6 +244,15 @@ def test_cli_set_class_loss_weights_types():
         lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=true"])
     preset = lesions.build_config("ham10000_dx", [])
     assert preset.CLASSES == HAM and preset.DIAGNOSIS_HEAD == "image" and preset.CLASS_LOSS_WEIGHTS == "balanced"
+
+
+def test_cli_set_diagnosis_optimizer_keys():
+    config = lesions.build_config("ham10000_dx", ["DIAGNOSIS_OPTIMIZER=adamw", "DIAGNOSIS_LEARNING_RATE=0.002",
+                                                  "DIAGNOSIS_BACKBONE_GRADIENT=0"])
+    assert (config.DIAGNOSIS_OPTIMIZER, config.DIAGNOSIS_LEARNING_RATE) == ("adamw", 0.002)
+    assert config.DIAGNOSIS_BACKBONE_GRADIENT == 0.0 and isinstance(config.DIAGNOSIS_BACKBONE_GRADIENT, float)
+    with pytest.raises(ConfigError, match="DIAGNOSIS_LEARNING_RATE .* expects a number"):
+        lesions.build_config("ham10000_dx", ["DIAGNOSIS_LEARNING_RATE=fast"])
 
 
 # -------------------------------------------------------------------------------------------
