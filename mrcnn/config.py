@@ -85,7 +85,8 @@ class Config:
     #: What updates the image-level diagnosis head's variables (the ``mrcnn_diagnosis*`` layers):
     #: "shared" = the model's SGD, as every other layer; "adamw" = their own Keras AdamW (learning
     #: rate DIAGNOSIS_LEARNING_RATE, decay DIAGNOSIS_WEIGHT_DECAY), every other variable keeps the
-    #: SGD exactly. Only with DIAGNOSIS_HEAD "image"; ignored otherwise.
+    #: SGD exactly (with GRADIENT_CLIP_MODE "global" the SGD's joint norm then leaves the head out;
+    #: the AdamW clips as the SGD does). Only with DIAGNOSIS_HEAD "image"; ignored otherwise.
     DIAGNOSIS_OPTIMIZER = "shared"
     #: The head's AdamW learning rate where the SGD's is LEARNING_RATE: at every step it is the SGD's
     #: current rate x DIAGNOSIS_LEARNING_RATE / LEARNING_RATE (so warm-up, cosine and stages apply).
