@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import activations
 from keras import layers as KL
+from keras import ops
 
 #: Identity blocks after the projection block in stage 4.
 STAGE4_IDENTITY_BLOCKS = {"resnet50": 5, "resnet101": 22}
+
+
+#: Fold every frozen BatchNorm (``train_bn`` False) into the convolution before it (see
+#: :class:`FoldingConv2D`). Module switch for interleaved A/B measurements only
+#: (benchmarks/bn_fold_ab.py); both settings compute the same values up to float rounding, and
+#: it is read when a graph is built.
+FOLD_FROZEN_BN = True
 
 
 class BatchNorm(KL.BatchNormalization):
@@ -22,19 +31,73 @@ class BatchNorm(KL.BatchNormalization):
     called with (Matterport's TRAIN_BN semantics: False = moving statistics and no updates, also
     while training). Keras 3 lets an outer ``model(x, training=True)`` override a
     ``training=False`` given when the graph was built, hence the pin. None = normal Keras behaviour.
+
+    A frozen BatchNorm (``fixed_training`` False) whose convolution computes it
+    (:meth:`FoldingConv2D.fold_batch_norm`) passes its input through unchanged; its weights stay
+    its own (loading, saving and gradients as before).
     """
 
     def __init__(self, *args: Any, fixed_training: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fixed_training = fixed_training
+        self.folded_into_conv = False
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         if self.fixed_training is not None:
             training = self.fixed_training
+        if self.folded_into_conv:
+            return inputs
         return super().call(inputs, training=training, mask=mask)
+
+    def frozen_scale_offset(self) -> tuple[Any, Any]:
+        """(scale, offset), float32 [C]: the frozen layer as ``x * scale + offset``, from the moving
+        statistics (scale = gamma / sqrt(moving_variance + epsilon), offset = beta - moving_mean * scale)."""
+        variance = ops.cast(self.moving_variance, "float32")
+        scale = ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * ops.cast(self.gamma, "float32")
+        offset = -ops.cast(self.moving_mean, "float32") * scale
+        if self.center:
+            offset = offset + ops.cast(self.beta, "float32")
+        return scale, offset
 
     def get_config(self) -> dict:
         return {**super().get_config(), "fixed_training": self.fixed_training}
+
+
+class FoldingConv2D(KL.Conv2D):
+    """Conv2D that can compute the frozen BatchNorm after it: conv(x, kernel * scale) + bias * scale
+    + offset (scale, offset from :meth:`BatchNorm.frozen_scale_offset`), one convolution with its
+    bias (and the ReLU after it) that TF's grappler fuses into a single ``_FusedConv2D``, instead of
+    the convolution plus BatchNorm's elementwise passes over the activation map (forward and,
+    in training, backward). The folded kernel and bias are computed from the variables in every
+    call, so training updates kernel, bias, gamma and beta exactly as the unfolded pair (the same
+    function, up to float rounding) and weight files load into the two layers by name as before.
+    The layer's own output (``get_layer(conv).output``) is then the normalised activation.
+    """
+
+    def fold_batch_norm(self, batch_norm: BatchNorm) -> None:
+        """Compute ``batch_norm`` (frozen, not yet called) in this layer; it becomes a pass-through."""
+        if batch_norm.fixed_training is not False:
+            raise ValueError(f"only a frozen BatchNorm (fixed_training False) can be folded, "
+                             f"{batch_norm.name} has {batch_norm.fixed_training!r}")
+        linear = self.activation in (None, activations.linear)
+        if not self.use_bias or not linear or self.data_format != "channels_last":
+            raise ValueError(f"{self.name}: folding needs a channels-last conv with bias and no activation")
+        # Not an attribute Keras tracks: the BatchNorm's weights must stay the BatchNorm's alone.
+        object.__setattr__(self, "_folded_batch_norm", batch_norm)
+        batch_norm.folded_into_conv = True
+
+    def call(self, inputs: Any) -> Any:
+        batch_norm = getattr(self, "_folded_batch_norm", None)
+        if batch_norm is None:
+            return super().call(inputs)
+        if not batch_norm.built:
+            batch_norm.build(tuple(inputs.shape[:-1]) + (self.filters,))
+        scale, offset = batch_norm.frozen_scale_offset()
+        kernel = ops.cast(ops.cast(self.kernel, "float32") * scale, inputs.dtype)
+        bias = ops.cast(ops.cast(self.bias, "float32") * scale + offset, inputs.dtype)
+        return ops.add(self.convolution_op(inputs, kernel), ops.reshape(bias, (1, 1, 1, self.filters)))
 
 
 def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
@@ -46,12 +109,26 @@ def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
     return layer(x, training=train_bn)
 
 
+def conv_bn(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str, train_bn: bool | None,
+            strides: int = 1, padding: str = "valid") -> Any:
+    """Conv2D (with bias) named ``conv_name`` -> BatchNorm ``bn_name`` (mode as :func:`batch_norm`).
+
+    A frozen BatchNorm (``train_bn`` False) is folded into the convolution (:class:`FoldingConv2D`,
+    when FOLD_FROZEN_BN); the layers, their names and weights are the same either way.
+    """
+    conv = FoldingConv2D(filters, (kernel, kernel), strides=(strides, strides), padding=padding,
+                         use_bias=True, name=conv_name)
+    if train_bn is False and FOLD_FROZEN_BN:
+        bn = BatchNorm(name=bn_name, epsilon=1e-3, momentum=0.99, fixed_training=False)
+        conv.fold_batch_norm(bn)
+        return bn(conv(x), training=False)
+    return batch_norm(conv(x), bn_name, train_bn)
+
+
 def _conv_bn(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str, train_bn: bool | None,
              strides: int = 1, padding: str = "valid", relu: bool = True) -> Any:
     """Conv2D (with bias) -> BN -> optional ReLU."""
-    x = KL.Conv2D(filters, (kernel, kernel), strides=(strides, strides), padding=padding,
-                  use_bias=True, name=conv_name)(x)
-    x = batch_norm(x, bn_name, train_bn)
+    x = conv_bn(x, filters, kernel, conv_name, bn_name, train_bn, strides=strides, padding=padding)
     return KL.Activation("relu")(x) if relu else x
 
 
@@ -217,5 +294,5 @@ def build_backbone_and_fpn(input_image: Any, config: Any, inference: bool = Fals
     return [p2, p3, p4, p5, p6], [p2, p3, p4, p5]
 
 
-__all__ = ["resnet_graph", "basic_resnet_graph", "basic_block", "BACKBONE_NAMES", "build_fpn", "build_backbone_and_fpn", "batch_norm", "batch_norm_mode", "bottleneck_block", "BatchNorm",
+__all__ = ["resnet_graph", "basic_resnet_graph", "basic_block", "BACKBONE_NAMES", "build_fpn", "build_backbone_and_fpn", "batch_norm", "batch_norm_mode", "conv_bn", "FoldingConv2D", "FOLD_FROZEN_BN", "bottleneck_block", "BatchNorm",
            "identity_block", "conv_block"]

@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import portable_ops
-from mrcnn.backbone import batch_norm
+from mrcnn.backbone import batch_norm, conv_bn
 from mrcnn.roi_align import PyramidROIAlign
 
 
@@ -173,9 +173,15 @@ class MaskPredictor(KL.Conv2D):
 
 def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: str,
                   train_bn: bool | None, padding: str) -> Any:
-    conv = MatmulConv2D if padding == "valid" else KL.Conv2D
-    x = conv(filters, (kernel, kernel), padding=padding, name=conv_name)(x)
-    x = batch_norm(x, bn_name, train_bn)
+    """Conv -> BN -> ReLU. The mask head's "same" convs fold a frozen BN into the conv
+    (:func:`mrcnn.backbone.conv_bn`); the box head's FC-as-conv layers ("valid", MatmulConv2D) keep
+    BN separate: their kernels (7x7x256x1024) are larger than their outputs, so rescaling the kernel
+    in every call would cost more than the BN's pass over [ROIs, 1024]."""
+    if padding == "valid":
+        x = MatmulConv2D(filters, (kernel, kernel), padding=padding, name=conv_name)(x)
+        x = batch_norm(x, bn_name, train_bn)
+    else:
+        x = conv_bn(x, filters, kernel, conv_name, bn_name, train_bn, padding=padding)
     return KL.Activation("relu")(x)
 
 
