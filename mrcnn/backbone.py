@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from keras import activations
+import tensorflow as tf
+from keras import activations, ops
 from keras import layers as KL
-from keras import ops
 
 #: Identity blocks after the projection block in stage 4.
 STAGE4_IDENTITY_BLOCKS = {"resnet50": 5, "resnet101": 22}
@@ -66,14 +66,20 @@ class BatchNorm(KL.BatchNormalization):
 
 
 class FoldingConv2D(KL.Conv2D):
-    """Conv2D that can compute the frozen BatchNorm after it: conv(x, kernel * scale) + bias * scale
-    + offset (scale, offset from :meth:`BatchNorm.frozen_scale_offset`), one convolution with its
-    bias (and the ReLU after it) that TF's grappler fuses into a single ``_FusedConv2D``, instead of
-    the convolution plus BatchNorm's elementwise passes over the activation map (forward and,
-    in training, backward). The folded kernel and bias are computed from the variables in every
-    call, so training updates kernel, bias, gamma and beta exactly as the unfolded pair (the same
-    function, up to float rounding) and weight files load into the two layers by name as before.
-    The layer's own output (``get_layer(conv).output``) is then the normalised activation.
+    """Conv2D that can compute the frozen BatchNorm after it (:meth:`fold_batch_norm`), so that the
+    pair costs one convolution instead of a convolution plus BatchNorm's elementwise passes over
+    the activation map (and, in training, their backward passes). Two formulations, same function:
+
+    * ``training`` True: conv(x, kernel * scale) + bias * scale + offset (scale, offset from
+      :meth:`BatchNorm.frozen_scale_offset`): a conv with bias (grappler fuses it with a following
+      ReLU) whose gradients reach kernel, bias, gamma and beta exactly as through the unfolded pair.
+    * otherwise (inference): conv(x, kernel) then ``fused_batch_norm(is_training=False)`` with
+      mean = moving_mean - bias, which grappler's remapper fuses with the conv (and a following
+      ReLU) into one ``_FusedConv2D``: the kernel stays the variable as stored (no per-call rescaling
+      of the weights; oneDNN keeps its reordered copy). This form gives the bias no gradient.
+
+    Weight files load into the conv and BatchNorm layers by name as before. The layer's own output
+    (``get_layer(conv).output``) is the normalised activation; the BatchNorm passes it through.
     """
 
     def fold_batch_norm(self, batch_norm: BatchNorm) -> None:
@@ -88,16 +94,25 @@ class FoldingConv2D(KL.Conv2D):
         object.__setattr__(self, "_folded_batch_norm", batch_norm)
         batch_norm.folded_into_conv = True
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         batch_norm = getattr(self, "_folded_batch_norm", None)
         if batch_norm is None:
             return super().call(inputs)
         if not batch_norm.built:
             batch_norm.build(tuple(inputs.shape[:-1]) + (self.filters,))
-        scale, offset = batch_norm.frozen_scale_offset()
-        kernel = ops.cast(ops.cast(self.kernel, "float32") * scale, inputs.dtype)
-        bias = ops.cast(ops.cast(self.bias, "float32") * scale + offset, inputs.dtype)
-        return ops.add(self.convolution_op(inputs, kernel), ops.reshape(bias, (1, 1, 1, self.filters)))
+        if training:
+            scale, offset = batch_norm.frozen_scale_offset()
+            kernel = ops.cast(ops.cast(self.kernel, "float32") * scale, inputs.dtype)
+            bias = ops.cast(ops.cast(self.bias, "float32") * scale + offset, inputs.dtype)
+            return ops.add(self.convolution_op(inputs, kernel), ops.reshape(bias, (1, 1, 1, self.filters)))
+        ones = tf.ones((self.filters,), tf.float32)
+        gamma = ops.cast(batch_norm.gamma, "float32") if batch_norm.scale else ones
+        beta = ops.cast(batch_norm.beta, "float32") if batch_norm.center else 0.0 * ones
+        mean = ops.cast(batch_norm.moving_mean, "float32") - ops.cast(self.bias, "float32")
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            self.convolution_op(inputs, self.kernel), gamma, beta, mean,
+            ops.cast(batch_norm.moving_variance, "float32"), epsilon=batch_norm.epsilon, is_training=False)
+        return y
 
 
 def batch_norm(x: Any, name: str, train_bn: bool | None) -> Any:
