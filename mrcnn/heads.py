@@ -115,14 +115,15 @@ class MatmulConv2DTranspose(KL.Conv2DTranspose):
         kernel = keras.ops.convert_to_tensor(self.kernel)                 # [k, k, filters, channels]
         kernel = tf.reshape(tf.transpose(kernel, (3, 0, 1, 2)), (channels, k * k * self.filters))
         shape = tf.shape(inputs)
-        y = tf.matmul(tf.reshape(inputs, (-1, channels)), kernel)
-        y = tf.reshape(y, tf.concat([shape[:3], [k * k * self.filters]], 0))
-        y = tf.nn.depth_to_space(y, k)
+        y = tf.matmul(tf.reshape(inputs, (-1, channels)), kernel)          # columns (a, b, f)
+        # Bias (tiled over the k*k patch positions) and activation before depth_to_space (a
+        # permutation): grappler fuses them into the matmul instead of two passes after it.
         if self.use_bias:
-            y = tf.nn.bias_add(y, keras.ops.convert_to_tensor(self.bias))
+            y = tf.nn.bias_add(y, tf.tile(keras.ops.convert_to_tensor(self.bias), [k * k]))
         if self.activation is not None:
             y = self.activation(y)
-        return y
+        y = tf.reshape(y, tf.concat([shape[:3], [k * k * self.filters]], 0))
+        return tf.nn.depth_to_space(y, k)
 
 
 class MaskPredictor(KL.Conv2D):

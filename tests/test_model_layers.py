@@ -143,3 +143,24 @@ def test_batch_norm_mode_is_pinned_by_train_bn(train_bn):
     np.testing.assert_allclose(a, b, atol=1e-6)
     moved = not np.allclose(keras.ops.convert_to_numpy(layer.moving_mean), before)
     assert moved == train_bn
+
+
+def test_matmul_conv2d_transpose_equals_conv2d_transpose():
+    """The mask upsampler as matmul (+ tiled bias and ReLU before depth_to_space) gives
+    Keras' Conv2DTranspose result with the same weights."""
+    import keras
+
+    from mrcnn.heads import MatmulConv2DTranspose
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 4, 6)).astype(np.float32)
+    fast = MatmulConv2DTranspose(7, (2, 2), strides=2, activation="relu")
+    plain = keras.layers.Conv2DTranspose(7, (2, 2), strides=2, activation="relu")
+    fast.build(x.shape)
+    plain.build(x.shape)
+    weights = [rng.normal(size=w.shape).astype(np.float32) for w in plain.get_weights()]
+    fast.set_weights(weights)
+    plain.set_weights(weights)
+    want = keras.ops.convert_to_numpy(plain(x))
+    assert want.shape == (3, 10, 8, 7) and (want == 0).any() and (want > 0).any()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fast(x)), want, rtol=1e-5, atol=1e-5)
