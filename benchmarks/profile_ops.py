@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="TF intra-op threads")
     p.add_argument("--inter-op", type=int, default=1, help="TF inter-op threads")
     p.add_argument("--top", type=int, default=20, help="rows per table")
+    p.add_argument("--no-fold", action="store_true", help="build without frozen-BN folding (A/B)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     return p.parse_args(argv)
 
@@ -98,7 +99,6 @@ def main(argv: list[str] | None = None) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
     from benchmarks import workloads
-    from mrcnn.model import MaskRCNN
 
     overrides = {}
     for item in args.set:
@@ -106,12 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     plan = workloads.Plan(quick=False, threads=args.threads)
     config = workloads.make_config(plan, args.size, 1, **overrides)
-    model = MaskRCNN("inference", config, tempfile.mkdtemp(prefix="profile-logs-"))
-    workloads.favour_lesion_class(model.keras_model)
+    from mrcnn import backbone
+
+    backbone.FOLD_FROZEN_BN = not args.no_fold
+    model = workloads.inference_model(config)
     image = workloads.synthetic_lesion(args.size, __import__("numpy").random.default_rng(0))[0]
     molded, metas, _ = model.mold_inputs([image])
     for _ in range(2):
-        model._run(molded, metas)  # noqa: SLF001 (warm-up: trace + first runs)
+        detections = model._run(molded, metas)[0]  # noqa: SLF001 (warm-up: trace + first runs)
+    print(f"detections: {int((detections[0, :, 4] > 0).sum())} (the mask head's work scales with them)")
     logdir = tempfile.mkdtemp(prefix="profile-trace-")
     tf.profiler.experimental.start(logdir)
     for _ in range(args.runs):

@@ -159,16 +159,28 @@ def favour_lesion_class(keras_model: Any, margin: float = 10.0) -> None:
     layer.set_weights([kernel, bias])
 
 
+def inference_model(config: Any) -> Any:
+    """The benchmarked inference MaskRCNN: random weights seeded with config.SEED (otherwise the
+    number of detections, and with it the mask head's work, varied between processes: 0 to 100
+    seen at 512 px), lesion class favoured (:func:`favour_lesion_class`)."""
+    import keras
+
+    from mrcnn.model import MaskRCNN
+
+    keras.utils.set_random_seed(int(config.SEED))
+    model = MaskRCNN("inference", config, tempfile.mkdtemp(prefix="bench-logs-"))
+    favour_lesion_class(model.keras_model)
+    return model
+
+
 def run_infer(plan: Plan, size: int, batch: int = 1, suffix: str = "", **overrides: Any) -> list[dict[str, Any]]:
     """Latency of ``MaskRCNN.detect`` (mold + graph + unmold/paste, like torchvision) and of the
     graph alone (like Model Garden, 28x28 masks, no pasting), same process. ``overrides`` change
     config values (named by ``suffix`` in the record names, e.g. "_rpn256")."""
-    from mrcnn.model import MaskRCNN
 
     size = plan.size(size)
     config = make_config(plan, size, batch, **overrides)
-    model = MaskRCNN("inference", config, tempfile.mkdtemp(prefix="bench-logs-"))
-    favour_lesion_class(model.keras_model)
+    model = inference_model(config)
     rng = np.random.default_rng(0)
     images = [synthetic_lesion(size, rng)[0] for _ in range(batch)]
     warmup, runs = plan.loops("infer")
