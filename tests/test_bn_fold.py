@@ -43,9 +43,13 @@ def _folded_pairs(keras_model) -> list[tuple[str, str]]:
 def inference_pair(tmp_path_factory):
     """(folded, unfolded) tiny ResNet-50 inference models with the same random weights."""
     config = make_config("tiny", DETECTION_MIN_CONFIDENCE=0.0)
+    keras.utils.set_random_seed(3)
     unfolded = _build("inference", config, False, tmp_path_factory.mktemp("logs"))
     folded = _build("inference", config, True, tmp_path_factory.mktemp("logs"))
     _randomise_batch_norms(unfolded.keras_model)
+    logits = unfolded.keras_model.get_layer("mrcnn_class_logits")   # every ROI a lesion: detections
+    kernel, bias = logits.get_weights()
+    logits.set_weights([kernel, bias + np.array([0.0, 10.0], np.float32)])
     folded.keras_model.set_weights(unfolded.keras_model.get_weights())
     return folded, unfolded
 
