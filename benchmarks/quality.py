@@ -331,6 +331,7 @@ def train_refiner_on(args: argparse.Namespace, config: lesions.LesionConfig, tra
 
     checkpoint = run_dir / Path(args.weights).name
     shutil.copy2(args.weights, checkpoint)
+    config.save(str(run_dir / "config.json"))  # the effective config, REFINE_* --set values included
     cpu = args.cpu_budget_s * args.refine_share if args.cpu_budget_s else None
     facts = train_refiner_for_budget(args, config, train_set, run_dir, args.budget_min * 60.0 * args.refine_share, cpu,
                                      max_steps=args.max_steps)

@@ -83,7 +83,7 @@ def test_round_trip_at_the_border():
 
 def test_lesion_config_refine_defaults_are_valid():
     settings = RefineSettings.from_config(lesions.LesionConfig().validate())
-    assert settings.enabled is False and settings.crop_size == 256 and settings.train_scale == (0.81, 1.21)
+    assert settings.enabled is False and settings.crop_size == 256 and settings.train_scale == (0.9, 1.5) and settings.margin == 0.15
 
 
 @pytest.mark.parametrize("key,value", [("REFINE_CROP_SIZE", 100), ("REFINE_DEPTH", 0), ("REFINE_WIDTH", 2),
