@@ -243,7 +243,8 @@ def test_cli_set_class_loss_weights_types():
     with pytest.raises(ConfigError, match="CLASS_LOSS_WEIGHTS .* expects none, balanced or a list of numbers"):
         lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=true"])
     preset = lesions.build_config("ham10000_dx", [])
-    assert preset.CLASSES == HAM and preset.DIAGNOSIS_HEAD == "image" and preset.CLASS_LOSS_WEIGHTS == "balanced"
+    assert preset.CLASSES == HAM and preset.DIAGNOSIS_HEAD == "roi" and preset.CLASS_LOSS_WEIGHTS == "balanced"
+    assert preset.NUM_CLASSES == 1 + len(HAM)
 
 
 def test_cli_set_diagnosis_optimizer_keys():
