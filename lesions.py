@@ -92,9 +92,9 @@ class LesionConfig(Config):
     DEMO_IMAGE_SIZE = [192, 256]
 
     # Crop-and-refine stage (lesionkit.refine; checked by RefineSettings.check) ----------------
-    #: Train a U-Net refiner after the detector, in the same run folder, and let predict/evaluate
-    #: re-segment each kept detection with it (--no-refine turns it off there).
-    REFINE = False
+    #: REFINE (declared on mrcnn.config.Config, default False): train a U-Net refiner after the
+    #: detector, in the same run folder, and let predict/evaluate re-segment each kept detection
+    #: with it (--no-refine turns it off there).
     #: U-Net input side in px (divisible by 2**REFINE_DEPTH); the ISIC 2018 winner used 512.
     REFINE_CROP_SIZE = 256
     #: Down-sampling levels of the U-Net, and its filters at the first level (doubled per level).

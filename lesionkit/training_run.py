@@ -102,7 +102,7 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
     started = time.time()
     if not todo:
         print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}"
-              + (" (detector); the refiner comes next." if getattr(config, "REFINE", False) else "."))
+              + (" (detector); the refiner comes next." if config.REFINE else "."))
     for stage in todo:
         print(f"\nStage '{stage.layers}': epochs {model.epoch + 1}..{stage.final_epoch} at learning rate"
               f" {stage.learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
@@ -122,7 +122,7 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
 def refine_stage(config: Config, train_set: Any, val_set: Any, log_dir: Path) -> bool:
     """The refiner after the detector, in the same run folder (:mod:`lesionkit.refine`), when REFINE
     is on; continues its newest checkpoint there. True when it trained an epoch."""
-    if not getattr(config, "REFINE", False):  # mrcnn Configs without the lesion keys: detector only
+    if not config.REFINE:
         return False
     from lesionkit.refine.checkpoints import newest_refiner
     from lesionkit.refine.settings import RefineSettings

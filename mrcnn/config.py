@@ -66,6 +66,10 @@ class Config:
     #: detector keeps one class ("lesion", NUM_CLASSES = 2) and an extra image-level head on the
     #: backbone (global pooling of P2..P5, dropout, dense) predicts CLASSES.
     DIAGNOSIS_HEAD = "roi"
+    #: A crop-and-refine stage after the detector (the lesion toolkit's lesionkit.refine, whose
+    #: REFINE_* keys live on lesions.LesionConfig). Declared here so that code handling any Config
+    #: reads one default: a plain Mask R-CNN config never refines.
+    REFINE = False
     #: Per-class weights of the diagnosis loss (the class head's loss with "roi", the image head's with
     #: "image"): "none", "balanced" (inverse class frequency of the training split, normalised to a
     #: frequency-weighted mean of 1, computed when training starts) or one positive number per CLASSES.
