@@ -331,7 +331,10 @@ def test_adamw_updates_the_head_by_adamw_and_every_other_variable_as_sgd(adamw_m
     checked = 0
     for name, w0, w_sgd, w_adamw, own in zip(names, start, shared, adamw, is_head, strict=True):
         if not own:  # every other variable: exactly the SGD-only step
-            np.testing.assert_allclose(w_adamw - w0, w_sgd - w0, rtol=1e-5, atol=1e-9, err_msg=name)
+            # two compiled steps sum gradients in different orders (1e-4 of the variable's largest
+            # update) and may round the new weight to a neighbouring float32 (one ulp of w)
+            bound = 1e-4 * np.abs(w_sgd - w0).max() + 1.5 * np.spacing(np.abs(w0)) + 1e-12
+            np.testing.assert_array_less(np.abs(w_adamw - w_sgd), bound, err_msg=name)
             checked += int(np.abs(w_sgd - w0).max() > 0)
             continue
         g = by_path[name]
