@@ -42,6 +42,11 @@ MEASUREMENTS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
     "train512_b1": ("train", 512, 1, {}),
     "train512_b2": ("train", 512, 2, {}),
     "train1024_b1": ("train", 1024, 1, {}),
+    # Mixed bfloat16 (MIXED_PRECISION "bfloat16"; oneDNN's AVX512-BF16/AMX kernels), same model and weights.
+    "infer512_bf16": ("infer", 512, 1, {"suffix": "_bf16", "MIXED_PRECISION": "bfloat16"}),
+    "infer1024_bf16": ("infer", 1024, 1, {"suffix": "_bf16", "MIXED_PRECISION": "bfloat16"}),
+    "train512_b2_bf16": ("train", 512, 2, {"suffix": "_bf16", "MIXED_PRECISION": "bfloat16"}),
+    "train1024_b1_bf16": ("train", 1024, 1, {"suffix": "_bf16", "MIXED_PRECISION": "bfloat16"}),
     "data1024": ("data", 1024, 1, {}),
     "data1024_aug": ("data", 1024, 1, {"augment": True}),
 }
@@ -191,6 +196,7 @@ def ratio_records(ours: Iterable[dict[str, Any]], peers: Iterable[dict[str, Any]
             if _key(rec) != _key(peer) or rec.get("quick"):
                 continue
             item = {"ratio": f"lesions/{peer['peer']}", "name": rec["name"], "mode": rec["mode"],
+                    "precision": rec.get("precision", "float32"), "peer_precision": "float32",
                     "size": rec["size"], "batch": rec["batch"], "lesions_s": rec["median_s"],
                     "peer_s": peer["median_s"], "time_ratio": round(rec["median_s"] / peer["median_s"], 3),
                     "peer_clean": peer.get("clean"), "peer_others_cores": peer.get("others_cores"),

@@ -168,7 +168,10 @@ class Config:
     #: norm over all gradients together (Keras <= 2.3 ``clipnorm``, original Matterport). From
     #: random weights "global" at 5.0 learned clearly slower here (tests/learning_check.py).
     GRADIENT_CLIP_MODE = "per_variable"
-    #: Keras ``mixed_float16`` policy (GPU); losses and final outputs stay float32.
+    #: Mixed precision (float32 variables, losses and final outputs): false = float32; true or
+    #: "float16" = Keras ``mixed_float16``, loss-scaled (GPUs); "bfloat16" = ``mixed_bfloat16``, no
+    #: loss scaling (CPUs with AVX512-BF16 or AMX, where oneDNN runs bfloat16 convolutions at about
+    #: twice the float32 rate; TPUs; Ampere and later GPUs).
     MIXED_PRECISION = False
     #: Training on several machines (TF_CONFIG, see mrcnn.multiworker): seconds a gradient
     #: all-reduce waits for the other workers before the run stops with an error naming the lost one.
@@ -471,6 +474,20 @@ def diagnoses(config: Any) -> bool:
     return isinstance(classes, (list, tuple)) and len(classes) >= 2
 
 
+def precision_policy(config: Any) -> str | None:
+    """The Keras dtype policy that MIXED_PRECISION names: "mixed_float16" (true or "float16"),
+    "mixed_bfloat16" ("bfloat16"), or None (float32)."""
+    value = config.MIXED_PRECISION
+    if value is True or value == "float16":
+        return "mixed_float16"
+    return "mixed_bfloat16" if value == "bfloat16" else None
+
+
+def loss_scaled(config: Any) -> bool:
+    """True when the optimisers need loss scaling: float16 only (bfloat16 has float32's range)."""
+    return precision_policy(config) == "mixed_float16"
+
+
 def derived_num_classes(config: Any) -> int | None:
     """NUM_CLASSES as CLASSES and DIAGNOSIS_HEAD decide it (None: CLASSES unset, NUM_CLASSES is the
     user's): 1 + len(CLASSES), except with DIAGNOSIS_HEAD "image" and two or more CLASSES, where the
@@ -517,10 +534,16 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
     if key in CALLABLE_KEYS:
         return value
     if key == "CLASS_LOSS_WEIGHTS":
+        if value is None:  # --set CLASS_LOSS_WEIGHTS=none parses as None
+            return "none"
         if isinstance(value, str) or (isinstance(value, (list, tuple))
                                       and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
             return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
         raise bad("none, balanced or a list of numbers")
+    if key == "MIXED_PRECISION":
+        if isinstance(value, bool) or value in ("float16", "bfloat16"):
+            return value
+        raise bad('false, true, "float16" or "bfloat16"')
     if key == "CLASSES":
         if value is None:
             return None

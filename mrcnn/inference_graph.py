@@ -19,6 +19,7 @@ from keras import layers as KL
 
 from mrcnn import diagnosis, portable_ops
 from mrcnn.backbone import batch_norm_mode, build_backbone_and_fpn
+from mrcnn.config import precision_policy
 from mrcnn.detection import DetectionLayer
 from mrcnn.heads import build_fpn_mask_graph, fpn_classifier_graph
 from mrcnn.rpn import ProposalLayer, apply_rpn, build_rpn_model
@@ -62,10 +63,12 @@ class PadRois(KL.Layer):
 
 @contextlib.contextmanager
 def dtype_policy(config: Any) -> Iterator[None]:
-    """Build under ``mixed_float16`` when config.MIXED_PRECISION is set; restore the policy after."""
+    """Build under the mixed policy MIXED_PRECISION names (:func:`mrcnn.config.precision_policy`);
+    restore the policy after."""
     previous = keras.config.dtype_policy()
-    if config.MIXED_PRECISION:
-        keras.config.set_dtype_policy("mixed_float16")
+    policy = precision_policy(config)
+    if policy:
+        keras.config.set_dtype_policy(policy)
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ from keras import layers as KL
 
 from mrcnn import losses as L
 from mrcnn import multiworker, tf_boxes
-from mrcnn.config import LOSS_NAMES
+from mrcnn.config import LOSS_NAMES, loss_scaled
 from mrcnn.diagnosis import (
     DIAGNOSIS_LOSS,
     build_image_diagnosis_head,
@@ -426,7 +426,7 @@ def build_training_model(config) -> TrainingModel:
     input_gt_masks [B, mh, mw, G] bool. Outputs: rpn_class_logits, rpn_class, rpn_bbox,
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, output_rois, then the
     scalar losses rpn_class_loss, rpn_bbox_loss, mrcnn_class_loss, mrcnn_bbox_loss,
-    mrcnn_mask_loss. Built under ``mixed_float16`` when MIXED_PRECISION, inside a
+    mrcnn_mask_loss. Built under the mixed policy MIXED_PRECISION names, inside a
     MirroredStrategy scope when GPU_COUNT > 1. With config.SEED the initial weights are reproducible.
     """
     from mrcnn.inference_graph import dtype_policy
@@ -499,10 +499,10 @@ def _clipping(config) -> dict[str, float | None]:
 
 def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
     """SGD with LEARNING_MOMENTUM, gradients clipped to GRADIENT_CLIP_NORM (:func:`_clipping`);
-    loss-scaled when MIXED_PRECISION."""
+    loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
     optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
                                      **_clipping(config))
-    if config.MIXED_PRECISION:
+    if loss_scaled(config):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -530,7 +530,7 @@ def make_diagnosis_optimizer(config, optimizer: keras.optimizers.Optimizer,
 
     Keras AdamW, learning rate :class:`FollowingLearningRate` of ``optimizer`` times
     DIAGNOSIS_LEARNING_RATE / LEARNING_RATE, decoupled weight decay DIAGNOSIS_WEIGHT_DECAY (not on
-    LayerNorm gamma/beta), clipped as the SGD (:func:`_clipping`); loss-scaled when MIXED_PRECISION.
+    LayerNorm gamma/beta), clipped as the SGD (:func:`_clipping`); loss-scaled as the SGD.
     Call it in the strategy scope (its slots are mirrored like the SGD's).
     """
     if config.DIAGNOSIS_OPTIMIZER != "adamw" or not uses_image_head(config) or not variables:
@@ -539,7 +539,7 @@ def make_diagnosis_optimizer(config, optimizer: keras.optimizers.Optimizer,
     adamw = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.DIAGNOSIS_WEIGHT_DECAY,
                                    name="diagnosis_adamw", **_clipping(config))
     adamw.exclude_from_weight_decay(var_list=[v for v in variables if not L.is_decayed(v)])
-    head = keras.optimizers.LossScaleOptimizer(adamw) if config.MIXED_PRECISION else adamw
+    head = keras.optimizers.LossScaleOptimizer(adamw) if loss_scaled(config) else adamw
     head.build(variables)
     return head
 

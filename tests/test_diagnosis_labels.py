@@ -240,6 +240,8 @@ def test_bad_diagnosis_keys_are_refused(overrides, expected):
 def test_cli_set_class_loss_weights_types():
     config = lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=[1, 2, 3, 4, 5, 6, 7]"])
     assert config.CLASS_LOSS_WEIGHTS == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    # "none" parses as TOML-ish null on the command line: it still means no weights
+    assert lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=none"]).CLASS_LOSS_WEIGHTS == "none"
     with pytest.raises(ConfigError, match="CLASS_LOSS_WEIGHTS .* expects none, balanced or a list of numbers"):
         lesions.build_config("ham10000_dx", ["CLASS_LOSS_WEIGHTS=true"])
     preset = lesions.build_config("ham10000_dx", [])

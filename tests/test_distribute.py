@@ -3,6 +3,9 @@
 * ``MIXED_PRECISION``: the training model builds under ``mixed_float16`` (float16 convolutions,
   float32 losses and outputs, a LossScaleOptimizer), one step gives finite losses and changes
   the weights, and an inference model built the same way detects.
+* ``MIXED_PRECISION = "bfloat16"`` (CPUs with AVX512-BF16/AMX): every layer trains without loss
+  scaling; the RPN's losses and outputs agree with float32 on the same weights within bfloat16's
+  precision (8 significant bits, so a few 1e-3 relative).
 * ``GPU_COUNT = 2``: in a subprocess (logical devices must be configured before TensorFlow
   starts, and must not leak into other tests) two logical CPU devices stand in for two GPUs.
   One ``fit`` step under the MirroredStrategy must give the same loss and the same weight update
@@ -79,6 +82,72 @@ def test_mixed_precision_builds_trains_a_step_and_detects(tmp_path):
     results = infer.detect([lesion_image(seed=1)[0]])
     assert results[0]["masks"].shape[:2] == (64, 64)
     assert np.isfinite(results[0]["scores"]).all() and results[0]["scores"].dtype == np.float32
+
+
+def test_bfloat16_trains_every_layer_unscaled_and_agrees_with_float32(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from mrcnn.model import MaskRCNN
+    from mrcnn.training import compile_training_model, set_trainable
+
+    fp32 = make_config("small", TRAIN_ROIS_PER_IMAGE=8, ROI_POSITIVE_RATIO=0.25)
+    bf16 = fp32.replace(MIXED_PRECISION="bfloat16")
+    full, half = MaskRCNN("training", fp32, str(tmp_path)), MaskRCNN("training", bf16, str(tmp_path))
+    km = half.keras_model
+    assert km.get_layer("fpn_p2").compute_dtype == "bfloat16" and km.get_layer("fpn_p2").variable_dtype == "float32"
+    assert all(out.dtype == "float32" for out in km.outputs[-5:])  # losses
+    km.set_weights(full.keras_model.get_weights())
+    batch = [tf.constant(v) for v in training_inputs(fp32, 1).values()]
+    # the RPN's losses depend on the image and the weights only (no ROI sampling): equal to bf16 precision
+    from mrcnn.config import LOSS_NAMES
+
+    losses = {m: dict(zip(LOSS_NAMES, [float(v) for v in m.keras_model(batch)[-5:]], strict=True)) for m in (full, half)}
+    for name in ("rpn_class_loss", "rpn_bbox_loss"):
+        assert losses[half][name] == pytest.approx(losses[full][name], rel=0.03), (name, losses)
+        assert losses[half][name] != losses[full][name]  # it did compute in bfloat16
+
+    set_trainable(half, "all")
+    compile_training_model(km, 0.01, bf16)
+    assert not isinstance(km.optimizer, keras.optimizers.LossScaleOptimizer)  # bfloat16 has float32's range
+    before = [np.array(w) for w in km.trainable_weights]
+    step = {k: float(v) for k, v in tf.function(km.train_step)(dict(zip(
+        [i.name for i in km.inputs], batch, strict=True))).items()}
+    assert all(math.isfinite(v) for v in step.values()), step
+    after = [np.array(w) for w in km.trainable_weights]
+    assert all(np.isfinite(w).all() for w in after)
+    moved = {v.path.split("/")[0] for v, a, b in zip(km.trainable_weights, before, after, strict=True)
+             if not np.array_equal(a, b)}
+    assert {"fpn_p2", "rpn_conv_shared", "mrcnn_class_logits"} <= moved, sorted(moved)
+    assert len(moved) > 20  # the backbone's convolutions too
+
+    # inference: the same weights give the same RPN scores to bfloat16 precision
+    infer = {c.MIXED_PRECISION: MaskRCNN("inference", c, str(tmp_path)) for c in (fp32, bf16)}
+    path = tmp_path / "w.h5"
+    full.save_weights(str(path))
+    image = lesion_image(seed=1)[0]
+    rpn = {}
+    for key, model in infer.items():
+        model.load_weights(str(path), by_name=True)
+        molded, metas, _ = model.mold_inputs([image])
+        anchors = model._batch_anchors(molded)  # noqa: SLF001
+        rpn[key] = np.array(model.keras_model([molded, metas, anchors])[5])  # rpn_class [1, A, 2]
+    assert infer["bfloat16"].keras_model.get_layer("fpn_p2").compute_dtype == "bfloat16"
+    diff = np.abs(rpn["bfloat16"] - rpn[False])
+    assert 0 < diff.mean() < 0.005 and diff.max() < 0.1, (diff.mean(), diff.max())
+    result = infer["bfloat16"].detect([image])[0]
+    assert result["masks"].shape[:2] == (64, 64) and result["scores"].dtype == np.float32
+
+
+def test_mixed_precision_values_are_validated():
+    from mrcnn.config import ConfigError, loss_scaled, precision_policy
+
+    for value, policy in ((False, None), (True, "mixed_float16"), ("float16", "mixed_float16"),
+                          ("bfloat16", "mixed_bfloat16")):
+        config = make_config("small", MIXED_PRECISION=value)
+        assert precision_policy(config) == policy and loss_scaled(config) == (policy == "mixed_float16")
+    with pytest.raises(ConfigError, match='MIXED_PRECISION .*expects false, true, "float16" or "bfloat16".*bf16'):
+        make_config("small", MIXED_PRECISION="bf16")
 
 
 # -------------------------------------------------------------------------------------------
