@@ -37,7 +37,7 @@ from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light to
 from lesionkit.refine.settings import RefineSettings  # noqa: E402  (light)
 from lesionkit.training_run import StartWeights  # noqa: E402
 from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
-from mrcnn.config import DERIVED_KEYS, Config, ConfigError, diagnoses  # noqa: E402
+from mrcnn.config import DERIVED_KEYS, Config, ConfigError, diagnoses, diagnosis_classes  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 from mrcnn.downloads import COCO, IMAGENET_RESNET50, WEIGHTS_DIR, fetch_weights  # noqa: E402
 from mrcnn.errors import TrainingDivergedError, UserError  # noqa: E402
@@ -282,11 +282,6 @@ class LesionDataset(Dataset):
         if info["source"] == self.SOURCE:
             return info["path"]
         return super().image_reference(image_id)
-
-
-def diagnosis_classes(config: Config | None) -> list[str] | None:
-    """The classes the dataset scan reads labels for: ``config.CLASSES`` of a diagnosing config, else None."""
-    return list(config.CLASSES) if config is not None and diagnoses(config) else None
 
 
 def detector_class_names(config: Config | None) -> list[str]:

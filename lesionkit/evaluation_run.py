@@ -27,11 +27,10 @@ from lesionkit.prediction_files import DIAGNOSIS_CSV, InputError, write_summary
 from lesionkit.prediction_run import (
     DEFAULT_BATCH_SIZE,
     PredictOptions,
-    diagnosis_classes,
     load_inference_model,
     predict_images,
 )
-from mrcnn.config import Config
+from mrcnn.config import Config, diagnosis_classes
 from mrcnn.imaging import read_image, read_mask
 
 #: Summary keys that are per-run lists, not metrics.

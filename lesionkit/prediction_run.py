@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lesionkit.prediction_files import OUTPUT_SUFFIXES, choose_instances, write_prediction
-from mrcnn.config import Config
+from mrcnn.config import Config, diagnosis_classes
 from mrcnn.imaging import ImageReadError, read_image
 
 #: Longest file name most file systems accept (bytes).
@@ -133,14 +133,6 @@ def readable_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: in
             batch = []
     if batch:
         yield batch
-
-
-def diagnosis_classes(config: Any) -> list[str] | None:
-    """The classes a model's ``class_probs`` are over: ``config.CLASSES`` of a diagnosing config
-    (:func:`mrcnn.config.diagnoses`), else None (a one-class model: no diagnosis outputs)."""
-    from mrcnn.config import diagnoses
-
-    return [str(c) for c in config.CLASSES] if config is not None and diagnoses(config) else None
 
 
 def predict_images(model: Any, paths: list[Path], out_dir: Path, options: PredictOptions,

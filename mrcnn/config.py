@@ -474,6 +474,12 @@ def diagnoses(config: Any) -> bool:
     return isinstance(classes, (list, tuple)) and len(classes) >= 2
 
 
+def diagnosis_classes(config: Any) -> list[str] | None:
+    """The diagnoses a model names (its ``class_probs`` are over them, the dataset scan reads
+    labels for them): ``config.CLASSES`` of a diagnosing config (:func:`diagnoses`), else None."""
+    return [str(c) for c in config.CLASSES] if config is not None and diagnoses(config) else None
+
+
 def precision_policy(config: Any) -> str | None:
     """The Keras dtype policy that MIXED_PRECISION names: "mixed_float16" (true or "float16"),
     "mixed_bfloat16" ("bfloat16"), or None (float32)."""
