@@ -159,21 +159,18 @@ def favour_lesion_class(keras_model: Any, margin: float = 10.0) -> None:
     layer.set_weights([kernel, bias])
 
 
+def _cpu_bf16() -> bool:
+    from mrcnn.config import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
 def precision_name(config: Any) -> str:
     """float32, float16 or bfloat16: the compute type MIXED_PRECISION gives the layers."""
     from mrcnn.config import precision_policy
 
     policy = precision_policy(config)
     return policy.replace("mixed_", "") if policy else "float32"
-
-
-def cpu_has_bf16() -> bool:
-    """True when /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (oneDNN's fast bfloat16 kernels)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def inference_model(config: Any) -> Any:
@@ -207,7 +204,7 @@ def run_infer(plan: Plan, size: int, batch: int = 1, suffix: str = "", **overrid
     molded, metas, _ = model.mold_inputs(images)
     graph_loop = time_loop(lambda: model._run(molded, metas), warmup, runs)  # noqa: SLF001
     common = {"detections": int(len(results[0]["scores"])), "trace_count": model.detect_trace_count,
-              "precision": precision_name(config), "cpu_bf16": cpu_has_bf16(),
+              "precision": precision_name(config), "cpu_bf16": _cpu_bf16(),
               "config": _config_summary(config, "infer")}
     return [record(f"infer{size}{suffix}", "infer", size, batch, plan, detect_loop, params, mask_paste=True, **common),
             record(f"infer{size}{suffix}_graph", "infer", size, batch, plan, graph_loop, params, mask_paste=False,
@@ -266,7 +263,7 @@ def run_train(plan: Plan, size: int, batch: int, suffix: str = "", **overrides: 
     loop = time_loop(one_step, warmup, runs)
     params = trainable_params(model.keras_model)
     return [record(f"train{size}_b{batch}{suffix}", "train", size, batch, plan, loop, params,
-                   precision=precision_name(config), cpu_bf16=cpu_has_bf16(),
+                   precision=precision_name(config), cpu_bf16=_cpu_bf16(),
                    warmup=warmup, last_loss=round(float(losses["loss"]), 4), trace_count=int(step.experimental_get_tracing_count()),
                    config=_config_summary(config, "train"))]
 

@@ -130,14 +130,17 @@ def check_images(spec: str | None, count: int = CHECK_IMAGES) -> list[np.ndarray
 
 
 def export_config(config: Any) -> Any:
-    """The config the exported graph is built with: one image per batch; "square" resizing only
-    (its molded size, and so its anchors, are constants)."""
+    """The config the exported graph is built with: one image per batch, float32 (a model trained
+    with MIXED_PRECISION exports its float32 weights as a float32 graph: what SavedModel, ONNX and
+    TFLite runtimes run everywhere); "square" resizing only (its molded size, and so its anchors,
+    are constants)."""
     if config.IMAGE_RESIZE_MODE != "square":
         raise ExportError(f"export needs IMAGE_RESIZE_MODE 'square' (got {config.IMAGE_RESIZE_MODE!r}):"
                           " other modes give a molded size that depends on the image")
+    changes = {"MIXED_PRECISION": False} if config.MIXED_PRECISION else {}
     if config.BATCH_SIZE != 1:
-        config = config.replace(IMAGES_PER_GPU=1, GPU_COUNT=1)
-    return config
+        changes.update(IMAGES_PER_GPU=1, GPU_COUNT=1)
+    return config.replace(**changes) if changes else config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class Config:
     #: Mixed precision (float32 variables, losses and final outputs): false = float32; true or
     #: "float16" = Keras ``mixed_float16``, loss-scaled (GPUs); "bfloat16" = ``mixed_bfloat16``, no
     #: loss scaling (CPUs with AVX512-BF16 or AMX, where oneDNN runs bfloat16 convolutions at about
-    #: twice the float32 rate; TPUs; Ampere and later GPUs).
+    #: twice the float32 rate; TPUs; Ampere and later GPUs); "auto" = "bfloat16" where TensorFlow
+    #: sees no GPU and the CPU has native bfloat16 (:func:`cpu_has_bf16`), float32 elsewhere.
     MIXED_PRECISION = False
     #: Training on several machines (TF_CONFIG, see mrcnn.multiworker): seconds a gradient
     #: all-reduce waits for the other workers before the run stops with an error naming the lost one.
@@ -480,10 +481,28 @@ def diagnosis_classes(config: Any) -> list[str] | None:
     return [str(c) for c in config.CLASSES] if config is not None and diagnoses(config) else None
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has native bfloat16 dot products (``avx512_bf16`` or ``amx_bf16`` among
+    the flags of /proc/cpuinfo, or of ``cpuinfo``): oneDNN then runs bfloat16 convolutions at about
+    twice the float32 rate (without them bfloat16 is emulated and slower than float32)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+    return bool(flags)
+
+
 def precision_policy(config: Any) -> str | None:
     """The Keras dtype policy that MIXED_PRECISION names: "mixed_float16" (true or "float16"),
-    "mixed_bfloat16" ("bfloat16"), or None (float32)."""
+    "mixed_bfloat16" ("bfloat16", or "auto" on a GPU-less machine whose CPU has native bfloat16),
+    or None (float32)."""
     value = config.MIXED_PRECISION
+    if value == "auto":
+        import tensorflow as tf
+
+        value = "bfloat16" if cpu_has_bf16() and not tf.config.list_physical_devices("GPU") else False
     if value is True or value == "float16":
         return "mixed_float16"
     return "mixed_bfloat16" if value == "bfloat16" else None
@@ -547,9 +566,9 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
             return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
         raise bad("none, balanced or a list of numbers")
     if key == "MIXED_PRECISION":
-        if isinstance(value, bool) or value in ("float16", "bfloat16"):
+        if isinstance(value, bool) or value in ("float16", "bfloat16", "auto"):
             return value
-        raise bad('false, true, "float16" or "bfloat16"')
+        raise bad('false, true, "float16", "bfloat16" or "auto"')
     if key == "CLASSES":
         if value is None:
             return None

@@ -146,8 +146,25 @@ def test_mixed_precision_values_are_validated():
                           ("bfloat16", "mixed_bfloat16")):
         config = make_config("small", MIXED_PRECISION=value)
         assert precision_policy(config) == policy and loss_scaled(config) == (policy == "mixed_float16")
-    with pytest.raises(ConfigError, match='MIXED_PRECISION .*expects false, true, "float16" or "bfloat16".*bf16'):
+    with pytest.raises(ConfigError, match='MIXED_PRECISION .*expects false, true, "float16", "bfloat16" or "auto".*bf16'):
         make_config("small", MIXED_PRECISION="bf16")
+
+
+def test_auto_precision_is_bfloat16_only_on_a_gpu_less_cpu_with_native_bfloat16(monkeypatch):
+    import tensorflow as tf
+
+    from mrcnn import config as config_module
+
+    zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    skylake = "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    assert config_module.cpu_has_bf16(zen4) and config_module.cpu_has_bf16("flags : amx_bf16 amx_tile")
+    assert not config_module.cpu_has_bf16(skylake) and not config_module.cpu_has_bf16("flags : avx512_bf16x")
+    auto = make_config("small", MIXED_PRECISION="auto")
+    for cpuinfo, gpus, policy in ((zen4, [], "mixed_bfloat16"), (skylake, [], None), (zen4, ["GPU:0"], None)):
+        monkeypatch.setattr(config_module.Path, "read_text", lambda self, *a, _c=cpuinfo, **k: _c)
+        monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None, _g=gpus: _g)
+        assert config_module.precision_policy(auto) == policy, (cpuinfo, gpus)
+        assert not config_module.loss_scaled(auto)
 
 
 # -------------------------------------------------------------------------------------------

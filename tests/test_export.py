@@ -290,3 +290,14 @@ def test_portable_crop_and_resize_matches_tf():
     with portable_ops.portable_ops():
         inverse = portable_ops.invert_permutation(tf.constant([2, 0, 3, 1]))
     assert inverse.numpy().tolist() == [1, 3, 0, 2]
+
+
+def test_export_config_builds_one_image_float32_graphs():
+    from factories import make_config
+
+    trained = make_config("tiny", MIXED_PRECISION="bfloat16", IMAGES_PER_GPU=2)
+    config = export.export_config(trained)
+    assert config.MIXED_PRECISION is False and config.BATCH_SIZE == 1
+    assert trained.MIXED_PRECISION == "bfloat16" and trained.BATCH_SIZE == 2  # the caller's config unchanged
+    with pytest.raises(export.ExportError, match="IMAGE_RESIZE_MODE 'square'"):
+        export.export_config(make_config("tiny", IMAGE_RESIZE_MODE="pad64"))
