@@ -53,10 +53,13 @@ MEASUREMENTS: dict[str, tuple[str, int, int, dict[str, Any]]] = {
 #: Our measurement -> the peer harness's (mode, size, batch).
 PEER_WORKLOADS = {"infer512": ("infer", 512, 1), "infer1024": ("infer", 1024, 1),
                   "train512_b1": ("train", 512, 1), "train512_b2": ("train", 512, 2)}
+# our bfloat16 lines: the same workloads, the peers run in mixed bfloat16 too (benchmarks/peer_bf16.py)
+PEER_WORKLOADS.update({f"{name}_bf16": workload for name, workload in list(PEER_WORKLOADS.items())})
 #: Peer name in its JSON lines -> (script, venv folder name).
 PEER_SCRIPTS = {"tf-model-garden": ("tfmg_bench.py", "venv-tf"), "torchvision": ("torchvision_bench.py", "venv-torch")}
 #: Peer lines that run the same model (keras-hub RetinaNet, also in the harness, does not).
-COMPARABLE_PEERS = ("tf-model-garden", "torchvision", "torchvision-nopaste")
+COMPARABLE_PEERS = ("tf-model-garden", "torchvision", "torchvision-nopaste", "tf-model-garden-bf16", "torchvision-bf16")
+PEER_BF16 = Path(__file__).resolve().parent / "peer_bf16.py"
 WORKER_TIMEOUT_S = 900
 
 
@@ -159,7 +162,9 @@ def peer_command(peer: str, name: str, args: argparse.Namespace) -> list[str] | 
     script, venv = PEER_SCRIPTS[peer]
     mode, size, batch = PEER_WORKLOADS[name]
     python = Path(args.peers_venvs) / venv / "bin" / "python"
-    cmd = [str(python), script, "--mode", mode, "--size", str(size), "--batch", str(batch),
+    # a bfloat16 measurement: the peer's own script, run in mixed bfloat16 by our wrapper
+    launch = [str(PEER_BF16), peer, str(Path(args.peers_dir).resolve())] if name.endswith("_bf16") else [script]
+    cmd = [str(python), *launch, "--mode", mode, "--size", str(size), "--batch", str(batch),
            "--threads", str(args.threads)]
     return cmd + (["--warmup", "1", "--runs", "2"] if args.quick else [])
 
@@ -195,8 +200,10 @@ def ratio_records(ours: Iterable[dict[str, Any]], peers: Iterable[dict[str, Any]
         for rec in ours:
             if _key(rec) != _key(peer) or rec.get("quick"):
                 continue
+            if rec.get("precision", "float32") == "float32" and peer.get("precision", "float32") != "float32":
+                continue  # float32 lines against float32 peers only; bfloat16 lines against both
             item = {"ratio": f"lesions/{peer['peer']}", "name": rec["name"], "mode": rec["mode"],
-                    "precision": rec.get("precision", "float32"), "peer_precision": "float32",
+                    "precision": rec.get("precision", "float32"), "peer_precision": peer.get("precision", "float32"),
                     "size": rec["size"], "batch": rec["batch"], "lesions_s": rec["median_s"],
                     "peer_s": peer["median_s"], "time_ratio": round(rec["median_s"] / peer["median_s"], 3),
                     "peer_clean": peer.get("clean"), "peer_others_cores": peer.get("others_cores"),

@@ -68,6 +68,28 @@ def test_ratio_records_pair_matching_workloads():
     assert ratios[1]["rss_ratio"] == pytest.approx(4000 / 4710, abs=1e-3)
 
 
+def test_bfloat16_lines_meet_float32_and_bfloat16_peers_float32_lines_float32_peers_only():
+    ours = [{"peer": "lesions", "name": "infer512_graph", "mode": "infer", "size": 512, "batch": 1, "median_s": 0.6},
+            {"peer": "lesions", "name": "infer512_bf16_graph", "mode": "infer", "size": 512, "batch": 1,
+             "median_s": 0.3, "precision": "bfloat16"}]
+    peers = [{"peer": "tf-model-garden", "mode": "infer", "size": 512, "batch": 1, "median_s": 0.5},
+             {"peer": "tf-model-garden-bf16", "mode": "infer", "size": 512, "batch": 1, "median_s": 0.4,
+              "precision": "bfloat16"}]
+    ratios = {(r["name"], r["peer_precision"]): r["time_ratio"] for r in bench.ratio_records(ours, peers, "run")}
+    assert ratios == {("infer512_graph", "float32"): 1.2, ("infer512_bf16_graph", "float32"): 0.6,
+                      ("infer512_bf16_graph", "bfloat16"): 0.75}
+
+
+def test_bfloat16_measurements_run_the_peers_through_the_bf16_wrapper(tmp_path):
+    args = bench.parse_args(["--peers", "--peers-venvs", str(tmp_path), "--peers-dir", str(tmp_path)])
+    plain = bench.peer_command("torchvision", "train512_b2", args)
+    wrapped = bench.peer_command("torchvision", "train512_b2_bf16", args)
+    assert plain[1] == "torchvision_bench.py" and plain[-6:] == ["--size", "512", "--batch", "2", "--threads", "2"]
+    assert wrapped[1:4] == [str(bench.PEER_BF16), "torchvision", str(tmp_path.resolve())]
+    assert wrapped[4:] == plain[2:]
+    assert bench.peer_command("tf-model-garden", "train1024_b1_bf16", args) is None  # no peer workload
+
+
 def test_peers_are_skipped_with_a_reason_when_their_venvs_are_absent(tmp_path):
     args = bench.parse_args(["--peers", "--peers-venvs", str(tmp_path / "none"), "--peers-dir", str(tmp_path)])
     missing = bench.missing_peer_venvs(args)
