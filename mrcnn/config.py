@@ -127,6 +127,11 @@ class Config:
     TRAIN_ROIS_PER_IMAGE = 200
     ROI_POSITIVE_RATIO = 0.33
     POOL_SIZE = 7
+    #: The finest FPN level (2..5) the box/class head pools its ROIs from. Matterport's rule (2)
+    #: puts an ROI of sqrt(area) s on level 4 + round(log2(s / 224 px)), made for 1024-px images: at
+    #: 128 px nearly every lesion lands on P2 (stride 4), sampled 7x7 out of ~20x20 cells. 3 or 4
+    #: pools them from the coarser, deeper levels; the mask head keeps Matterport's rule.
+    CLASSIFIER_ROI_MIN_LEVEL = 2
     MASK_POOL_SIZE = 14
     MASK_SHAPE = [28, 28]
     MAX_GT_INSTANCES = 100
@@ -378,6 +383,8 @@ class Config:
                       f"{key} must be a positive integer, got {value!r}")
         err.check(self.NUM_CLASSES >= 2 or type(self) is Config,
                   f"NUM_CLASSES counts the background too and must be >= 2, got {self.NUM_CLASSES}")
+        err.check(self.CLASSIFIER_ROI_MIN_LEVEL in (2, 3, 4, 5) and not isinstance(self.CLASSIFIER_ROI_MIN_LEVEL, bool),
+                  f"CLASSIFIER_ROI_MIN_LEVEL must be a pyramid level 2..5, got {self.CLASSIFIER_ROI_MIN_LEVEL!r}")
         err.check(self.VALIDATION_STEPS >= 0, f"VALIDATION_STEPS must be >= 0, got {self.VALIDATION_STEPS}")
         err.check(isinstance(self.MULTI_WORKER_TIMEOUT, (int, float)) and not isinstance(self.MULTI_WORKER_TIMEOUT, bool)
                   and self.MULTI_WORKER_TIMEOUT > 0,

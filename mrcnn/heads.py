@@ -188,11 +188,13 @@ def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: st
 
 def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
                          num_classes: int, train_bn: bool | None = False,
-                         fc_layers_size: int = 1024) -> tuple[Any, Any, Any]:
+                         fc_layers_size: int = 1024, roi_min_level: int = 2) -> tuple[Any, Any, Any]:
     """Box head. rois [B, N, 4] normalised, feature_maps [P2..P5] ->
     (mrcnn_class_logits [B, N, C], mrcnn_probs [B, N, C], mrcnn_bbox [B, N, C, 4] deltas).
+    ``roi_min_level``: the finest pyramid level it pools from (config CLASSIFIER_ROI_MIN_LEVEL).
     """
-    x = PyramidROIAlign((pool_size, pool_size), name="roi_align_classifier")([rois, image_meta, *feature_maps])
+    x = PyramidROIAlign((pool_size, pool_size), min_level=roi_min_level,
+                        name="roi_align_classifier")([rois, image_meta, *feature_maps])
     x = FoldRois()(x)                                                   # [B*N, 7, 7, 256]
     x = _conv_bn_relu(x, fc_layers_size, pool_size, "mrcnn_class_conv1", "mrcnn_class_bn1", train_bn, "valid")
     x = _conv_bn_relu(x, fc_layers_size, 1, "mrcnn_class_conv2", "mrcnn_class_bn2", train_bn, "valid")

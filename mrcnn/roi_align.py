@@ -17,17 +17,17 @@ from mrcnn import portable_ops
 MIN_LEVEL, MAX_LEVEL = 2, 5
 
 
-def roi_pyramid_level(boxes: tf.Tensor, image_area: tf.Tensor) -> tf.Tensor:
-    """Level 2..5 of each normalised box [..., 4] for a molded image of ``image_area`` pixels.
+def roi_pyramid_level(boxes: tf.Tensor, image_area: tf.Tensor, min_level: int = MIN_LEVEL) -> tf.Tensor:
+    """Level min_level..5 of each normalised box [..., 4] for a molded image of ``image_area`` pixels.
 
-    level = clip(4 + round_half_even(log2(sqrt(h*w) / (224 / sqrt(area)))), 2, 5) -> int32 [...].
-    Zero (padding) boxes land on level 2.
+    level = clip(4 + round_half_even(log2(sqrt(h*w) / (224 / sqrt(area)))), min_level, 5) -> int32 [...]
+    (Matterport's rule with min_level 2). Zero (padding) boxes land on min_level.
     """
     h = boxes[..., 2] - boxes[..., 0]
     w = boxes[..., 3] - boxes[..., 1]
     ratio = tf.sqrt(h * w) / (224.0 / tf.sqrt(image_area))
     level = 4.0 + tf.round(tf.math.log(ratio) / tf.math.log(2.0))
-    return tf.cast(tf.clip_by_value(level, float(MIN_LEVEL), float(MAX_LEVEL)), tf.int32)
+    return tf.cast(tf.clip_by_value(level, float(min_level), float(MAX_LEVEL)), tf.int32)
 
 
 class PyramidROIAlign(KL.Layer):
@@ -35,13 +35,17 @@ class PyramidROIAlign(KL.Layer):
 
     Inputs: [boxes [B, N, 4] normalised (y1, x1, y2, x2), image_meta [B, META], P2, P3, P4, P5].
     Output: [B, N, pool_h, pool_w, channels] in input box order (float32).
-    The image area comes from the molded shape (meta[4:6]) of the first image.
+    The image area comes from the molded shape (meta[4:6]) of the first image. ``min_level``
+    (2..5; 2 = Matterport) sends boxes that Matterport's rule puts on a finer level to that one.
     """
 
-    def __init__(self, pool_shape: Sequence[int], **kwargs: Any) -> None:
+    def __init__(self, pool_shape: Sequence[int], min_level: int = MIN_LEVEL, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.pool_shape = tuple(int(s) for s in pool_shape)
+        self.min_level = int(min_level)
+        if not MIN_LEVEL <= self.min_level <= MAX_LEVEL:
+            raise ValueError(f"min_level must be in {MIN_LEVEL}..{MAX_LEVEL}, got {min_level}")
 
     def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
         boxes = tf.cast(inputs[0], tf.float32)
@@ -51,10 +55,12 @@ class PyramidROIAlign(KL.Layer):
         batch, count = tf.shape(boxes)[0], tf.shape(boxes)[1]
         flat_boxes = tf.reshape(boxes, (-1, 4))
         box_image = tf.repeat(tf.range(batch), count)
-        levels = roi_pyramid_level(flat_boxes, image_area)
+        levels = roi_pyramid_level(flat_boxes, image_area, self.min_level)
 
         pooled, order = [], []
         for level, feature_map in zip(range(MIN_LEVEL, MAX_LEVEL + 1), feature_maps, strict=True):
+            if level < self.min_level:
+                continue
             ix = tf.reshape(tf.where(tf.equal(levels, level)), (-1,))
             crops = portable_ops.crop_and_resize(
                 feature_map, tf.stop_gradient(tf.gather(flat_boxes, ix)),
@@ -73,5 +79,5 @@ class PyramidROIAlign(KL.Layer):
 
     def get_config(self) -> dict:
         base = super().get_config()
-        base.update(pool_shape=self.pool_shape)
+        base.update(pool_shape=self.pool_shape, min_level=self.min_level)
         return base

@@ -72,3 +72,25 @@ def test_roi_align_matches_numpy_reference(inputs):
             level = numpy_level(boxes[b, n], IMAGE * IMAGE)
             expected = bilinear_crop(maps[level - 2][b], boxes[b, n], 5)
             np.testing.assert_allclose(out[b, n], expected, atol=1e-5, err_msg=f"image {b} box {n} level {level}")
+
+
+@pytest.mark.parametrize("min_level", [3, 4])
+def test_min_level_pools_finer_boxes_from_that_level(inputs, min_level):
+    boxes, meta, maps = inputs
+    layer = PyramidROIAlign((5, 5), min_level=min_level, name=f"roi_align_min{min_level}")
+    out = layer([tf.constant(boxes), tf.constant(meta), *maps]).numpy()
+    moved = 0
+    for b in range(2):
+        for n in range(4):
+            rule = numpy_level(boxes[b, n], IMAGE * IMAGE)
+            level = max(rule, min_level)
+            moved += level != rule
+            expected = bilinear_crop(maps[level - 2][b], boxes[b, n], 5)
+            np.testing.assert_allclose(out[b, n], expected, atol=1e-5, err_msg=f"image {b} box {n} level {level}")
+    assert moved >= 2, "the fixture has boxes below min_level"
+    assert PyramidROIAlign.from_config(layer.get_config()).min_level == min_level
+
+
+def test_min_level_outside_the_pyramid_is_refused():
+    with pytest.raises(ValueError, match="min_level must be in 2..5, got 6"):
+        PyramidROIAlign((5, 5), min_level=6)
