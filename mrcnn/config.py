@@ -132,6 +132,9 @@ class Config:
     #: 128 px nearly every lesion lands on P2 (stride 4), sampled 7x7 out of ~20x20 cells. 3 or 4
     #: pools them from the coarser, deeper levels; the mask head keeps Matterport's rule.
     CLASSIFIER_ROI_MIN_LEVEL = 2
+    #: Dropout rate on the box head's shared features before ``mrcnn_class_logits`` (training only;
+    #: active when the train step runs in training mode, i.e. TRAIN_BN is not False). 0 = Matterport.
+    CLASS_HEAD_DROPOUT = 0.0
     MASK_POOL_SIZE = 14
     MASK_SHAPE = [28, 28]
     MAX_GT_INSTANCES = 100
@@ -364,6 +367,8 @@ class Config:
                   f"DIAGNOSIS_LOSS_WEIGHT must be >= 0, got {self.DIAGNOSIS_LOSS_WEIGHT}")
         err.check(0.0 <= self.DIAGNOSIS_DROPOUT < 1.0,
                   f"DIAGNOSIS_DROPOUT must be in [0, 1), got {self.DIAGNOSIS_DROPOUT}")
+        err.check(0.0 <= self.CLASS_HEAD_DROPOUT < 1.0,
+                  f"CLASS_HEAD_DROPOUT must be in [0, 1), got {self.CLASS_HEAD_DROPOUT}")
         err.check(self.DIAGNOSIS_OPTIMIZER in ("shared", "adamw"),
                   f"DIAGNOSIS_OPTIMIZER must be shared or adamw, got {self.DIAGNOSIS_OPTIMIZER!r}")
         err.check(self.DIAGNOSIS_LEARNING_RATE > 0 and math.isfinite(self.DIAGNOSIS_LEARNING_RATE),

@@ -188,10 +188,13 @@ def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: st
 
 def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
                          num_classes: int, train_bn: bool | None = False,
-                         fc_layers_size: int = 1024, roi_min_level: int = 2) -> tuple[Any, Any, Any]:
+                         fc_layers_size: int = 1024, roi_min_level: int = 2,
+                         class_dropout: float = 0.0) -> tuple[Any, Any, Any]:
     """Box head. rois [B, N, 4] normalised, feature_maps [P2..P5] ->
     (mrcnn_class_logits [B, N, C], mrcnn_probs [B, N, C], mrcnn_bbox [B, N, C, 4] deltas).
-    ``roi_min_level``: the finest pyramid level it pools from (config CLASSIFIER_ROI_MIN_LEVEL).
+    ``roi_min_level``: the finest pyramid level it pools from (config CLASSIFIER_ROI_MIN_LEVEL);
+    ``class_dropout``: dropout on the shared features before the class logits only (training
+    graphs; config CLASS_HEAD_DROPOUT; no weights, so weight files load as before).
     """
     x = PyramidROIAlign((pool_size, pool_size), min_level=roi_min_level,
                         name="roi_align_classifier")([rois, image_meta, *feature_maps])
@@ -199,7 +202,8 @@ def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any
     x = _conv_bn_relu(x, fc_layers_size, pool_size, "mrcnn_class_conv1", "mrcnn_class_bn1", train_bn, "valid")
     x = _conv_bn_relu(x, fc_layers_size, 1, "mrcnn_class_conv2", "mrcnn_class_bn2", train_bn, "valid")
     shared = SqueezeSpatial(name="pool_squeeze")(x)                    # [B*N, fc]
-    logits = KL.Dense(num_classes, name="mrcnn_class_logits")(shared)
+    class_features = KL.Dropout(class_dropout, name="mrcnn_class_dropout")(shared) if class_dropout > 0 else shared
+    logits = KL.Dense(num_classes, name="mrcnn_class_logits")(class_features)
     mrcnn_class_logits = UnfoldRois(name="mrcnn_class_logits_rois", dtype="float32")([logits, rois])
     mrcnn_probs = KL.Activation("softmax", name="mrcnn_class", dtype="float32")(mrcnn_class_logits)
     deltas = KL.Dense(num_classes * 4, activation="linear", name="mrcnn_bbox_fc")(shared)

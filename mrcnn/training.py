@@ -373,7 +373,8 @@ def _build_graph(config) -> TrainingModel:
         [rpn_rois, gt_class_ids, gt_boxes, gt_masks])
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
         rois, mrcnn_feature_maps, meta, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
-        fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, roi_min_level=config.CLASSIFIER_ROI_MIN_LEVEL)
+        fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, roi_min_level=config.CLASSIFIER_ROI_MIN_LEVEL,
+        class_dropout=config.CLASS_HEAD_DROPOUT)
     mask_rois, positives = rois, None
     if config.TRAIN_MASKS_ON_POSITIVES_ONLY:  # the mask layer pads back to the static slot, zero rows
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)

@@ -86,6 +86,7 @@ def test_validate_accepts_a_sane_config():
         ("DETECTION_MASK_THRESHOLD", 0.0, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
         ("DETECTION_MASK_THRESHOLD", 1.2, "DETECTION_MASK_THRESHOLD must be in (0, 1]"),
         ("MULTI_WORKER_TIMEOUT", 0, "MULTI_WORKER_TIMEOUT must be a number of seconds > 0"),
+        ("CLASS_HEAD_DROPOUT", 1.0, "CLASS_HEAD_DROPOUT must be in [0, 1), got 1.0"),
         ("CLASSIFIER_ROI_MIN_LEVEL", 1, "CLASSIFIER_ROI_MIN_LEVEL must be a pyramid level 2..5, got 1"),
         ("CLASSIFIER_ROI_MIN_LEVEL", 6, "CLASSIFIER_ROI_MIN_LEVEL must be a pyramid level 2..5, got 6"),
     ],

@@ -164,3 +164,32 @@ def test_matmul_conv2d_transpose_equals_conv2d_transpose():
     want = keras.ops.convert_to_numpy(plain(x))
     assert want.shape == (3, 10, 8, 7) and (want == 0).any() and (want > 0).any()
     np.testing.assert_allclose(keras.ops.convert_to_numpy(fast(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_class_head_dropout_drops_only_in_training_and_only_before_the_class_logits():
+    import keras
+
+    from mrcnn.heads import fpn_classifier_graph
+
+    rng = np.random.default_rng(0)
+    maps = [rng.standard_normal((1, s, s, 8)).astype(np.float32) for s in (16, 8, 4, 2)]
+    rois = np.array([[[0.1, 0.1, 0.6, 0.7], [0.2, 0.3, 0.9, 0.8]]], np.float32)
+    meta = np.zeros((1, 14), np.float32)
+    meta[0, 4:7] = [64, 64, 3]
+
+    def head(dropout):
+        inputs = [keras.Input((2, 4), batch_size=1), keras.Input((14,), batch_size=1)]
+        inputs += [keras.Input(m.shape[1:], batch_size=1) for m in maps]
+        logits, _, bbox = fpn_classifier_graph(inputs[0], inputs[2:], inputs[1], 3, 4, train_bn=False,
+                                               fc_layers_size=16, class_dropout=dropout)
+        return keras.Model(inputs, [logits, bbox])
+
+    plain, dropped = head(0.0), head(0.5)
+    dropped.set_weights(plain.get_weights())  # a Dropout layer has no weights: same list
+    assert [layer.name for layer in dropped.layers if isinstance(layer, keras.layers.Dropout)] == ["mrcnn_class_dropout"]
+    x = [rois, meta, *maps]
+    want_logits, want_bbox = (t.numpy() for t in plain(x, training=False))
+    for training in (False, True):
+        logits, bbox = (t.numpy() for t in dropped(x, training=training))
+        np.testing.assert_allclose(bbox, want_bbox, rtol=1e-6, atol=1e-6)  # the box branch never drops
+        assert np.allclose(logits, want_logits, rtol=1e-6, atol=1e-6) == (not training)
