@@ -3,7 +3,11 @@ synthetic lesion images, a tiny stand-in backbone and weight snapshots."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +174,36 @@ class SmallSampleModel:
 def small_sample_values() -> dict:
     """:class:`SmallSampleModel`'s values as a dict (set on a sample's own Config class)."""
     return {k: v for k, v in vars(SmallSampleModel).items() if k.isupper()}
+
+
+#: Start of every two-logical-CPU script: quiet TF, deterministic ops, the CPU split into two
+#: logical devices (before TensorFlow initialises), the repo and tests/ importable.
+_TWO_CPU_PREAMBLE = """\
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tensorflow as tf
+tf.config.experimental.enable_op_determinism()  # else a rare reordering moves an update by ~1e-3
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path[:0] = [{repo!r}, {tests!r}]
+from factories import make_config
+from helpers import training_inputs
+from mrcnn.model import MaskRCNN
+from mrcnn.training import compile_training_model, set_trainable
+"""
+
+
+def run_on_two_logical_cpus(body: str, model_dir: Path, timeout: int = 300) -> dict:
+    """Run ``body`` (Python source; it prints one ``"RESULT" + json`` line, and may use
+    ``MODEL_DIR``) in a fresh interpreter whose CPU is two logical devices (what MirroredStrategy
+    needs, and what cannot be set once TensorFlow started here). Returns the RESULT dict; a failed
+    run fails the test with the script's stderr."""
+    tests = Path(__file__).resolve().parent
+    script = (_TWO_CPU_PREAMBLE.format(repo=str(tests.parent), tests=str(tests))
+              + f"MODEL_DIR = {str(model_dir)!r}\n" + textwrap.dedent(body))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                          cwd=tests.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT"):])

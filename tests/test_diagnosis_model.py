@@ -4,18 +4,13 @@ and one-class models unchanged."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from factories import make_config
-from helpers import lesion_pairs
+from helpers import lesion_pairs, run_on_two_logical_cpus
 
 import mrcnn.model as modellib
 from mrcnn import diagnosis
@@ -420,25 +415,12 @@ def test_adamw_head_under_mixed_precision_trains_and_stays_finite(tmp_path):
     assert all(np.isfinite(w).all() for w in km.get_weights())
 
 
-MIRRORED_ADAMW = textwrap.dedent("""
-    import json, os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import numpy as np
-    import tensorflow as tf
-    tf.config.experimental.enable_op_determinism()
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    from factories import make_config
-    from helpers import training_inputs
-    from mrcnn.model import MaskRCNN
-    from mrcnn.training import compile_training_model, set_trainable
-
+MIRRORED_ADAMW = """
     KEYS = dict(CLASSES=["a", "b", "c"], DIAGNOSIS_HEAD="image", DIAGNOSIS_OPTIMIZER="adamw", DIAGNOSIS_DROPOUT=0.0,
                 ROI_POSITIVE_RATIO=1.0, DIAGNOSIS_LEARNING_RATE=0.01, LEARNING_RATE=0.01)
 
     def step(config, weights=None):
-        model = MaskRCNN("training", config, {model_dir!r})
+        model = MaskRCNN("training", config, MODEL_DIR)
         km = model.keras_model
         if weights is not None:
             km.set_weights(weights)
@@ -446,7 +428,7 @@ MIRRORED_ADAMW = textwrap.dedent("""
         set_trainable(model, "all")
         compile_training_model(km, 0.01, config)
         batch = dict(training_inputs(config, 2), input_gt_diagnosis=np.array([2, 1], np.int32))
-        ds = tf.data.Dataset.from_tensors({{k: tf.constant(v) for k, v in batch.items()}}).repeat()
+        ds = tf.data.Dataset.from_tensors({k: tf.constant(v) for k, v in batch.items()}).repeat()
         km.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)
         head = [w.path.startswith("mrcnn_diagnosis") for w in km.weights]
         delta = [np.array(w) - s for w, s in zip(km.get_weights(), start)]
@@ -460,24 +442,18 @@ MIRRORED_ADAMW = textwrap.dedent("""
         b = np.concatenate([d.ravel() for d, h in zip(delta2, head) if h == own])
         return float(np.linalg.norm(a - b) / np.linalg.norm(a)), float(np.linalg.norm(a))
 
-    print("RESULT" + json.dumps({{
+    print("RESULT" + json.dumps({
         "replicas": km2.distribute_strategy.num_replicas_in_sync,
         "optimizer": type(km2.diagnosis_optimizer).__name__,
         "iterations": int(km2.diagnosis_optimizer.iterations.numpy()),
         "head": rel(True), "rest": rel(False),
-    }}))
-""")
+    }))
+"""
 
 
 def test_adamw_head_under_mirrored_strategy_matches_one_device(tmp_path):
     """Two logical CPUs, one image each, against one device with both: the same update."""
-    tests = Path(__file__).resolve().parent
-    script = MIRRORED_ADAMW.format(repo=str(tests.parent), tests=str(tests), model_dir=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tests.parent)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT"):])
+    result = run_on_two_logical_cpus(MIRRORED_ADAMW, tmp_path)
     assert (result["replicas"], result["optimizer"], result["iterations"]) == (2, "AdamW", 1)
     for part in ("head", "rest"):
         diff, norm = result[part]

@@ -21,17 +21,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from factories import make_config
-from helpers import lesion_image, training_inputs
+from helpers import lesion_image, run_on_two_logical_cpus, training_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,36 +166,23 @@ def test_auto_precision_is_bfloat16_only_on_a_gpu_less_cpu_with_native_bfloat16(
 # -------------------------------------------------------------------------------------------
 # MirroredStrategy over two logical CPUs (subprocess)
 
-MIRRORED_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import numpy as np
-    import tensorflow as tf
-    tf.config.experimental.enable_op_determinism()  # else a rare reordering moves the update by ~1e-3
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    from factories import make_config
-    from helpers import training_inputs
-    from mrcnn.model import MaskRCNN
-    from mrcnn.training import compile_training_model, set_trainable
-
+MIRRORED_SCRIPT = """
     # ROI_POSITIVE_RATIO 1: every positive proposal kept; "global" clipping: the update's norm is 0.5
     ONE_DEVICE = dict(ROI_POSITIVE_RATIO=1.0, GRADIENT_CLIP_NORM=0.5, GRADIENT_CLIP_MODE="global")
 
     def step(config, weights=None):
-        model = MaskRCNN("training", config, {model_dir!r})
+        model = MaskRCNN("training", config, MODEL_DIR)
         km = model.keras_model
         if weights is not None:
             km.set_weights(weights)
         start = [np.array(w) for w in km.get_weights()]
         set_trainable(model, "all")
         compile_training_model(km, 1.0, config)  # lr 1, first SGD step: update = -clipped gradient
-        batch = {{k: tf.constant(v) for k, v in training_inputs(config, 2).items()}}
+        batch = {k: tf.constant(v) for k, v in training_inputs(config, 2).items()}
         ds = tf.data.Dataset.from_tensors(batch).repeat()
         logs = km.fit(ds, steps_per_epoch=1, epochs=1, verbose=0).history
         delta = [np.array(w) - s for w, s in zip(km.get_weights(), start)]
-        return km, start, {{k: float(v[0]) for k, v in logs.items()}}, delta
+        return km, start, {k: float(v[0]) for k, v in logs.items()}, delta
 
     one = make_config("small", IMAGES_PER_GPU=2, **ONE_DEVICE)
     two = make_config("small", GPU_COUNT=2, IMAGES_PER_GPU=1, **ONE_DEVICE)
@@ -209,7 +192,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     flat2 = np.concatenate([d.ravel() for d in delta2])
     worst = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
                 for a, b in zip(delta1, delta2) if np.abs(a).max() > 0)
-    print("RESULT" + json.dumps({{
+    print("RESULT" + json.dumps({
         "strategy": type(km2.distribute_strategy).__name__,
         "replicas": km2.distribute_strategy.num_replicas_in_sync,
         "devices": [d.name for d in tf.config.list_logical_devices("CPU")],
@@ -219,19 +202,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         "update_rel_diff": float(np.linalg.norm(flat1 - flat2) / np.linalg.norm(flat1)),
         "worst_tensor_rel_diff": worst,
         "changed_tensors": int(sum(np.abs(d).max() > 0 for d in delta1)),
-    }}))
-""")
+    }))
+"""
 
 
 @pytest.fixture(scope="module")
 def mirrored_result(tmp_path_factory) -> dict:
-    """Run MIRRORED_SCRIPT in a fresh interpreter and return its RESULT dict."""
-    script = MIRRORED_SCRIPT.format(repo=str(REPO), tests=str(Path(__file__).parent),
-                                    model_dir=str(tmp_path_factory.mktemp("mirrored")))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT"):])
+    """Run MIRRORED_SCRIPT on two logical CPUs in a fresh interpreter and return its RESULT dict."""
+    return run_on_two_logical_cpus(MIRRORED_SCRIPT, tmp_path_factory.mktemp("mirrored"))
 
 
 def test_mirrored_strategy_uses_two_logical_devices(mirrored_result):
