@@ -69,11 +69,10 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
     if len(out_shape) == x.ndim - 1:
         out_shape = out_shape + x.shape[len(out_shape):]
     assert len(out_shape) == x.ndim, f"output_shape {output_shape} does not fit image of shape {x.shape}"
-    factors = np.array(x.shape, dtype=np.float64) / np.array(out_shape, dtype=np.float64)
     ndi_mode = _NDIMAGE_MODES.get(mode, mode)
     lo, hi = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
     if anti_aliasing:
-        sigma = anti_aliasing_sigma if anti_aliasing_sigma is not None else np.maximum(0, (factors - 1) / 2)
+        sigma = anti_aliasing_sigma if anti_aliasing_sigma is not None else _anti_aliasing_sigma(x.shape, out_shape)
         x = scipy.ndimage.gaussian_filter(x.astype(np.float64), sigma, cval=cval, mode=ndi_mode)
     if out_shape == x.shape:
         out = x.astype(np.float64)
@@ -82,6 +81,14 @@ def resize(image: np.ndarray, output_shape: Sequence[int], order: int = 1, mode:
     if clip and order > 0 and x.size:
         _clip_to_input_range(out, lo, hi, mode, cval)
     return out
+
+
+def _anti_aliasing_sigma(in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+    """scikit-image's default Gaussian sigma per axis, max(0, (in / out - 1) / 2); an empty output
+    axis (size 0, e.g. no instances) gets 0 instead of a division by zero."""
+    size_in, size_out = np.asarray(in_shape, np.float64), np.asarray(out_shape, np.float64)
+    factors = np.divide(size_in, size_out, out=np.ones_like(size_in), where=size_out > 0)
+    return np.maximum(0, (factors - 1) / 2)
 
 
 def _zoom(x: np.ndarray, out_shape: tuple[int, ...], order: int, ndi_mode: str, cval: float) -> np.ndarray:

@@ -317,3 +317,19 @@ def test_to_rgb():
     np.testing.assert_array_equal(I.to_rgb(np.array([[0.0, 300.0]]))[..., 0], [[0, 255]])
     with pytest.raises(ValueError):
         I.to_rgb(np.zeros((2, 2, 5)))
+
+
+def test_resize_of_an_empty_instance_axis_warns_nothing_and_keeps_it_empty():
+    import warnings
+
+    from mrcnn.imaging import resize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the old code divided by the empty axis (RuntimeWarning)
+        out = resize(np.zeros((10, 12, 0), bool), (5, 6, 0), anti_aliasing=True)
+        smooth = resize(np.eye(8), (4, 4), anti_aliasing=True, preserve_range=True)
+    assert out.shape == (5, 6, 0)
+    # scikit-image's default sigma (in / out - 1) / 2 = 0.5 per axis for 8 -> 4
+    explicit = resize(np.eye(8), (4, 4), anti_aliasing=True, anti_aliasing_sigma=[0.5, 0.5], preserve_range=True)
+    np.testing.assert_array_equal(smooth, explicit)
+    assert not np.array_equal(smooth, resize(np.eye(8), (4, 4), preserve_range=True))
