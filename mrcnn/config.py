@@ -129,8 +129,9 @@ class Config:
     POOL_SIZE = 7
     #: The finest FPN level (2..5) the box/class head pools its ROIs from. Matterport's rule (2)
     #: puts an ROI of sqrt(area) s on level 4 + round(log2(s / 224 px)), made for 1024-px images: at
-    #: 128 px nearly every lesion lands on P2 (stride 4), sampled 7x7 out of ~20x20 cells. 3 or 4
-    #: pools them from the coarser, deeper levels; the mask head keeps Matterport's rule.
+    #: 128 px every lesion under ~79 px lands on P2 (stride 4), sampled 7x7 out of ~20x20 cells. 3 or
+    #: 4 pools them from the coarser, deeper levels; the mask head keeps Matterport's rule. (On the
+    #: 128-px HAM10000 diagnosis preset 3 and 4 scored lower: benchmarks/README.md, session 8.)
     CLASSIFIER_ROI_MIN_LEVEL = 2
     #: Dropout rate on the box head's shared features before ``mrcnn_class_logits`` (training only;
     #: active when the train step runs in training mode, i.e. TRAIN_BN is not False). 0 = Matterport.
