@@ -66,6 +66,11 @@ class Config:
     #: detector keeps one class ("lesion", NUM_CLASSES = 2) and an extra image-level head on the
     #: backbone (global pooling of P2..P5, dropout, dense) predicts CLASSES.
     DIAGNOSIS_HEAD = "roi"
+    #: DIAGNOSIS_HEAD "roi" only: the class head also sees the whole image. The image's C5 and
+    #: P2..P5, each averaged globally, concatenated and layer-normalised (the image head's pooling),
+    #: join every ROI's shared features before ``mrcnn_class_logits`` (the box and mask branches are
+    #: unchanged); the class loss then shapes the deep backbone stage too. False = Matterport.
+    CLASS_HEAD_IMAGE_CONTEXT = False
     #: A crop-and-refine stage after the detector (the lesion toolkit's lesionkit.refine, whose
     #: REFINE_* keys live on lesions.LesionConfig). Declared here so that code handling any Config
     #: reads one default: a plain Mask R-CNN config never refines.
@@ -348,6 +353,8 @@ class Config:
                   f"DIAGNOSIS_HEAD must be roi or image, got {self.DIAGNOSIS_HEAD!r}")
         err.check(self.DIAGNOSIS_HEAD == "roi" or diagnoses(self),
                   "DIAGNOSIS_HEAD image needs two or more CLASSES (the diagnoses it predicts)")
+        err.check(not self.CLASS_HEAD_IMAGE_CONTEXT or (diagnoses(self) and self.DIAGNOSIS_HEAD == "roi"),
+                  "CLASS_HEAD_IMAGE_CONTEXT needs DIAGNOSIS_HEAD roi and two or more CLASSES")
         weights = self.CLASS_LOSS_WEIGHTS
         if isinstance(weights, str):
             err.check(weights in ("none", "balanced"),

@@ -215,6 +215,17 @@ def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tupl
     return logits, probs
 
 
+def class_head_context(feature_maps: Sequence[Any], config: Any) -> Any:
+    """The ROI class head's view of the whole image (CLASS_HEAD_IMAGE_CONTEXT): ``feature_maps``
+    ([C5, P2, P3, P4, P5] in the models) averaged globally, concatenated and layer-normalised,
+    [B, C5 channels + 4 * TOP_DOWN_PYRAMID_SIZE]; None when the key is off. Its layers train with
+    the model's optimiser (they are not ``mrcnn_diagnosis*`` layers)."""
+    if not config.CLASS_HEAD_IMAGE_CONTEXT:
+        return None
+    x = GlobalPyramidPool(name="mrcnn_class_context_pool", dtype="float32")(list(feature_maps))
+    return KL.LayerNormalization(name="mrcnn_class_context_norm")(x)
+
+
 #: Name prefix of the image-level head's layers (their variables: :func:`head_variables`).
 HEAD_PREFIX = "mrcnn_diagnosis"
 

@@ -53,6 +53,18 @@ class UnfoldRois(KL.Layer):
         return base
 
 
+class RepeatPerRoi(KL.Layer):
+    """(x [B, D], rois [B, N, 4]) -> [B*N, D]: each image's row once per ROI, in FoldRois order."""
+
+    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+        x, rois = inputs
+        return tf.repeat(x, tf.shape(rois)[1], axis=0)
+
+    def compute_output_shape(self, input_shape: Any) -> tuple:
+        (b, d), (_, n, _) = input_shape
+        return ((b * n) if b is not None and n is not None else None, d)
+
+
 class SqueezeSpatial(KL.Layer):
     """[M, 1, 1, C] -> [M, C] (Matterport's "pool_squeeze")."""
 
@@ -189,12 +201,14 @@ def _conv_bn_relu(x: Any, filters: int, kernel: int, conv_name: str, bn_name: st
 def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any, pool_size: int,
                          num_classes: int, train_bn: bool | None = False,
                          fc_layers_size: int = 1024, roi_min_level: int = 2,
-                         class_dropout: float = 0.0) -> tuple[Any, Any, Any]:
+                         class_dropout: float = 0.0, image_context: Any = None) -> tuple[Any, Any, Any]:
     """Box head. rois [B, N, 4] normalised, feature_maps [P2..P5] ->
     (mrcnn_class_logits [B, N, C], mrcnn_probs [B, N, C], mrcnn_bbox [B, N, C, 4] deltas).
     ``roi_min_level``: the finest pyramid level it pools from (config CLASSIFIER_ROI_MIN_LEVEL);
     ``class_dropout``: dropout on the shared features before the class logits only (training
-    graphs; config CLASS_HEAD_DROPOUT; no weights, so weight files load as before).
+    graphs; config CLASS_HEAD_DROPOUT; no weights, so weight files load as before);
+    ``image_context`` [B, D] or None: concatenated to every ROI's features before the class logits
+    only (config CLASS_HEAD_IMAGE_CONTEXT; ``mrcnn_class_logits`` then has fc + D inputs).
     """
     x = PyramidROIAlign((pool_size, pool_size), min_level=roi_min_level,
                         name="roi_align_classifier")([rois, image_meta, *feature_maps])
@@ -203,6 +217,9 @@ def fpn_classifier_graph(rois: Any, feature_maps: Sequence[Any], image_meta: Any
     x = _conv_bn_relu(x, fc_layers_size, 1, "mrcnn_class_conv2", "mrcnn_class_bn2", train_bn, "valid")
     shared = SqueezeSpatial(name="pool_squeeze")(x)                    # [B*N, fc]
     class_features = KL.Dropout(class_dropout, name="mrcnn_class_dropout")(shared) if class_dropout > 0 else shared
+    if image_context is not None:
+        context = RepeatPerRoi(name="mrcnn_class_context_rois")([image_context, rois])
+        class_features = KL.Concatenate(name="mrcnn_class_context_concat")([class_features, context])
     logits = KL.Dense(num_classes, name="mrcnn_class_logits")(class_features)
     mrcnn_class_logits = UnfoldRois(name="mrcnn_class_logits_rois", dtype="float32")([logits, rois])
     mrcnn_probs = KL.Activation("softmax", name="mrcnn_class", dtype="float32")(mrcnn_class_logits)

@@ -108,7 +108,8 @@ def build_inference_model(config: Any) -> keras.Model:
         _, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
             rpn_rois, mrcnn_feature_maps, input_image_meta, config.POOL_SIZE, config.NUM_CLASSES,
             train_bn=train_bn, fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE,
-            roi_min_level=config.CLASSIFIER_ROI_MIN_LEVEL)
+            roi_min_level=config.CLASSIFIER_ROI_MIN_LEVEL,
+            image_context=diagnosis.class_head_context([c5, *mrcnn_feature_maps], config))
         roi_dx = diagnosis.uses_roi_head(config)
         if roi_dx:  # one class-free box regressor (class 1's) for every diagnosis
             mrcnn_bbox = diagnosis.class_agnostic(mrcnn_bbox)

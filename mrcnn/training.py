@@ -29,6 +29,7 @@ from mrcnn.config import LOSS_NAMES, loss_scaled
 from mrcnn.diagnosis import (
     DIAGNOSIS_LOSS,
     build_image_diagnosis_head,
+    class_head_context,
     class_loss_weights,
     head_variables,
     roi_class_weights,
@@ -374,7 +375,8 @@ def _build_graph(config) -> TrainingModel:
     mrcnn_class_logits, mrcnn_class, mrcnn_bbox = fpn_classifier_graph(
         rois, mrcnn_feature_maps, meta, config.POOL_SIZE, config.NUM_CLASSES, train_bn=config.TRAIN_BN,
         fc_layers_size=config.FPN_CLASSIF_FC_LAYERS_SIZE, roi_min_level=config.CLASSIFIER_ROI_MIN_LEVEL,
-        class_dropout=config.CLASS_HEAD_DROPOUT)
+        class_dropout=config.CLASS_HEAD_DROPOUT,
+        image_context=class_head_context([c5, *mrcnn_feature_maps], config))
     mask_rois, positives = rois, None
     if config.TRAIN_MASKS_ON_POSITIVES_ONLY:  # the mask layer pads back to the static slot, zero rows
         positives = int(config.TRAIN_ROIS_PER_IMAGE * config.ROI_POSITIVE_RATIO)

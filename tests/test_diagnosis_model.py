@@ -148,26 +148,31 @@ class LabelledDataset(Dataset):
         return masks, np.full([masks.shape[-1]], self.image_info[image_id]["instance_class"], np.int32)
 
 
-def _dx_config(head: str, **overrides):
-    return make_config("small", CLASSES=HAM, DIAGNOSIS_HEAD=head, **overrides)
+#: The variants the module trains: the two heads, and the ROI head that also sees the whole image.
+VARIANTS = {"roi": {}, "image": {}, "roi_context": {"CLASS_HEAD_IMAGE_CONTEXT": True}}
+
+
+def _dx_config(variant: str, **overrides):
+    head = "image" if variant == "image" else "roi"
+    return make_config("small", CLASSES=HAM, DIAGNOSIS_HEAD=head, **VARIANTS[variant], **overrides)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """{head: checkpoint} after 3 training steps of each variant (weights + focal loss on)."""
+    """{variant: checkpoint} after 3 training steps of each variant (weights + focal loss on)."""
     out = {}
-    for head in ("roi", "image"):
+    for head in VARIANTS:
         logs = tmp_path_factory.mktemp(f"dxlogs_{head}")  # one run folder each (they are named by minute)
         config = _dx_config(head, IMAGES_PER_GPU=2, STEPS_PER_EPOCH=3, VALIDATION_STEPS=1, LEARNING_RATE=0.01,
                             CLASS_LOSS_WEIGHTS=[1.0, 2.0, 1.0, 3.0, 1.0, 0.5, 2.0], FOCAL_LOSS_GAMMA=2.0)
-        dataset = LabelledDataset(lesion_pairs(8), head)
+        dataset = LabelledDataset(lesion_pairs(8), config.DIAGNOSIS_HEAD)
         model = modellib.MaskRCNN("training", config, str(logs))
         history = model.train(dataset, dataset, 0.01, 1, "all", list_layers=False)
         out[head] = (model.find_last(), history.history, dataset)
     return out
 
 
-@pytest.mark.parametrize("head", ["roi", "image"])
+@pytest.mark.parametrize("head", list(VARIANTS))
 def test_training_steps_stay_finite_and_log_the_diagnosis_loss(trained, head):
     _, history, _ = trained[head]
     assert all(np.isfinite(v).all() for v in history.values())
@@ -176,7 +181,7 @@ def test_training_steps_stay_finite_and_log_the_diagnosis_loss(trained, head):
         assert history["mrcnn_diagnosis_loss"][0] > 0 and history["val_mrcnn_diagnosis_loss"][0] > 0
 
 
-@pytest.mark.parametrize("head", ["roi", "image"])
+@pytest.mark.parametrize("head", list(VARIANTS))
 def test_detect_returns_class_probs_over_classes(trained, head):
     checkpoint, _, dataset = trained[head]
     model = modellib.MaskRCNN("inference", _dx_config(head), "unused")
@@ -187,7 +192,7 @@ def test_detect_returns_class_probs_over_classes(trained, head):
     assert probs.shape == (7,) and probs.dtype == np.float32
     assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5) and (probs >= 0).all()
     assert results[0]["masks"].shape[:2] == (64, 64)
-    if head == "roi":  # class-free masks: every detection's class uses the same (class 1) mask
+    if head != "image":  # class-free masks: every detection's class uses the same (class 1) mask
         assert set(results[0]["class_ids"]) <= set(range(1, 8))
     else:
         assert set(results[0]["class_ids"]) <= {1}
@@ -218,6 +223,43 @@ def test_one_class_model_has_no_class_probs_and_loads_into_dx_models(trained, tm
     report = three.load_weights(checkpoint, by_name=True, verbose=0)
     assert [name for name, _ in report.skipped] == ["mrcnn_diagnosis_logits"]
     assert "the number of CLASSES differs" in report.skipped[0][1]
+
+
+def test_image_context_adds_one_linear_term_per_image_to_the_class_logits(trained):
+    """CLASS_HEAD_IMAGE_CONTEXT: logits = W_roi . roi_features + W_ctx . context + b, the context the
+    layer-normalised global means of C5 and P2..P5. With W_roi = 0 every ROI of an image gets
+    softmax(W_ctx . context + b), computed here by hand from the model's own feature maps."""
+    import keras
+
+    checkpoint, _, dataset = trained["roi_context"]
+    config = _dx_config("roi_context")
+    model = modellib.MaskRCNN("inference", config, "unused")
+    model.load_weights(checkpoint, by_name=True, verbose=0)
+    km = model.keras_model
+    logits_layer = km.get_layer("mrcnn_class_logits")
+    kernel, bias = [np.asarray(w) for w in logits_layer.get_weights()]
+    fc = config.FPN_CLASSIF_FC_LAYERS_SIZE
+    context_size = kernel.shape[0] - fc
+    assert context_size == km.get_layer("mrcnn_class_context_pool").output.shape[-1] > 0
+    assert km.get_layer("mrcnn_bbox_fc").get_weights()[0].shape[0] == fc  # the box branch is unchanged
+    rng = np.random.default_rng(0)
+    w_ctx = rng.normal(0, 0.5, (context_size, config.NUM_CLASSES)).astype(np.float32)
+    logits_layer.set_weights([np.concatenate([np.zeros((fc, config.NUM_CLASSES), np.float32), w_ctx]), bias])
+
+    image = dataset.load_image(0)
+    pool = km.get_layer("mrcnn_class_context_pool")
+    probe = keras.Model(km.inputs, [km.get_layer("mrcnn_class").output, *pool.input])
+    molded, metas, windows = model.mold_inputs([image])
+    anchors = np.broadcast_to(model.get_anchors(molded[0].shape), (1, *model.get_anchors(molded[0].shape).shape))
+    class_probs, *maps = probe.predict([molded, metas, anchors], verbose=0)
+    pooled = np.concatenate([m.astype(np.float64).mean(axis=(1, 2)) for m in maps], axis=-1)[0]
+    norm = km.get_layer("mrcnn_class_context_norm")
+    gamma, beta = [np.asarray(w, np.float64) for w in norm.get_weights()]
+    context = (pooled - pooled.mean()) / np.sqrt(pooled.var() + norm.epsilon) * gamma + beta
+    expected = context @ w_ctx + bias
+    expected = np.exp(expected - expected.max())
+    expected /= expected.sum()
+    np.testing.assert_allclose(class_probs[0], np.broadcast_to(expected, class_probs[0].shape), atol=1e-4)
 
 
 def test_training_input_carries_the_diagnosis_index():
