@@ -200,14 +200,20 @@ class GlobalPyramidPool(KL.Layer):
         return (input_shape[0][0], sum(int(s[-1]) for s in input_shape))
 
 
+def pooled_image_features(feature_maps: Sequence[Any], prefix: str) -> Any:
+    """``feature_maps`` [B, h_i, w_i, C_i] -> [B, sum C_i]: each averaged globally, concatenated and
+    layer-normalised (layers ``{prefix}_pool``, ``{prefix}_norm``). The pyramid levels carry no
+    normalisation: without it the pooled values, and so the first logits, start large and a head
+    on them begins over-confident."""
+    x = GlobalPyramidPool(name=f"{prefix}_pool", dtype="float32")(list(feature_maps))
+    return KL.LayerNormalization(name=f"{prefix}_norm")(x)
+
+
 def build_image_diagnosis_head(feature_maps: Sequence[Any], config: Any) -> tuple[Any, Any]:
     """The image-level branch on ``feature_maps`` ([C5, P2, P3, P4, P5] in the models): global
     average pooling of each, concatenated [B, C5 channels + 4 * TOP_DOWN_PYRAMID_SIZE], layer
     normalisation, dense 256 + ReLU, dropout DIAGNOSIS_DROPOUT, dense K. Returns (logits [B, K], probabilities [B, K]), float32."""
-    x = GlobalPyramidPool(name="mrcnn_diagnosis_pool", dtype="float32")(list(feature_maps))
-    # The pyramid levels carry no normalisation: without it the pooled values, and so the first
-    # logits, start large and the head begins over-confident.
-    x = KL.LayerNormalization(name="mrcnn_diagnosis_norm")(x)
+    x = pooled_image_features(feature_maps, "mrcnn_diagnosis")
     x = KL.Dense(256, activation="relu", name="mrcnn_diagnosis_fc")(x)
     x = KL.Dropout(float(config.DIAGNOSIS_DROPOUT), name="mrcnn_diagnosis_dropout")(x)
     logits = KL.Dense(len(config.CLASSES), name="mrcnn_diagnosis_logits", dtype="float32")(x)
@@ -222,8 +228,7 @@ def class_head_context(feature_maps: Sequence[Any], config: Any) -> Any:
     the model's optimiser (they are not ``mrcnn_diagnosis*`` layers)."""
     if not config.CLASS_HEAD_IMAGE_CONTEXT:
         return None
-    x = GlobalPyramidPool(name="mrcnn_class_context_pool", dtype="float32")(list(feature_maps))
-    return KL.LayerNormalization(name="mrcnn_class_context_norm")(x)
+    return pooled_image_features(feature_maps, "mrcnn_class_context")
 
 
 #: Name prefix of the image-level head's layers (their variables: :func:`head_variables`).
