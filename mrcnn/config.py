@@ -64,7 +64,7 @@ class Config:
     #: How a model with two or more CLASSES diagnoses (mrcnn/diagnosis.py): "roi" = Mask R-CNN's own
     #: class head over 1 + len(CLASSES) classes, the image's class from its detections; "image" = the
     #: detector keeps one class ("lesion", NUM_CLASSES = 2) and an extra image-level head on the
-    #: backbone (global pooling of P2..P5, dropout, dense) predicts CLASSES.
+    #: backbone (global pooling of C5 and P2..P5, dense, dropout, dense) predicts CLASSES.
     DIAGNOSIS_HEAD = "roi"
     #: DIAGNOSIS_HEAD "roi" only: the class head also sees the whole image. The image's C5 and
     #: P2..P5, each averaged globally, concatenated and layer-normalised (the image head's pooling),
