@@ -188,6 +188,13 @@ class Config:
     #: twice the float32 rate; TPUs; Ampere and later GPUs); "auto" = "bfloat16" where TensorFlow
     #: sees no GPU and the CPU has native bfloat16 (:func:`cpu_has_bf16`), float32 elsewhere.
     MIXED_PRECISION = False
+    #: The optimiser of the whole model: "sgd" = Matterport's SGD with LEARNING_MOMENTUM and the
+    #: L2 term WEIGHT_DECAY x mean(w^2) in the loss; "adamw" = Keras AdamW (betas 0.9 / 0.999) at
+    #: LEARNING_RATE (Adam-scale rates: ~1e-3) with decoupled weight decay ADAMW_WEIGHT_DECAY on every
+    #: weight but BatchNorm / LayerNorm gamma and beta, no L2 term (WEIGHT_DECAY and LEARNING_MOMENTUM
+    #: unused). Both clip as GRADIENT_CLIP_NORM / GRADIENT_CLIP_MODE say.
+    OPTIMIZER = "sgd"
+    ADAMW_WEIGHT_DECAY = 0.01
     #: Training on several machines (TF_CONFIG, see mrcnn.multiworker): seconds a gradient
     #: all-reduce waits for the other workers before the run stops with an error naming the lost one.
     MULTI_WORKER_TIMEOUT = 600
@@ -467,6 +474,9 @@ class Config:
                   f"LEARNING_RATE must be > 0, got {self.LEARNING_RATE}")
         err.check(0 <= self.LEARNING_MOMENTUM < 1, f"LEARNING_MOMENTUM must be in [0, 1), got {self.LEARNING_MOMENTUM}")
         err.check(self.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, got {self.WEIGHT_DECAY}")
+        err.check(self.OPTIMIZER in ("sgd", "adamw"), f"OPTIMIZER must be sgd or adamw, got {self.OPTIMIZER!r}")
+        err.check(self.ADAMW_WEIGHT_DECAY >= 0 and math.isfinite(self.ADAMW_WEIGHT_DECAY),
+                  f"ADAMW_WEIGHT_DECAY must be >= 0, got {self.ADAMW_WEIGHT_DECAY}")
         err.check(self.GRADIENT_CLIP_NORM is None or self.GRADIENT_CLIP_NORM > 0,
                   f"GRADIENT_CLIP_NORM must be > 0 or None, got {self.GRADIENT_CLIP_NORM}")
         err.check(self.GRADIENT_CLIP_MODE in ("per_variable", "global"),

@@ -158,7 +158,7 @@ class TrainingModel(keras.Model):
     """Functional training graph with Matterport's optimisation in ``train_step``.
 
     Each step minimises sum(LOSS_WEIGHTS[k] * loss_k) + L2 decay (mean square per weight tensor
-    times WEIGHT_DECAY, BN gamma/beta excluded). Logged: ``loss`` and the 5 weighted losses.
+    times WEIGHT_DECAY, BN gamma/beta excluded; none with OPTIMIZER "adamw", which decays decoupled). Logged: ``loss`` and the 5 weighted losses.
     With ``diagnosis_optimizer`` (DIAGNOSIS_OPTIMIZER "adamw", attached by
     :func:`compile_training_model`) that optimiser updates the image head's variables and the L2
     term leaves them out; ``optimizer`` updates the rest exactly as without it.
@@ -203,6 +203,11 @@ class TrainingModel(keras.Model):
         return logs
 
     @property
+    def _l2_weight_decay(self) -> float:
+        """WEIGHT_DECAY of the L2 loss term; 0 with OPTIMIZER "adamw" (its decay is decoupled)."""
+        return 0.0 if self.mrcnn_config.OPTIMIZER == "adamw" else self.mrcnn_config.WEIGHT_DECAY
+
+    @property
     def bn_training(self) -> bool:
         """``training`` flag for the forward pass of a train step.
 
@@ -219,7 +224,7 @@ class TrainingModel(keras.Model):
         with tf.GradientTape() as tape:
             outputs = self(inputs, training=self.bn_training)
             terms = self._loss_terms(outputs)
-            decay = L.weight_decay_loss([v for v in variables if id(v) not in own], self.mrcnn_config.WEIGHT_DECAY)
+            decay = L.weight_decay_loss([v for v in variables if id(v) not in own], self._l2_weight_decay)
             total = tf.add_n(list(terms.values())) + decay
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
@@ -500,11 +505,18 @@ def _clipping(config) -> dict[str, float | None]:
     return {"clipnorm": clip if per_variable else None, "global_clipnorm": None if per_variable else clip}
 
 
-def make_optimizer(config, learning_rate: float) -> keras.optimizers.Optimizer:
-    """SGD with LEARNING_MOMENTUM, gradients clipped to GRADIENT_CLIP_NORM (:func:`_clipping`);
-    loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
-    optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
-                                     **_clipping(config))
+def make_optimizer(config, learning_rate: float, variables: list | None = None) -> keras.optimizers.Optimizer:
+    """The whole model's optimiser (OPTIMIZER): SGD with LEARNING_MOMENTUM, or AdamW with decoupled
+    decay ADAMW_WEIGHT_DECAY (not on the ``variables`` that :func:`mrcnn.losses.is_decayed` leaves
+    out: BN / LayerNorm gamma and beta); gradients clipped to GRADIENT_CLIP_NORM
+    (:func:`_clipping`); loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
+    if config.OPTIMIZER == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.ADAMW_WEIGHT_DECAY,
+                                           **_clipping(config))
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables or [] if not L.is_decayed(v)])
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
+                                         **_clipping(config))
     if loss_scaled(config):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -551,7 +563,7 @@ def compile_training_model(keras_model: TrainingModel, learning_rate: float, con
     """Attach fresh optimisers: the SGD and, with DIAGNOSIS_OPTIMIZER "adamw", the image head's
     AdamW (resets train functions; call after set_trainable)."""
     with keras_model.distribute_strategy.scope():
-        optimizer = make_optimizer(config, learning_rate)
+        optimizer = make_optimizer(config, learning_rate, keras_model.trainable_variables)
         keras_model.compile(optimizer=optimizer, jit_compile=False)
         keras_model.diagnosis_optimizer = make_diagnosis_optimizer(config, optimizer, head_variables(keras_model))
 

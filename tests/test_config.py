@@ -80,6 +80,8 @@ def test_validate_accepts_a_sane_config():
         ("TRAIN_ROIS_PER_IMAGE", 1, "at least one positive ROI"),
         ("BACKBONE_STRIDES", [4, 8, 16, 32, 128], "BACKBONE_STRIDES"),
         ("GRADIENT_CLIP_MODE", "layerwise", "per_variable or global"),
+        ("OPTIMIZER", "adam", "OPTIMIZER must be sgd or adamw, got 'adam'"),
+        ("ADAMW_WEIGHT_DECAY", -0.1, "ADAMW_WEIGHT_DECAY must be >= 0, got -0.1"),
         ("RPN_ANCHOR_SCALES", [32, 64], "one scale per pyramid level"),
         ("LEARNING_RATE", float("nan"), "LEARNING_RATE"),
         ("DETECTION_NMS_THRESHOLD", -0.1, "DETECTION_NMS_THRESHOLD"),

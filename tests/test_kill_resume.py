@@ -286,6 +286,36 @@ def test_gradients_are_clipped_to_the_configured_norm():
     assert np.linalg.norm(updates[0]) / np.linalg.norm(updates[1]) == pytest.approx(big_norm / other_norm, rel=1e-5)
 
 
+def test_adamw_optimizer_decays_decoupled_and_spares_norm_parameters():
+    """OPTIMIZER "adamw": the first step of Keras AdamW by hand (bias-corrected m / sqrt(v) = g / |g|,
+    so each weight moves by lr * sign(g)), plus decoupled decay w * lr * ADAMW_WEIGHT_DECAY on a
+    kernel and none on a BatchNorm gamma; the L2 loss term is off (its decay is decoupled)."""
+    import types
+
+    import keras
+    import numpy as np
+    from factories import make_config
+
+    from mrcnn.training import TrainingModel, make_optimizer
+
+    config = make_config("matterport", OPTIMIZER="adamw", ADAMW_WEIGHT_DECAY=0.5)
+    lr = 0.1
+    start = np.array([[2.0, -4.0], [1.0, 8.0]], np.float32)
+    grad = np.array([[0.3, -0.2], [-5.0, 0.01]], np.float32)
+    kernel, gamma = keras.Variable(start, name="kernel"), keras.Variable(start, name="gamma")
+    optimizer = make_optimizer(config, lr, [kernel, gamma])
+    assert isinstance(optimizer, keras.optimizers.AdamW)
+    optimizer.apply([grad, grad], [kernel, gamma])
+    step = lr * grad / (np.abs(grad) + 1e-7)
+    assert np.allclose(np.asarray(kernel), start * (1 - lr * 0.5) - step, atol=1e-5)
+    assert np.allclose(np.asarray(gamma), start - step, atol=1e-5)
+    owner = types.SimpleNamespace(mrcnn_config=config)
+    assert TrainingModel._l2_weight_decay.fget(owner) == 0.0
+    owner.mrcnn_config = make_config("matterport")
+    assert TrainingModel._l2_weight_decay.fget(owner) == 0.0001
+    assert isinstance(make_optimizer(owner.mrcnn_config, lr), keras.optimizers.SGD)
+
+
 def test_ctrl_c_during_a_checkpoint_write_finishes_that_file_first(tmp_path):
     """EpochCheckpoint: stale temp files of a killed write go at train start; a Ctrl-C arriving while
     a finished epoch is being saved lets the file complete, then stops training."""
