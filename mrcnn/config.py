@@ -168,6 +168,10 @@ class Config:
     # An image where no ROI is classified as foreground (or none reaches DETECTION_MIN_CONFIDENCE)
     # keeps its ROI of highest foreground probability (Matterport: no detection, an empty mask).
     DETECTION_FOREGROUND_FALLBACK = False
+    # Training: the image's ground-truth boxes join its proposals before the ROIs are sampled
+    # (detectron2's PROPOSAL_APPEND_GT; Matterport: proposals only), so every image with a lesion has
+    # a positive ROI from the first step, the exact box among them.
+    PROPOSALS_APPEND_GT = False
     # Filters of the RPN's shared 3x3 conv (Matterport: 512, which COCO weights need). 256, as
     # torchvision and TF Model Garden, halves the RPN's work: -20% FLOPs at 1024 px inference.
     RPN_CONV_CHANNELS = 512

@@ -244,7 +244,8 @@ def detection_targets_graph(proposals: tf.Tensor, gt_class_ids: tf.Tensor, gt_bo
                             gt_masks: tf.Tensor, config) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Targets of one image.
 
-    proposals [N, 4] and gt_boxes [G, 4] normalised (y1, x1, y2, x2), zero rows = padding;
+    proposals [N, 4] and gt_boxes [G, 4] normalised (y1, x1, y2, x2), zero rows = padding (with
+    PROPOSALS_APPEND_GT the non-crowd GT boxes join the proposals);
     gt_class_ids [G] int (negative = crowd); gt_masks [mh, mw, G] (mini) or [H, W, G].
     Returns, zero-padded to T = TRAIN_ROIS_PER_IMAGE with positives first:
     rois [T, 4], class_ids int32 [T], deltas [T, 4] (/ BBOX_STD_DEV), masks [T, MASK_H, MASK_W].
@@ -260,6 +261,8 @@ def detection_targets_graph(proposals: tf.Tensor, gt_class_ids: tf.Tensor, gt_bo
     gt_boxes = tf.boolean_mask(gt_boxes, ~crowd)
     gt_masks = tf.gather(gt_masks, tf.where(~crowd)[:, 0], axis=2)
 
+    if config.PROPOSALS_APPEND_GT:
+        proposals = tf.concat([proposals, gt_boxes], axis=0)
     overlaps = tf_boxes.overlaps_graph(proposals, gt_boxes)
     crowd_overlaps = tf_boxes.overlaps_graph(proposals, crowd_boxes)
     crowd_iou_max = tf.reduce_max(tf.concat([crowd_overlaps, tf.zeros_like(proposals[:, :1])], axis=1), axis=1)

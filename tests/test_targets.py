@@ -172,6 +172,25 @@ def test_detection_targets_no_gt_gives_only_padding():
     assert not rois.numpy().any() and not ids.numpy().any() and not deltas.numpy().any()
 
 
+def test_detection_targets_append_gt_boxes_to_the_proposals():
+    """PROPOSALS_APPEND_GT: proposals that all miss the lesion give no positive ROI; with the key the
+    GT box itself is the one positive (zero deltas, the GT mask), the crowd box is not appended."""
+    proposals = tf.constant([[0.6, 0.6, 0.9, 0.9], [0.0, 0.6, 0.3, 0.9], [0, 0, 0, 0]], tf.float32)
+    gt_boxes = tf.constant([[0.1, 0.1, 0.5, 0.5], [0.55, 0.0, 0.95, 0.4], [0, 0, 0, 0]], tf.float32)
+    class_ids = tf.constant([1, -1, 0], tf.int32)           # the second box is a crowd
+    gt_masks = tf.concat([tf.ones([20, 20, 1], tf.bool), tf.zeros([20, 20, 2], tf.bool)], axis=2)
+    plain = detection_targets_graph(proposals, class_ids, gt_boxes, gt_masks, small_config(USE_MINI_MASK=False))
+    assert not plain[1].numpy().any() and not plain[0].numpy().any()   # no positive -> no negative sampled
+    rois, ids, deltas, masks = (t.numpy() for t in detection_targets_graph(
+        proposals, class_ids, gt_boxes, gt_masks, small_config(USE_MINI_MASK=False, PROPOSALS_APPEND_GT=True)))
+    np.testing.assert_array_equal(ids, [1, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(rois[0], [0.1, 0.1, 0.5, 0.5])
+    np.testing.assert_allclose(deltas[0], 0, atol=1e-6)
+    assert masks[0].all() and not masks[1:].any()
+    # int(1 / 0.5) - 1 = 1 negative: one of the two real proposals, never the crowd box
+    assert any(np.allclose(rois[1], p) for p in proposals.numpy()[:2]) and not rois[2:].any()
+
+
 def test_detection_targets_positive_cap_and_ratio():
     config = small_config(USE_MINI_MASK=False)
     proposals = np.array([[0.1, 0.1, 0.5, 0.5 + 0.01 * i] for i in range(5)] + [[0.6, 0.6, 0.9, 0.9 - 0.01 * i]
