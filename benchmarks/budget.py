@@ -6,34 +6,16 @@ The Keras callback that applies them is :class:`benchmarks.time_budget.TimeBudge
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
 
-SCHEDULES = ("constant", "cosine", "step")
+from mrcnn.schedules import SCHEDULES as SCHEDULES  # noqa: F401  (re-exported for quality.py)
+from mrcnn.schedules import learning_rate_at
 
-
-def budget_learning_rate(base: float, fraction: float, step: int, schedule: str = "constant",
-                         warmup_steps: int = 0, floor: float = 0.05) -> float:
-    """Learning rate after ``step`` steps with ``fraction`` (0..1) of the time budget spent.
-
-    ``warmup_steps``: linear ramp from base/warmup_steps up to base. ``schedule``: "constant";
-    "cosine" from base down to ``floor * base`` at the end of the budget; "step": base, then
-    base/10 for the last 20% of the budget.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    fraction = min(max(fraction, 0.0), 1.0)
-    if schedule == "cosine":
-        rate = base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * fraction)))
-    elif schedule == "step":
-        rate = base if fraction < 0.8 else base / 10.0
-    else:
-        rate = base
-    if warmup_steps > 0 and step < warmup_steps:
-        rate *= (step + 1) / warmup_steps
-    return rate
+#: The time budget's rate: :func:`mrcnn.schedules.learning_rate_at` with ``fraction`` = the share of
+#: the budget spent.
+budget_learning_rate = learning_rate_at
 
 
 # -------------------------------------------------------------------------------------------

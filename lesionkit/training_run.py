@@ -15,6 +15,7 @@ from typing import Any
 from lesionkit import dataset_scan
 from mrcnn.checkpoints import checkpoints_in
 from mrcnn.config import Config
+from mrcnn.schedules import COSINE_FLOOR
 
 #: Layers whose shape depends on NUM_CLASSES: not taken from COCO weights.
 COCO_EXCLUDE = ("mrcnn_class_logits", "mrcnn_bbox_fc", "mrcnn_bbox", "mrcnn_mask", "mrcnn_diagnosis_logits")
@@ -44,13 +45,37 @@ class Stage:
 
 def training_stages(config: Config, start_epoch: int) -> list[Stage]:
     """Stages still to run after ``start_epoch``: heads to HEADS_EPOCHS at LEARNING_RATE, then all
-    layers to ALL_EPOCHS at LEARNING_RATE / 10."""
+    layers to ALL_EPOCHS at LEARNING_RATE / 10 (with LR_SCHEDULE "cosine" both start from
+    LEARNING_RATE: :func:`schedule_callbacks` sets every step's rate)."""
+    all_layers_rate = config.LEARNING_RATE if config.LR_SCHEDULE == "cosine" else config.LEARNING_RATE / 10
     todo = []
     if start_epoch < config.HEADS_EPOCHS:
         todo.append(Stage("heads", config.HEADS_EPOCHS, config.LEARNING_RATE))
     if start_epoch < config.ALL_EPOCHS and config.ALL_EPOCHS > config.HEADS_EPOCHS:
-        todo.append(Stage("all", config.ALL_EPOCHS, config.LEARNING_RATE / 10))
+        todo.append(Stage("all", config.ALL_EPOCHS, all_layers_rate))
     return todo
+
+
+def schedule_callbacks(config: Config) -> list:
+    """With LR_SCHEDULE "cosine": the callback that sets each step's rate over all ALL_EPOCHS x
+    STEPS_PER_EPOCH steps (resolved steps, :func:`complete_steps`); none with "stages"."""
+    if config.LR_SCHEDULE != "cosine":
+        return []
+    from mrcnn.train_callbacks import CosineLearningRate
+
+    return [CosineLearningRate(config.LEARNING_RATE, config.ALL_EPOCHS * config.STEPS_PER_EPOCH,
+                               config.STEPS_PER_EPOCH, config.LR_WARMUP_STEPS)]
+
+
+def stage_line(stage: Stage, first_epoch: int, config: Config) -> str:
+    """What a stage does, printed before it starts."""
+    if config.LR_SCHEDULE == "cosine":
+        rate = (f"on the run's cosine learning rate ({config.LR_WARMUP_STEPS} warm-up steps to"
+                f" {config.LEARNING_RATE:g}, {config.LEARNING_RATE * COSINE_FLOOR:g} at epoch {config.ALL_EPOCHS})")
+    else:
+        rate = f"at learning rate {stage.learning_rate:g}"
+    return (f"Stage '{stage.layers}': epochs {first_epoch}..{stage.final_epoch} {rate}"
+            f" ({config.STEPS_PER_EPOCH} steps/epoch)")
 
 
 def complete_steps(config: Config, n_train: int, n_val: int, workers: int = 1) -> Config:
@@ -104,10 +129,10 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
         print(f"Nothing to do: the checkpoint is at epoch {model.epoch} and ALL_EPOCHS is {config.ALL_EPOCHS}"
               + (" (detector); the refiner comes next." if config.REFINE else "."))
     for stage in todo:
-        print(f"\nStage '{stage.layers}': epochs {model.epoch + 1}..{stage.final_epoch} at learning rate"
-              f" {stage.learning_rate:g} ({config.STEPS_PER_EPOCH} steps/epoch)", flush=True)
+        print(f"\n{stage_line(stage, model.epoch + 1, config)}", flush=True)
         model.train(train_set, val_set, learning_rate=stage.learning_rate, epochs=stage.final_epoch,
-                    layers=stage.layers, augmentation=augmentation, list_layers=False)  # the stage line says it
+                    layers=stage.layers, augmentation=augmentation, custom_callbacks=schedule_callbacks(config),
+                    list_layers=False)  # the stage line says it
     cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
     if cache is not None and todo:
         print(f"Preprocessing cache: {cache.summary()}")

@@ -199,6 +199,12 @@ class Config:
     #: unused). Both clip as GRADIENT_CLIP_NORM / GRADIENT_CLIP_MODE say.
     OPTIMIZER = "sgd"
     ADAMW_WEIGHT_DECAY = 0.01
+    #: The learning rate over a run of lesions.py: "stages" = Matterport's, each stage at a constant
+    #: rate (heads: LEARNING_RATE, all layers: LEARNING_RATE / 10); "cosine" = one curve over all
+    #: epochs: linear warm-up over LR_WARMUP_STEPS steps to LEARNING_RATE, then cosine down to 5 %
+    #: of it at ALL_EPOCHS (the schedule of benchmarks/quality.py, there over a time budget).
+    LR_SCHEDULE = "stages"
+    LR_WARMUP_STEPS = 100
     #: Training on several machines (TF_CONFIG, see mrcnn.multiworker): seconds a gradient
     #: all-reduce waits for the other workers before the run stops with an error naming the lost one.
     MULTI_WORKER_TIMEOUT = 600
@@ -479,6 +485,9 @@ class Config:
         err.check(0 <= self.LEARNING_MOMENTUM < 1, f"LEARNING_MOMENTUM must be in [0, 1), got {self.LEARNING_MOMENTUM}")
         err.check(self.WEIGHT_DECAY >= 0, f"WEIGHT_DECAY must be >= 0, got {self.WEIGHT_DECAY}")
         err.check(self.OPTIMIZER in ("sgd", "adamw"), f"OPTIMIZER must be sgd or adamw, got {self.OPTIMIZER!r}")
+        err.check(self.LR_SCHEDULE in ("stages", "cosine"), f"LR_SCHEDULE must be stages or cosine, got {self.LR_SCHEDULE!r}")
+        err.check(isinstance(self.LR_WARMUP_STEPS, int) and self.LR_WARMUP_STEPS >= 0,
+                  f"LR_WARMUP_STEPS must be an integer >= 0, got {self.LR_WARMUP_STEPS!r}")
         err.check(self.ADAMW_WEIGHT_DECAY >= 0 and math.isfinite(self.ADAMW_WEIGHT_DECAY),
                   f"ADAMW_WEIGHT_DECAY must be >= 0, got {self.ADAMW_WEIGHT_DECAY}")
         err.check(self.GRADIENT_CLIP_NORM is None or self.GRADIENT_CLIP_NORM > 0,

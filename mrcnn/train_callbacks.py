@@ -8,6 +8,7 @@
   rewritten atomically so an interrupted run never leaves a torn file; rows of a resumed run
   replace rows of the same epochs.
 * :class:`ScalarSummaries` writes the same numbers as TensorBoard scalars.
+* :class:`CosineLearningRate` sets the rate of every step for LR_SCHEDULE "cosine".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from mrcnn.fileio import TEMP_PREFIX, write_text_atomic
+from mrcnn.schedules import learning_rate_at
 
 
 def _floats(logs: dict | None) -> dict[str, float]:
@@ -182,3 +184,30 @@ class ScalarSummaries(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.writer is not None:
             self.writer.close()
+
+
+class CosineLearningRate(keras.callbacks.Callback):
+    """Sets the optimiser's rate before every step: linear warm-up over ``warmup_steps``, then
+    cosine from ``base`` to COSINE_FLOOR x ``base`` at ``total_steps`` (:func:`mrcnn.schedules.learning_rate_at`).
+
+    The step is global: ``epoch * steps_per_epoch + batch`` with Keras' absolute epoch, so a run
+    resumed at epoch k (``initial_epoch``) continues the same curve.
+    """
+
+    def __init__(self, base: float, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0) -> None:
+        super().__init__()
+        self.base = float(base)
+        self.total_steps = max(int(total_steps), 1)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.warmup_steps = int(warmup_steps)
+        self.epoch = 0
+
+    def rate(self, step: int) -> float:
+        """The rate of global step ``step`` (0-based)."""
+        return learning_rate_at(self.base, step / self.total_steps, step, "cosine", self.warmup_steps)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = int(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.model.optimizer.learning_rate = self.rate(self.epoch * self.steps_per_epoch + int(batch))

@@ -62,3 +62,11 @@ def make_config(preset: str = "tiny", **overrides: Any) -> Config:
     config.apply_overrides(PRESETS[preset](), source=f"preset {preset}")
     config.apply_overrides(overrides, source="make_config")
     return config.validate()
+
+
+def make_lesion_config(**overrides: Any) -> Config:
+    """A validated ``lesions.LesionConfig`` (the CLI's config, with the training-schedule keys)
+    with ``overrides`` through ``Config.set``."""
+    import lesions
+
+    return lesions.LesionConfig().apply_overrides(overrides, source="make_lesion_config").validate()

@@ -81,6 +81,8 @@ def test_validate_accepts_a_sane_config():
         ("BACKBONE_STRIDES", [4, 8, 16, 32, 128], "BACKBONE_STRIDES"),
         ("GRADIENT_CLIP_MODE", "layerwise", "per_variable or global"),
         ("OPTIMIZER", "adam", "OPTIMIZER must be sgd or adamw, got 'adam'"),
+        ("LR_SCHEDULE", "linear", "LR_SCHEDULE must be stages or cosine, got 'linear'"),
+        ("LR_WARMUP_STEPS", -1, "LR_WARMUP_STEPS must be an integer >= 0, got -1"),
         ("ADAMW_WEIGHT_DECAY", -0.1, "ADAMW_WEIGHT_DECAY must be >= 0, got -0.1"),
         ("RPN_ANCHOR_SCALES", [32, 64], "one scale per pyramid level"),
         ("LEARNING_RATE", float("nan"), "LEARNING_RATE"),
