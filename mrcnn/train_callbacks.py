@@ -188,7 +188,8 @@ class ScalarSummaries(keras.callbacks.Callback):
 
 class CosineLearningRate(keras.callbacks.Callback):
     """Sets the optimiser's rate before every step: linear warm-up over ``warmup_steps``, then
-    cosine from ``base`` to COSINE_FLOOR x ``base`` at ``total_steps`` (:func:`mrcnn.schedules.learning_rate_at`).
+    cosine from ``base`` to COSINE_FLOOR x ``base`` at ``total_steps``
+    (:func:`mrcnn.schedules.learning_rate_at`).
 
     The step is global: ``epoch * steps_per_epoch + batch`` with Keras' absolute epoch, so a run
     resumed at epoch k (``initial_epoch``) continues the same curve.

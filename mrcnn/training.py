@@ -158,7 +158,8 @@ class TrainingModel(keras.Model):
     """Functional training graph with Matterport's optimisation in ``train_step``.
 
     Each step minimises sum(LOSS_WEIGHTS[k] * loss_k) + L2 decay (mean square per weight tensor
-    times WEIGHT_DECAY, BN gamma/beta excluded; none with OPTIMIZER "adamw", which decays decoupled). Logged: ``loss`` and the 5 weighted losses.
+    times WEIGHT_DECAY, BN gamma/beta excluded; none with OPTIMIZER "adamw", whose decay is
+    decoupled). Logged: ``loss`` and the 5 weighted losses.
     With ``diagnosis_optimizer`` (DIAGNOSIS_OPTIMIZER "adamw", attached by
     :func:`compile_training_model`) that optimiser updates the image head's variables and the L2
     term leaves them out; ``optimizer`` updates the rest exactly as without it.
