@@ -71,6 +71,12 @@ class Config:
     #: join every ROI's shared features before ``mrcnn_class_logits`` (the box and mask branches are
     #: unchanged); the class loss then shapes the deep backbone stage too. False = Matterport.
     CLASS_HEAD_IMAGE_CONTEXT = False
+    #: DIAGNOSIS_HEAD "roi" only: how the class head's probabilities over the proposals become the
+    #: image's diagnosis. "mean": every proposal's foreground class probabilities (renormalised),
+    #: averaged with its foreground probability 1 - P(background) as the weight; "top": those of the
+    #: most lesion-like proposal alone. On ham10000_dx (2 x 3 AdamW models, same weights) "mean" gave
+    #: +0.008 to +0.013 balanced accuracy over "top" in all six (benchmarks/README.md, session 11).
+    DIAGNOSIS_ROI_POOLING = "mean"
     #: A crop-and-refine stage after the detector (the lesion toolkit's lesionkit.refine, whose
     #: REFINE_* keys live on lesions.LesionConfig). Declared here so that code handling any Config
     #: reads one default: a plain Mask R-CNN config never refines.
@@ -372,6 +378,8 @@ class Config:
                   "DIAGNOSIS_HEAD image needs two or more CLASSES (the diagnoses it predicts)")
         err.check(not self.CLASS_HEAD_IMAGE_CONTEXT or (diagnoses(self) and self.DIAGNOSIS_HEAD == "roi"),
                   "CLASS_HEAD_IMAGE_CONTEXT needs DIAGNOSIS_HEAD roi and two or more CLASSES")
+        err.check(self.DIAGNOSIS_ROI_POOLING in ("mean", "top"),
+                  f"DIAGNOSIS_ROI_POOLING must be mean or top, got {self.DIAGNOSIS_ROI_POOLING!r}")
         weights = self.CLASS_LOSS_WEIGHTS
         if isinstance(weights, str):
             err.check(weights in ("none", "balanced"),

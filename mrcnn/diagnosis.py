@@ -8,9 +8,9 @@ one predicate). ``DIAGNOSIS_HEAD`` picks how, in the same single model and forwa
   :class:`ClassAgnostic` gives every class the box deltas and mask of class 1 (one box regressor
   and one mask for all diagnoses, trained on every lesion; the loss uses channel 1 too), and the
   detection layer scores an ROI by its foreground probability 1 - P(background) with one NMS over
-  all classes. The image's class probabilities (:class:`RoiDiagnosis`) are the class-head softmax
-  of the ROI with the highest foreground probability, over the K foreground classes,
-  renormalised to sum 1.
+  all classes. The image's class probabilities (:class:`RoiDiagnosis`) pool the class-head
+  softmax over the K foreground classes of every proposal, weighted by its foreground
+  probability (DIAGNOSIS_ROI_POOLING "mean"; "top": the most lesion-like proposal alone).
 * ``"image"``: the detector keeps one class (lesion, NUM_CLASSES = 2); one extra branch
   (:func:`build_image_diagnosis_head`) pools the backbone's last stage C5 and every pyramid level
   P2..P5 globally (average), concatenates and layer-normalises them, then dense 256 + ReLU,
@@ -142,12 +142,18 @@ def roi_class_weights(config: Any) -> np.ndarray | None:
     return None if weights is None else np.concatenate([[1.0], weights]).astype(np.float32)
 
 
-def top_roi_probs(class_probs: np.ndarray) -> np.ndarray:
-    """numpy reference of :class:`RoiDiagnosis` for one image: class_probs [R, 1 + K] -> [K]."""
+def pooled_roi_probs(class_probs: np.ndarray, rois: np.ndarray, pooling: str = "mean") -> np.ndarray:
+    """numpy reference of :class:`RoiDiagnosis` for one image: class_probs [R, 1 + K] and the
+    proposals (y1, x1, y2, x2) [R, 4] (zero-area rows are padding, left out) -> [K], sum 1."""
     probs = np.asarray(class_probs, dtype=np.float64)
-    best = int(np.argmax(1.0 - probs[:, 0]))
-    fg = probs[best, 1:]
-    return (fg / max(fg.sum(), 1e-12)).astype(np.float32)
+    rois = np.asarray(rois, dtype=np.float64)
+    valid = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])
+    fg = np.where(valid, 1.0 - probs[:, 0], -1.0)
+    weights = np.maximum(fg, 0.0) if pooling == "mean" else np.zeros(len(fg))
+    weights[int(np.argmax(fg))] += 1e-9
+    conditional = probs[:, 1:] / np.maximum(probs[:, 1:].sum(axis=1, keepdims=True), 1e-12)
+    out = (weights[:, None] * conditional).sum(axis=0)
+    return (out / out.sum()).astype(np.float32)
 
 
 # -------------------------------------------------------------------------------------------
@@ -155,17 +161,35 @@ def top_roi_probs(class_probs: np.ndarray) -> np.ndarray:
 
 
 class RoiDiagnosis(KL.Layer):
-    """mrcnn_class [B, R, 1 + K] -> class_probs [B, K]: the foreground class probabilities of the
-    ROI with the highest foreground probability (1 - P(background)), renormalised to sum 1."""
+    """[mrcnn_class [B, R, 1 + K], rois [B, R, 4]] -> class_probs [B, K] (sum 1): each proposal's
+    foreground class probabilities renormalised to sum 1, then pooled over the proposals
+    (zero-area rows are padding, left out) by ``pooling`` (DIAGNOSIS_ROI_POOLING):
 
-    def call(self, probs):
-        probs = tf.cast(probs, tf.float32)
-        best = tf.argmax(1.0 - probs[..., 0], axis=1, output_type=tf.int32)
-        chosen = tf.gather(probs, best, batch_dims=1)[:, 1:]
-        return chosen / tf.maximum(tf.reduce_sum(chosen, axis=1, keepdims=True), 1e-12)
+    * ``"mean"``: weighted by each proposal's foreground probability 1 - P(background), so the
+      proposals on the lesion count and those on skin hardly (one forward pass, many views);
+    * ``"top"``: the proposal with the highest foreground probability alone.
+    """
+
+    def __init__(self, pooling: str = "mean", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pooling = pooling
+
+    def call(self, inputs):
+        probs, rois = (tf.cast(t, tf.float32) for t in inputs)
+        valid = tf.logical_and(rois[..., 2] > rois[..., 0], rois[..., 3] > rois[..., 1])
+        fg = tf.where(valid, 1.0 - probs[..., 0], -1.0)
+        best = tf.one_hot(tf.argmax(fg, axis=1), tf.shape(fg)[1], dtype=tf.float32)
+        weights = tf.maximum(fg, 0.0) if self.pooling == "mean" else tf.zeros_like(fg)
+        weights += 1e-9 * best  # the top proposal alone where nothing else counts
+        conditional = probs[..., 1:] / tf.maximum(tf.reduce_sum(probs[..., 1:], axis=2, keepdims=True), 1e-12)
+        pooled = tf.reduce_sum(weights[..., None] * conditional, axis=1)
+        return pooled / tf.reduce_sum(pooled, axis=1, keepdims=True)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[2] - 1)
+        return (input_shape[0][0], input_shape[0][2] - 1)
+
+    def get_config(self):
+        return {**super().get_config(), "pooling": self.pooling}
 
 
 class ClassAgnostic(KL.Layer):
@@ -288,6 +312,7 @@ def class_agnostic_mask(mask: Any) -> Any:
     return ClassAgnostic(-1, name="mrcnn_mask_agnostic", dtype="float32")(mask)
 
 
-def roi_diagnosis(mrcnn_class: Any) -> Any:
-    """class_probs [B, K] from the class head's probabilities [B, R, 1 + K] (:class:`RoiDiagnosis`)."""
-    return RoiDiagnosis(name="class_probs", dtype="float32")(mrcnn_class)
+def roi_diagnosis(mrcnn_class: Any, rois: Any, config: Any) -> Any:
+    """class_probs [B, K] from the class head's probabilities [B, R, 1 + K] over the proposals
+    [B, R, 4], pooled as DIAGNOSIS_ROI_POOLING says (:class:`RoiDiagnosis`)."""
+    return RoiDiagnosis(config.DIAGNOSIS_ROI_POOLING, name="class_probs", dtype="float32")([mrcnn_class, rois])

@@ -124,7 +124,7 @@ def build_inference_model(config: Any) -> keras.Model:
         outputs = [detections, mrcnn_class, mrcnn_bbox, mrcnn_mask, rpn_rois, rpn_class, rpn_bbox]
         if roi_dx:  # one class-free mask (class 1's) for every diagnosis; the image's class from the ROIs
             outputs[3] = diagnosis.class_agnostic_mask(mrcnn_mask)
-            outputs.append(diagnosis.roi_diagnosis(mrcnn_class))
+            outputs.append(diagnosis.roi_diagnosis(mrcnn_class, rpn_rois, config))
         elif diagnosis.uses_image_head(config):
             outputs.append(diagnosis.build_image_diagnosis_head([c5, *mrcnn_feature_maps], config)[1])
         return keras.Model([input_image, input_image_meta, input_anchors], outputs, name="mask_rcnn")

@@ -96,12 +96,20 @@ def test_weighted_class_loss_reduces_to_matterports_and_weighs_per_roi():
     np.testing.assert_array_equal(L.agnostic_class_ids(targets).numpy(), np.minimum(targets.numpy(), 1))
 
 
-def test_roi_diagnosis_takes_the_most_lesion_like_roi():
+def test_roi_diagnosis_pools_the_proposals_by_foreground_probability():
+    """Image 0: foreground 0.1 / 0.8 / 0.7, renormalised class probs [.5 .5], [.25 .75], [6/7 1/7]:
+    "mean" = (0.1 [.5 .5] + 0.8 [.25 .75] + 0.7 [6/7 1/7]) / 1.6 = [0.53125 0.46875], "top" = ROI 1.
+    Image 1: ROI 0 has zero area (padding) and is left out, though its foreground is the highest."""
     probs = np.array([[[0.9, 0.05, 0.05], [0.2, 0.2, 0.6], [0.3, 0.6, 0.1]],
                       [[0.1, 0.45, 0.45], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]], np.float32)
-    out = diagnosis.RoiDiagnosis()(tf.constant(probs)).numpy()
-    np.testing.assert_allclose(out, [[0.25, 0.75], [0.5, 0.5]], rtol=1e-6)  # ROI 1 (fg 0.8), ROI 0 (fg 0.9)
-    np.testing.assert_allclose(diagnosis.top_roi_probs(probs[0]), out[0], rtol=1e-6)
+    rois = np.array([[[0.1, 0.1, 0.5, 0.5]] * 3, [[0.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.4]]],
+                    np.float32)
+    expected = {"mean": [[0.53125, 0.46875], [1.0, 0.0]], "top": [[0.25, 0.75], [1.0, 0.0]]}
+    for pooling, want in expected.items():
+        out = diagnosis.RoiDiagnosis(pooling)([tf.constant(probs), tf.constant(rois)]).numpy()
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-7)
+        for i in range(2):
+            np.testing.assert_allclose(diagnosis.pooled_roi_probs(probs[i], rois[i], pooling), out[i], rtol=1e-6, atol=1e-7)
 
 
 def test_detection_layer_scores_foreground_for_a_diagnosing_class_head():
