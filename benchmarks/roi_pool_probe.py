@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="run folder with config.json and mask_rcnn_*.h5 checkpoints")
     p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "ham10000_200"))
     p.add_argument("--average", type=int, default=1, help="average the last N epoch checkpoints (1 = last only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inference config value (e.g. RPN_NMS_THRESHOLD=0.9)")
     p.add_argument("--max-val", type=int, default=0, help="first N val images only (0 = all)")
     p.add_argument("--out", required=True, help="JSON with the scores of every rule")
     return p.parse_args(argv)
@@ -48,14 +50,14 @@ def val_labels(dataset: Path, max_val: int) -> list[tuple[Path, str]]:
     return [(dataset / "images" / f"{r['image_id']}.jpg", r["dx"]) for r in rows]
 
 
-def averaged_model(run: Path, count: int):
+def averaged_model(run: Path, count: int, overrides: list[str]):
     """Inference MaskRCNN with the mean weights of the last ``count`` checkpoints of ``run``."""
     import lesions
     from lesionkit.prediction_run import load_inference_model
 
     checkpoints = sorted(run.glob("mask_rcnn_*.h5"))[-count:]
     saved, _ = lesions.saved_run_config(checkpoints[-1])
-    config = lesions.build_config(None, [], saved, inference=True, batch_size=8)
+    config = lesions.build_config(None, overrides, saved, inference=True, batch_size=8)
     model = load_inference_model(config, checkpoints[-1], run)
     weights = [[w.numpy() for w in model.keras_model.weights]]
     for path in checkpoints[:-1]:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from mrcnn.imaging import read_image
 
     started = time.time()
-    model, config, used = averaged_model(Path(args.run), args.average)
+    model, config, used = averaged_model(Path(args.run), args.average, args.set)
     pairs = val_labels(Path(args.dataset), args.max_val)
     per_rule = {rule: [] for rule in RULES}
     batch = int(config.BATCH_SIZE)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for rule in RULES:
         m = diagnosis_metrics(truth, np.array(per_rule[rule]), classes)
         scores[rule] = {k: round(float(m[k]), 4) for k in ("balanced_accuracy", "accuracy", "macro_auc")}
-    record = {"run": args.run, "checkpoints": used, "n_val": len(pairs), "scores": scores,
+    record = {"run": args.run, "checkpoints": used, "set": args.set, "n_val": len(pairs), "scores": scores,
               "seconds": round(time.time() - started, 1)}
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

@@ -205,6 +205,11 @@ class Config:
     #: unused). Both clip as GRADIENT_CLIP_NORM / GRADIENT_CLIP_MODE say.
     OPTIMIZER = "sgd"
     ADAMW_WEIGHT_DECAY = 0.01
+    #: Exponential moving average of the trainable weights (Keras' optimiser ``use_ema``): after
+    #: every step avg = m avg + (1 - m) w with this momentum m (0 = off, Matterport). Training goes
+    #: on with w; every checkpoint holds the average (the model that predicts, and where a resumed
+    #: run continues from), and so does the model after training. 0.9995 averages over ~2,000 steps.
+    WEIGHTS_EMA = 0.0
     #: The learning rate over a run of lesions.py: "stages" = Matterport's, each stage at a constant
     #: rate (heads: LEARNING_RATE, all layers: LEARNING_RATE / 10); "cosine" = one curve over all
     #: epochs: linear warm-up over LR_WARMUP_STEPS steps to LEARNING_RATE, then cosine down to 5 %
@@ -498,6 +503,8 @@ class Config:
                   f"LR_WARMUP_STEPS must be an integer >= 0, got {self.LR_WARMUP_STEPS!r}")
         err.check(self.ADAMW_WEIGHT_DECAY >= 0 and math.isfinite(self.ADAMW_WEIGHT_DECAY),
                   f"ADAMW_WEIGHT_DECAY must be >= 0, got {self.ADAMW_WEIGHT_DECAY}")
+        err.check(0.0 <= self.WEIGHTS_EMA < 1.0,
+                  f"WEIGHTS_EMA must be in [0, 1) (0 = off), got {self.WEIGHTS_EMA}")
         err.check(self.GRADIENT_CLIP_NORM is None or self.GRADIENT_CLIP_NORM > 0,
                   f"GRADIENT_CLIP_NORM must be > 0 or None, got {self.GRADIENT_CLIP_NORM}")
         err.check(self.GRADIENT_CLIP_MODE in ("per_variable", "global"),

@@ -3,7 +3,8 @@
 * :class:`NonFiniteGuard` stops training at the first NaN/Inf loss and remembers where.
 * :class:`EpochCheckpoint` writes ``mask_rcnn_<name>_NNNN.h5`` after every good epoch
   (atomically, through ``MaskRCNN.save_weights``; a Ctrl-C arriving meanwhile is held until the
-  file is complete) and keeps ``MaskRCNN.epoch`` current.
+  file is complete) and keeps ``MaskRCNN.epoch`` current; with WEIGHTS_EMA the file holds the
+  weights' moving average (:func:`averaged_weights`).
 * :class:`SafeCSVLogger` keeps ``training.csv`` (one row per epoch: losses and val_ losses),
   rewritten atomically so an interrupted run never leaves a torn file; rows of a resumed run
   replace rows of the same epochs.
@@ -94,9 +95,30 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.mrcnn_model.epoch = epoch + 1
             return
         path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
-        with sigint_deferred():  # the epoch is complete: finish its checkpoint, then stop
+        with sigint_deferred(), averaged_weights(self.model.optimizer):  # finish the checkpoint, then stop
             self.mrcnn_model.save_weights(path)
             self.mrcnn_model.epoch = epoch + 1
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: keras.optimizers.Optimizer | None):
+    """Inside the block the model's trainable variables hold ``optimizer``'s moving average of
+    them (Keras ``use_ema``, WEIGHTS_EMA); after it their own values again. Unchanged when the
+    optimiser keeps no average or has not stepped yet."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
+    averages = getattr(inner, "_model_variables_moving_average", None) if getattr(inner, "use_ema", False) else None
+    if not averages or not inner.built:
+        yield
+        return
+    variables = list(inner._trainable_variables)
+    own = [v.numpy() for v in variables]
+    for variable, average in zip(variables, averages, strict=True):
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, own, strict=True):
+            variable.assign(value)
 
 
 @contextlib.contextmanager

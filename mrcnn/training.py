@@ -510,17 +510,27 @@ def make_optimizer(config, learning_rate: float, variables: list | None = None) 
     """The whole model's optimiser (OPTIMIZER): SGD with LEARNING_MOMENTUM, or AdamW with decoupled
     decay ADAMW_WEIGHT_DECAY (not on the ``variables`` that :func:`mrcnn.losses.is_decayed` leaves
     out: BN / LayerNorm gamma and beta); gradients clipped to GRADIENT_CLIP_NORM
-    (:func:`_clipping`); loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
+    (:func:`_clipping`); a moving average of the weights with WEIGHTS_EMA > 0 (:func:`_averaging`);
+    loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
     if config.OPTIMIZER == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.ADAMW_WEIGHT_DECAY,
-                                           **_clipping(config))
+                                           **_clipping(config), **_averaging(config))
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables or [] if not L.is_decayed(v)])
     else:
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
-                                         **_clipping(config))
+                                         **_clipping(config), **_averaging(config))
     if loss_scaled(config):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def _averaging(config) -> dict[str, Any]:
+    """Keras optimiser arguments for WEIGHTS_EMA: the average is kept by the optimiser and copied
+    into the model only when training ends (checkpoints take it via
+    :func:`mrcnn.train_callbacks.averaged_weights`)."""
+    if not config.WEIGHTS_EMA:
+        return {}
+    return {"use_ema": True, "ema_momentum": float(config.WEIGHTS_EMA), "ema_overwrite_frequency": None}
 
 
 class FollowingLearningRate(keras.optimizers.schedules.LearningRateSchedule):

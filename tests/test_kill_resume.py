@@ -316,6 +316,54 @@ def test_adamw_optimizer_decays_decoupled_and_spares_norm_parameters():
     assert isinstance(make_optimizer(owner.mrcnn_config, lr), keras.optimizers.SGD)
 
 
+def test_weights_ema_is_kept_by_the_optimiser_and_written_into_checkpoints(tmp_path):
+    """WEIGHTS_EMA 0.5, plain SGD at 0.1 (momentum 0): the average after each step by hand
+    (Keras starts it at the first step's weights, then avg = 0.5 avg + 0.5 w); the model keeps its
+    own weights. In a fit, EpochCheckpoint saves the average and training goes on with the own
+    weights; after fit the model holds the average (what the last checkpoint holds)."""
+    import keras
+    import numpy as np
+    from factories import make_config
+
+    from mrcnn.train_callbacks import EpochCheckpoint, averaged_weights
+    from mrcnn.training import make_optimizer
+
+    config = make_config("matterport", WEIGHTS_EMA=0.5, LEARNING_MOMENTUM=0.0)
+    w = keras.Variable(np.array([1.0, 2.0], np.float32), name="kernel")
+    optimizer = make_optimizer(config, 0.1, [w])
+    expected = [([0.9, 1.9], [0.9, 1.9]), ([0.7, 2.0], [0.8, 1.95]), ([0.7, 1.6], [0.75, 1.775])]
+    for grad, (own, average) in zip(([1.0, 1.0], [2.0, -1.0], [0.0, 4.0]), expected, strict=True):
+        optimizer.apply([np.array(grad, np.float32)], [w])
+        with averaged_weights(optimizer):
+            np.testing.assert_allclose(np.asarray(w), average, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(w), own, rtol=1e-6)
+    with averaged_weights(make_optimizer(make_config("matterport"), 0.1, [w])):  # no average: unchanged
+        np.testing.assert_allclose(np.asarray(w), [0.7, 1.6], rtol=1e-6)
+
+    keras_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    saved, own = [], []
+
+    class Model:  # the part of MaskRCNN that EpochCheckpoint uses
+        log_dir = str(tmp_path)
+        checkpoint_path = str(tmp_path / "mask_rcnn_x_{epoch:04d}.h5")
+        epoch = 0
+
+        def save_weights(self, path: str) -> None:
+            saved.append([np.array(v) for v in keras_model.get_weights()])
+
+    class OwnWeights(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            own.append([np.array(v) for v in keras_model.get_weights()])
+
+    keras_model.compile(optimizer=make_optimizer(make_config("matterport", WEIGHTS_EMA=0.9), 0.05), loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(16, 3)), np.ones((16, 2))
+    keras_model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[EpochCheckpoint(Model()), OwnWeights()])
+    after = keras_model.get_weights()
+    assert not np.allclose(saved[0][0], own[0][0])          # 4 steps: the average lags the weights
+    for kept, final in zip(saved[0], after, strict=True):
+        np.testing.assert_allclose(kept, final, rtol=1e-6)   # Keras put the average in at the end
+
+
 def test_ctrl_c_during_a_checkpoint_write_finishes_that_file_first(tmp_path):
     """EpochCheckpoint: stale temp files of a killed write go at train start; a Ctrl-C arriving while
     a finished epoch is being saved lets the file complete, then stops training."""
