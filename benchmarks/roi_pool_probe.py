@@ -63,7 +63,7 @@ def averaged_model(run: Path, count: int, overrides: list[str]):
     for path in checkpoints[:-1]:
         model.load_weights(str(path), by_name=True, verbose=0)
         weights.append([w.numpy() for w in model.keras_model.weights])
-    for variable, values in zip(model.keras_model.weights, zip(*weights)):
+    for variable, values in zip(model.keras_model.weights, zip(*weights, strict=True), strict=True):
         variable.assign(np.mean(values, axis=0).astype(values[0].dtype))
     return model, config, [p.name for p in checkpoints]
 

@@ -95,7 +95,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.mrcnn_model.epoch = epoch + 1
             return
         path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
-        with sigint_deferred(), averaged_weights(self.model.optimizer):  # finish the checkpoint, then stop
+        with sigint_deferred(), averaged_weights(getattr(self.model, "optimizer", None)):  # finish, then stop
             self.mrcnn_model.save_weights(path)
             self.mrcnn_model.epoch = epoch + 1
 
