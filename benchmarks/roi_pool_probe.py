@@ -89,16 +89,17 @@ def iou_with(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def pooled(probs: np.ndarray, rois: np.ndarray, rule: str) -> np.ndarray:
-    """One image's diagnosis [K] from its ROIs' probs [R, 1 + K] by ``rule``."""
+    """One image's diagnosis [K] from its ROIs' probs [R, 1 + K] by ``rule``; "top" and "fg_mean"
+    are the model's own rules (:func:`mrcnn.diagnosis.pooled_roi_probs`)."""
+    from mrcnn.diagnosis import pooled_roi_probs
+
+    if rule in ("top", "fg_mean"):
+        return pooled_roi_probs(probs, rois, "top" if rule == "top" else "mean")
     valid = (rois[:, 2] > rois[:, 0]) & (rois[:, 3] > rois[:, 1])
     probs, rois = probs[valid], rois[valid]
     fg = 1.0 - probs[:, 0]
     order = np.argsort(-fg)
-    if rule == "top":
-        weights = np.eye(len(fg))[order[0]]
-    elif rule == "fg_mean":
-        weights = fg
-    elif rule.startswith("topk"):
+    if rule.startswith("topk"):
         weights = np.zeros(len(fg))
         weights[order[:int(rule[4:])]] = 1.0
     elif rule.startswith("iou"):
