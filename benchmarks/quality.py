@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weights: train a new refiner for --refine-share x --budget-min (and x"
                         " --cpu-budget-s) on that detector, in a new run folder, then score both: compares"
                         " refiner settings (--set REFINE_...) on one detector")
+    p.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="after training also score the mean of the last N epoch checkpoints' weights"
+                        " (mrcnn.weights.average_weight_files; written as average_last<N>.h5 in the run"
+                        " folder), without --tta: adds an \"average\" object (0 = off)")
     p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
     p.add_argument("--record", metavar="FILE", help="also append the JSON line to FILE")
     p.add_argument("--label", default="", help="free text stored in the JSON (what this run tries)")
@@ -303,6 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     by_id = {p.image_id: p for p in report.pairs}
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
+    if args.average_last > 1 and not args.weights:
+        scores["average"] = score_tail_average(args, run_dir, pairs)
     images_seen = trained["steps"] * config.BATCH_SIZE
     if "diagnosis" in scores:
         scores.update(baseline_classifier=dict(BASELINE_CLASSIFIER), bar=against_bar(scores))
@@ -319,6 +325,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "checkpoint": str(trained["checkpoint"]), "run_dir": str(run_dir), "refine_share": args.refine_share,
             **{k: v for k, v in trained.items() if k.startswith("refiner")},
             "total_seconds": round(time.time() - started, 1)}
+
+
+def score_tail_average(args: argparse.Namespace, run_dir: Path, pairs: list) -> dict[str, Any]:
+    """Scores (no TTA) of the mean weights of the run's last ``--average-last`` checkpoints."""
+    from mrcnn.weights import average_weight_files
+
+    tail = checkpoints.checkpoints_in(run_dir)[-args.average_last:]
+    averaged = Path(average_weight_files(tail, run_dir / f"average_last{len(tail)}.h5"))
+    scores = evaluate_checkpoint(argparse.Namespace(**{**vars(args), "tta": False}), averaged, pairs,
+                                 run_dir / "evaluation_average")
+    if "diagnosis" in scores:
+        scores["bar"] = against_bar(scores)
+    return {"checkpoints": [p.name for p in tail], **scores}
 
 
 def train_refiner_on(args: argparse.Namespace, config: lesions.LesionConfig, train_set: Any,

@@ -88,6 +88,10 @@ class Config:
     #: Focal loss (Lin et al. 2017) on the diagnosis loss: cross-entropy times (1 - p_true)^gamma.
     #: 0 = plain cross-entropy.
     FOCAL_LOSS_GAMMA = 0.0
+    #: Label smoothing of the diagnosis loss, 0..0.5: the true class's target is 1 - s, the rest s
+    #: spread evenly over the K diagnoses (with "roi": lesion ROIs only, among the K diagnoses, so
+    #: the lesion-vs-background target stays hard). 0 = one-hot targets.
+    DIAGNOSIS_LABEL_SMOOTHING = 0.0
     #: Class-balanced sampling of the training images of a diagnosing model, 0..1: each training pass
     #: draws its images (with replacement) with probability proportional to n_class^-s, n_class =
     #: the number of training images of the image's diagnosis. 0 = every image once per pass (off),
@@ -399,6 +403,9 @@ class Config:
                       f" weight(s) but CLASSES has {n_classes} class(es): one weight per class")
         err.check(isinstance(self.FOCAL_LOSS_GAMMA, (int, float)) and 0.0 <= self.FOCAL_LOSS_GAMMA <= 10.0,
                   f"FOCAL_LOSS_GAMMA must be in [0, 10], got {self.FOCAL_LOSS_GAMMA!r}")
+        smoothing = self.DIAGNOSIS_LABEL_SMOOTHING
+        err.check(isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool) and 0.0 <= smoothing <= 0.5,
+                  f"DIAGNOSIS_LABEL_SMOOTHING must be in [0, 0.5], got {smoothing!r}")
         err.check(0.0 <= self.CLASS_BALANCED_SAMPLING <= 1.0,
                   f"CLASS_BALANCED_SAMPLING must be in [0, 1], got {self.CLASS_BALANCED_SAMPLING}")
         err.check(self.DIAGNOSIS_LOSS_WEIGHT >= 0 and math.isfinite(self.DIAGNOSIS_LOSS_WEIGHT),

@@ -70,15 +70,25 @@ def mrcnn_class_loss(target_class_ids: tf.Tensor, pred_class_logits: tf.Tensor,
     return tf.math.divide_no_nan(tf.reduce_sum(loss * pred_active), tf.reduce_sum(pred_active))
 
 
-def focal_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0) -> tf.Tensor:
+def focal_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0,
+                        smoothing: float = 0.0, first_smoothed: int = 0) -> tf.Tensor:
     """Per-example softmax cross-entropy [N] from logits [N, C] and int labels [N] (float32, stable:
     log-softmax of the logits), times ``class_weights[label]`` (a [C] array or None = 1) and, with
-    ``gamma`` > 0, the focal factor (1 - p_label)^gamma (Lin et al. 2017)."""
+    ``gamma`` > 0, the focal factor (1 - p_label)^gamma (Lin et al. 2017).
+
+    ``smoothing`` (label smoothing, Szegedy et al. 2016): an example whose label is >=
+    ``first_smoothed`` has the target (1 - s) on its label plus s spread evenly over the classes
+    ``first_smoothed..C-1``; labels below it (the ROI head's background, 0) keep their one-hot
+    target. The focal factor still uses p_label."""
     labels = tf.cast(labels, tf.int32)
     logits = tf.cast(logits, tf.float32)
     log_probs = tf.nn.log_softmax(logits, axis=-1)
     log_p = tf.gather(log_probs, labels, batch_dims=1)
     loss = -log_p
+    if smoothing:
+        spread = -tf.reduce_mean(log_probs[:, first_smoothed:], axis=-1)
+        smoothed = (1.0 - float(smoothing)) * loss + float(smoothing) * spread
+        loss = tf.where(labels >= first_smoothed, smoothed, loss)
     if gamma:
         loss = loss * tf.pow(tf.maximum(1.0 - tf.exp(log_p), 0.0), float(gamma))
     if class_weights is not None:
@@ -87,27 +97,31 @@ def focal_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, class_weights=None
 
 
 def weighted_class_loss(target_class_ids: tf.Tensor, pred_class_logits: tf.Tensor, active_class_ids: tf.Tensor,
-                        class_weights=None, gamma: float = 0.0) -> tf.Tensor:
-    """:func:`mrcnn_class_loss` with per-class weights [C] (background included) and a focal factor
-    (:func:`focal_cross_entropy`); the same masking and denominator (ROIs kept). With neither it is
-    :func:`mrcnn_class_loss` exactly."""
+                        class_weights=None, gamma: float = 0.0, smoothing: float = 0.0) -> tf.Tensor:
+    """:func:`mrcnn_class_loss` with per-class weights [C] (background included), a focal factor and
+    label smoothing among the foreground classes 1..C-1 of lesion ROIs (:func:`focal_cross_entropy`;
+    background ROIs keep a one-hot target); the same masking and denominator (ROIs kept). With none
+    of them it is :func:`mrcnn_class_loss` exactly."""
     target_class_ids = tf.cast(target_class_ids, tf.int64)
     pred_class_logits = tf.cast(pred_class_logits, tf.float32)
     pred_active = tf.gather(tf.cast(active_class_ids[0], tf.float32), tf.argmax(pred_class_logits, axis=2))
     flat_logits = tf.reshape(pred_class_logits, [-1, tf.shape(pred_class_logits)[-1]])
-    loss = focal_cross_entropy(tf.reshape(target_class_ids, [-1]), flat_logits, class_weights, gamma)
+    loss = focal_cross_entropy(tf.reshape(target_class_ids, [-1]), flat_logits, class_weights, gamma,
+                               smoothing, first_smoothed=1)
     loss = tf.reshape(loss, tf.shape(target_class_ids))
     return tf.math.divide_no_nan(tf.reduce_sum(loss * pred_active), tf.reduce_sum(pred_active))
 
 
-def image_diagnosis_loss(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0) -> tf.Tensor:
-    """Image-level diagnosis loss: :func:`focal_cross_entropy` averaged over the images that have a
+def image_diagnosis_loss(labels: tf.Tensor, logits: tf.Tensor, class_weights=None, gamma: float = 0.0,
+                         smoothing: float = 0.0) -> tf.Tensor:
+    """Image-level diagnosis loss: :func:`focal_cross_entropy` (label smoothing over all K classes)
+    averaged over the images that have a
     label (labels [B] int, index in CLASSES, -1 = none; logits [B, K]); 0 when none has one. The
     mean is over images, not over weights, so class weights keep their effect in small batches."""
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
     known = labels >= 0
     loss = focal_cross_entropy(tf.boolean_mask(labels, known), tf.boolean_mask(tf.cast(logits, tf.float32), known),
-                               class_weights, gamma)
+                               class_weights, gamma, smoothing)
     return _mean_or_zero(loss)
 
 

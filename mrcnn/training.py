@@ -331,14 +331,15 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
     """The 5 named scalar loss tensors (unweighted, as Matterport's Lambda layers).
 
     A diagnosing model with DIAGNOSIS_HEAD "roi" weighs the class loss by CLASS_LOSS_WEIGHTS and
-    FOCAL_LOSS_GAMMA and trains one class-free box regressor and mask (class 1's) on every lesion.
+    FOCAL_LOSS_GAMMA, smooths its diagnosis labels by DIAGNOSIS_LABEL_SMOOTHING and trains one class-free box regressor and mask (class 1's) on every lesion.
     """
     class_loss, box_mask_ids = L.mrcnn_class_loss, (lambda ids: ids)
     if uses_roi_head(config):
         weights, gamma = roi_class_weights(config), float(config.FOCAL_LOSS_GAMMA)
-        if weights is not None or gamma:
+        smoothing = float(config.DIAGNOSIS_LABEL_SMOOTHING)
+        if weights is not None or gamma or smoothing:
             def class_loss(*a):
-                return L.weighted_class_loss(*a, class_weights=weights, gamma=gamma)
+                return L.weighted_class_loss(*a, class_weights=weights, gamma=gamma, smoothing=smoothing)
         box_mask_ids = L.agnostic_class_ids
     return [
         LossLayer(L.rpn_class_loss, name="rpn_class_loss")([rpn_match, rpn_class_logits]),
@@ -356,7 +357,9 @@ def _image_diagnosis_loss(config, labels, feature_maps) -> tuple[list, list]:
     ([logits, probs], [mrcnn_diagnosis_loss])."""
     logits, probs = build_image_diagnosis_head(scale_backbone_gradient(feature_maps, config), config)
     weights, gamma = class_loss_weights(config), float(config.FOCAL_LOSS_GAMMA)
-    loss = LossLayer(lambda y, z: L.image_diagnosis_loss(y, z, weights, gamma), name=DIAGNOSIS_LOSS)([labels, logits])
+    smoothing = float(config.DIAGNOSIS_LABEL_SMOOTHING)
+    loss = LossLayer(lambda y, z: L.image_diagnosis_loss(y, z, weights, gamma, smoothing),
+                     name=DIAGNOSIS_LOSS)([labels, logits])
     return [logits, probs], [loss]
 
 

@@ -10,6 +10,7 @@ e.g. ``/conv1/conv1/kernel:0`` and ``/rpn_model/rpn_conv_shared/kernel:0``. Neve
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -296,3 +297,45 @@ def save_hdf5_weights(keras_model: keras.Model, filepath: str) -> None:
 def _short_list(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _float_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
+    """Every floating-point dataset of an open weight file, by its path."""
+    found: dict[str, h5py.Dataset] = {}
+
+    def visit(name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset) and np.issubdtype(item.dtype, np.floating):
+            found[name] = item
+
+    f.visititems(visit)
+    return found
+
+
+def average_weight_files(paths: list[str | os.PathLike], out_path: str | os.PathLike) -> str:
+    """Write the element-wise mean of the weight files ``paths`` (the same model's checkpoints,
+    e.g. the last epochs of a run: "stochastic weight averaging" of the tail) to ``out_path``,
+    atomically; BatchNorm moving statistics are averaged like the other float weights. The
+    layout, attributes and any non-float data are those of the last file. Returns ``out_path``.
+    Raises WeightsError naming the file whose weights differ in names or shapes."""
+    if not paths:
+        raise WeightsError("average_weight_files: no weight files given")
+    last = str(paths[-1])
+    with h5py.File(last, "r") as f:
+        reference = {k: (d.shape, d.dtype) for k, d in _float_datasets(f).items()}
+        total = {k: np.asarray(d[()], np.float64) for k, d in _float_datasets(f).items()}
+    for path in paths[:-1]:
+        with h5py.File(path, "r") as f:
+            datasets = _float_datasets(f)
+            shapes = {k: d.shape for k, d in datasets.items()}
+            if shapes != {k: s for k, (s, _) in reference.items()}:
+                differ = sorted(set(shapes.items()) ^ {(k, s) for k, (s, _) in reference.items()})
+                raise WeightsError(f"{path}: weights differ from {last} in names or shapes"
+                                   f" ({_short_list([k for k, _ in differ])}); cannot average them")
+            for key, dataset in datasets.items():
+                total[key] += dataset[()]
+    with atomic_path(out_path, durable=True, suffix=".tmp") as tmp:
+        shutil.copyfile(last, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for key, (_, dtype) in reference.items():
+                f[key][...] = (total[key] / len(paths)).astype(dtype)
+    return str(out_path)

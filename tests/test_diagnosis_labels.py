@@ -221,6 +221,7 @@ def test_num_classes_rule_and_predicate():
     ({"CLASSES": HAM, "CLASS_LOSS_WEIGHTS": [1, 2]}, "lists 2 weight(s) but CLASSES has 7"),
     ({"CLASSES": HAM, "CLASS_LOSS_WEIGHTS": [1, 1, 1, 0, 1, 1, 1]}, "positive numbers"),
     ({"CLASSES": HAM, "FOCAL_LOSS_GAMMA": -1.0}, "FOCAL_LOSS_GAMMA must be in [0, 10]"),
+    ({"CLASSES": HAM, "DIAGNOSIS_LABEL_SMOOTHING": 0.6}, "DIAGNOSIS_LABEL_SMOOTHING must be in [0, 0.5], got 0.6"),
     ({"CLASSES": HAM, "DIAGNOSIS_DROPOUT": 1.0}, "DIAGNOSIS_DROPOUT must be in [0, 1)"),
     ({"CLASSES": HAM, "DIAGNOSIS_LOSS_WEIGHT": -0.5}, "DIAGNOSIS_LOSS_WEIGHT must be >= 0"),
     ({"CLASSES": HAM, "CLASS_BALANCED_SAMPLING": 1.5}, "CLASS_BALANCED_SAMPLING must be in [0, 1]"),

@@ -96,6 +96,23 @@ def test_weighted_class_loss_reduces_to_matterports_and_weighs_per_roi():
     np.testing.assert_array_equal(L.agnostic_class_ids(targets).numpy(), np.minimum(targets.numpy(), 1))
 
 
+def test_label_smoothing_by_hand_and_roi_background_stays_one_hot():
+    """Image head (all classes smoothed): s = 0.3 over 3 classes -> target [0.1 0.1 0.8] for label 2.
+    ROI head (first_smoothed 1): a lesion ROI (label 2) gets [0, 0.15, 0.85]; background (0) one-hot."""
+    logits = np.array([[0.0, 1.0, 0.0], [1.0, 0.5, -1.0]], np.float32)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    image = L.focal_cross_entropy(tf.constant([2, 2]), tf.constant(logits), smoothing=0.3).numpy()
+    np.testing.assert_allclose(image, -(log_p * [0.1, 0.1, 0.8]).sum(axis=1), rtol=1e-5)
+    roi = L.focal_cross_entropy(tf.constant([2, 0]), tf.constant(logits), smoothing=0.3, first_smoothed=1).numpy()
+    np.testing.assert_allclose(roi, [-(log_p[0] * [0.0, 0.15, 0.85]).sum(), -log_p[1, 0]], rtol=1e-5)
+    # through the ROI head's loss: the mean over the kept ROIs, with class weights on top
+    w = np.array([1.0, 2.0, 4.0], np.float32)
+    loss = L.weighted_class_loss(tf.constant([[2, 0]]), tf.constant(logits[None]), tf.ones((1, 3)), w, 0.0, 0.3)
+    assert math.isclose(float(loss), (4.0 * roi[0] + 1.0 * roi[1]) / 2, rel_tol=1e-5)
+    assert math.isclose(float(L.image_diagnosis_loss(tf.constant([2, -1]), tf.constant(logits), smoothing=0.3)),
+                        image[0], rel_tol=1e-5)
+
+
 def test_roi_diagnosis_pools_the_proposals_by_foreground_probability():
     """Image 0: foreground 0.1 / 0.8 / 0.7, renormalised class probs [.5 .5], [.25 .75], [6/7 1/7]:
     "mean" = (0.1 [.5 .5] + 0.8 [.25 .75] + 0.7 [6/7 1/7]) / 1.6 = [0.53125 0.46875], "top" = ROI 1.

@@ -162,3 +162,41 @@ def test_save_weights_writes_keras2_layout_atomically(model, tmp_path):
     after = _values(model)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value)
+
+
+def _tiny_bn_model(seed: int) -> keras.Model:
+    """Dense + BatchNorm with seeded weights and moving statistics (float32)."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(2, name="fc")(inputs)))
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign(rng.uniform(0.5, 2.0, size=variable.shape).astype(np.float32))
+    return model
+
+
+def test_average_weight_files_is_the_mean_of_every_weight_bn_statistics_included(tmp_path):
+    from mrcnn.weights import average_weight_files, load_hdf5_weights, save_hdf5_weights
+
+    models = [_tiny_bn_model(seed) for seed in (1, 2, 3)]
+    paths = [str(tmp_path / f"mask_rcnn_x_000{i}.h5") for i in (1, 2, 3)]
+    for model, path in zip(models, paths, strict=True):
+        save_hdf5_weights(model, path)
+    out = average_weight_files(paths, tmp_path / "average.h5")
+    target = _tiny_bn_model(9)
+    load_hdf5_weights(target, out, by_name=True)
+    assert len(target.weights) == 6  # kernel, bias, gamma, beta, moving mean, moving variance
+    for i, variable in enumerate(target.weights):
+        expected = np.mean([m.weights[i].numpy() for m in models], axis=0)
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["average.h5", *(p.rsplit("/", 1)[1] for p in paths)]
+
+
+def test_average_weight_files_refuses_other_architectures(tmp_path):
+    from mrcnn.weights import average_weight_files, save_hdf5_weights
+
+    save_hdf5_weights(_tiny_bn_model(1), str(tmp_path / "a.h5"))
+    inputs = keras.Input((3,))
+    save_hdf5_weights(keras.Model(inputs, keras.layers.Dense(4, name="fc")(inputs)), str(tmp_path / "b.h5"))
+    with pytest.raises(WeightsError, match=r"a\.h5: weights differ from .*b\.h5 in names or shapes.*fc/"):
+        average_weight_files([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "avg.h5")
+    assert not (tmp_path / "avg.h5").exists()
