@@ -36,7 +36,7 @@ from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no T
 from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light too)
 from lesionkit.refine.settings import RefineSettings  # noqa: E402  (light)
 from lesionkit.training_run import StartWeights  # noqa: E402
-from mrcnn.checkpoints import newest_checkpoint  # noqa: E402
+from mrcnn.checkpoints import final_weights, newest_checkpoint  # noqa: E402
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError, diagnoses, diagnosis_classes  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
 from mrcnn.downloads import COCO, IMAGENET_RESNET50, WEIGHTS_DIR, fetch_weights  # noqa: E402
@@ -401,9 +401,10 @@ def resolve_train_weights(choice: str | None, logs: Path, name: str) -> StartWei
 
 
 def resolve_model_weights(choice: str | None, logs: Path) -> Path:
-    """Weights for predict/evaluate: a file, or (default, ``last``) the newest checkpoint of any run."""
+    """Weights for predict/evaluate: a file, or (default, ``last``) the newest checkpoint of any run,
+    or the average of its last epochs when training wrote one (AVERAGE_LAST_EPOCHS)."""
     if choice in (None, "last"):
-        return find_last_checkpoint(logs, name=None)
+        return final_weights(find_last_checkpoint(logs, name=None))
     if choice in ("coco", "imagenet", "none"):
         raise CliError(f"--weights {choice} is not a lesion model; train first and use --weights last or PATH")
     path = Path(choice)

@@ -16,8 +16,10 @@ What it does:
 2. trains all layers from random initialisation on the train split (flips + 90-degree rotations
    by default) until ``--budget-min`` minutes of wall clock have passed since training started
    (:class:`benchmarks.budget.TimeBudget`, which also drives the learning-rate ``--schedule``);
-   the checkpoint of the interrupted epoch is written as usual;
-3. evaluates that checkpoint on the validation split (all of it, or a seeded sample of
+   the checkpoint of the interrupted epoch is written as usual; with ``AVERAGE_LAST_EPOCHS`` = N
+   >= 2 (config) the last N epochs' weights are averaged as ``lesions.py --mode train`` does;
+3. evaluates that checkpoint (or that average, and then also the last epoch's own weights, into
+   ``last_epoch``, without TTA) on the validation split (all of it, or a seeded sample of
    ``--max-val`` images) with :func:`lesionkit.prediction_run.load_inference_model` and
    :func:`lesionkit.evaluation_run.evaluate_model`, the code behind ``--mode evaluate`` (prediction PNGs,
    ``scores.csv`` and ``summary.json`` land in ``<run>/evaluation/``);
@@ -120,10 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weights: train a new refiner for --refine-share x --budget-min (and x"
                         " --cpu-budget-s) on that detector, in a new run folder, then score both: compares"
                         " refiner settings (--set REFINE_...) on one detector")
-    p.add_argument("--average-last", type=int, default=0, metavar="N",
-                   help="after training also score the mean of the last N epoch checkpoints' weights"
-                        " (mrcnn.weights.average_weight_files; written as average_last<N>.h5 in the run"
-                        " folder), without --tta: adds an \"average\" object (0 = off)")
     p.add_argument("--logs", default=str(REPO_DIR / "logs" / "quality"), help="run folders (default logs/quality)")
     p.add_argument("--record", metavar="FILE", help="also append the JSON line to FILE")
     p.add_argument("--label", default="", help="free text stored in the JSON (what this run tries)")
@@ -306,9 +304,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trained.update(train_refiner_for_budget(args, config, train_set, run_dir, max(left, 1.0), cpu_left))
     by_id = {p.image_id: p for p in report.pairs}
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
+    last_epoch = None
+    if not args.weights and config.AVERAGE_LAST_EPOCHS >= 2:
+        from mrcnn.weights import write_tail_average
+  # the weights lesions.py would predict with
+        last_epoch = {"checkpoint": Path(trained["checkpoint"]).name}
+        trained["checkpoint"] = write_tail_average(run_dir, config.AVERAGE_LAST_EPOCHS) or trained["checkpoint"]
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
-    if args.average_last > 1 and not args.weights:
-        scores["average"] = score_tail_average(args, run_dir, pairs)
+    if last_epoch is not None and trained["checkpoint"] != run_dir / last_epoch["checkpoint"]:
+        scores["last_epoch"] = score_without_tta(args, run_dir / last_epoch["checkpoint"], pairs,
+                                                 run_dir / "evaluation_last_epoch")
     images_seen = trained["steps"] * config.BATCH_SIZE
     if "diagnosis" in scores:
         scores.update(baseline_classifier=dict(BASELINE_CLASSIFIER), bar=against_bar(scores))
@@ -327,17 +332,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "total_seconds": round(time.time() - started, 1)}
 
 
-def score_tail_average(args: argparse.Namespace, run_dir: Path, pairs: list) -> dict[str, Any]:
-    """Scores (no TTA) of the mean weights of the run's last ``--average-last`` checkpoints."""
-    from mrcnn.weights import average_weight_files
-
-    tail = checkpoints.checkpoints_in(run_dir)[-args.average_last:]
-    averaged = Path(average_weight_files(tail, run_dir / f"average_last{len(tail)}.h5"))
-    scores = evaluate_checkpoint(argparse.Namespace(**{**vars(args), "tta": False}), averaged, pairs,
-                                 run_dir / "evaluation_average")
+def score_without_tta(args: argparse.Namespace, checkpoint: Path, pairs: list, out_dir: Path) -> dict[str, Any]:
+    """Scores of another checkpoint of the run (with AVERAGE_LAST_EPOCHS: the last epoch's own
+    weights, next to their average), without --tta."""
+    scores = evaluate_checkpoint(argparse.Namespace(**{**vars(args), "tta": False}), checkpoint, pairs, out_dir)
     if "diagnosis" in scores:
         scores["bar"] = against_bar(scores)
-    return {"checkpoints": [p.name for p in tail], **scores}
+    return {"checkpoint": checkpoint.name, **scores}
 
 
 def train_refiner_on(args: argparse.Namespace, config: lesions.LesionConfig, train_set: Any,

@@ -17,7 +17,7 @@ from typing import Any
 from lesionkit import dataset_scan
 from lesionkit.evaluation_run import evaluate_checkpoint, summary_lines, table_values
 from lesionkit.training_run import StartWeights, train_run
-from mrcnn.checkpoints import checkpoints_in, newest_checkpoint
+from mrcnn.checkpoints import checkpoints_in, final_weights, newest_checkpoint
 from mrcnn.config import Config
 from mrcnn.fileio import write_json_atomic
 
@@ -56,7 +56,8 @@ def run_kfold(config: Config, report: dataset_scan.ScanReport, folds: int, which
         log_dir = train_run(fold_config, train_set, val_set, fold_start, logs, info, augmentation)
         wanted = set(val_ids)
         pairs = [p for p in report.pairs if p.image_id in wanted]
-        summary = evaluate_checkpoint(checkpoints_in(log_dir)[-1], fold_config, pairs, log_dir / "evaluation")
+        summary = evaluate_checkpoint(final_weights(checkpoints_in(log_dir)[-1]), fold_config, pairs,
+                                      log_dir / "evaluation")
         print("\n".join(summary_lines({f"fold {i}": summary})))
         summaries.append(summary)
     if len(summaries) > 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionkit import dataset_scan
-from mrcnn.checkpoints import checkpoints_in
+from mrcnn.checkpoints import average_of, checkpoints_in
 from mrcnn.config import Config
 from mrcnn.schedules import COSINE_FLOOR
 
@@ -136,12 +136,26 @@ def train_run(config: Config, train_set: Any, val_set: Any, start: StartWeights,
     cache = getattr(train_set, "preprocess_cache", None)  # optional attribute of mrcnn Datasets
     if cache is not None and todo:
         print(f"Preprocessing cache: {cache.summary()}")
+    if chief and todo:
+        average_tail(config, log_dir)
     refined = refine_stage(config, train_set, val_set, log_dir) if chief else False
     if chief and (todo or refined):
         report_training(log_dir, time.time() - started)
     elif not chief:
         print(f"\nTraining done in {(time.time() - started) / 60:.1f} min; the chief wrote the checkpoints and logs.")
     return log_dir
+
+
+def average_tail(config: Config, log_dir: Path) -> Path | None:
+    """With AVERAGE_LAST_EPOCHS >= 2: the mean of the run's last epochs' weights, written next to
+    the checkpoints (what predict and evaluate load by default); says where. None when off."""
+    from mrcnn.weights import write_tail_average
+
+    written = write_tail_average(log_dir, config.AVERAGE_LAST_EPOCHS)
+    if written is not None:
+        print(f"Averaged the weights of the last {config.AVERAGE_LAST_EPOCHS} epochs (or as many as this run"
+              f" wrote) into {written.name}: predict and evaluate use it", flush=True)
+    return written
 
 
 def refine_stage(config: Config, train_set: Any, val_set: Any, log_dir: Path) -> bool:
@@ -171,6 +185,8 @@ def report_training(log_dir: Path, seconds: float) -> None:
     checkpoints = checkpoints_in(log_dir)
     print(f"\nTraining done in {seconds / 60:.1f} min.")
     print(f"  checkpoints: {log_dir}/ ({len(checkpoints)} files, newest {checkpoints[-1].name if checkpoints else '-'})")
+    if checkpoints and average_of(checkpoints[-1]) is not None:
+        print(f"  averaged:    {average_of(checkpoints[-1]).name} (the weights predict and evaluate load)")
     from lesionkit.refine.checkpoints import newest_refiner
 
     refiner = newest_refiner(log_dir)

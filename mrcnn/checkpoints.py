@@ -2,7 +2,9 @@
 
 A training run writes into ``<model_dir>/<name><YYYYmmddTHHMM>/`` (``name`` = the config's NAME
 in lower case) one checkpoint per epoch, ``mask_rcnn_<name>_<epoch:04d>.h5`` (epoch 1-based, the
-number of epochs completed). These functions build, parse and find such names; nothing else in
+number of epochs completed), and with AVERAGE_LAST_EPOCHS = N at its end
+``mask_rcnn_<name>_<epoch:04d>_average<N>.h5``, the mean of the last N (not a checkpoint: training
+never resumes from it). These functions build, parse and find such names; nothing else in
 the package spells the pattern.
 """
 
@@ -19,6 +21,8 @@ RUN_STAMP_FORMAT = "%Y%m%dT%H%M"
 RUN_FOLDER_RE = re.compile(r"^(.+?)(\d{8}T\d{4})$")
 #: ``mask_rcnn_<name>_<NNNN>.h5`` -> (name, epoch).
 CHECKPOINT_NAME_RE = re.compile(r"^mask_rcnn_(.+)_(\d{4,})\.h5$")
+#: ``mask_rcnn_<name>_<NNNN>_average<N>.h5`` -> (name, epoch, N).
+AVERAGE_NAME_RE = re.compile(r"^mask_rcnn_(.+)_(\d{4,})_average(\d+)\.h5$")
 
 
 def run_folder_name(name: str, when: datetime.datetime) -> str:
@@ -74,6 +78,31 @@ def run_folders(model_dir: str | os.PathLike, name: str | None = None) -> list[P
         if folder.is_dir() and match and (name is None or match.group(1) == str(name).lower()):
             runs.append((match.group(2), folder.name, folder))
     return [folder for _, _, folder in sorted(runs, reverse=True)]
+
+
+def average_path(checkpoint: str | os.PathLike, count: int) -> Path:
+    """Where the mean of the ``count`` checkpoints ending at ``checkpoint`` goes (same folder)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}_average{int(count)}.h5")
+
+
+def average_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The tail average written for ``checkpoint`` (its epoch, its folder), else None; the one
+    over the most epochs when there are several."""
+    checkpoint = Path(checkpoint)
+    found = []
+    if checkpoint.parent.is_dir():
+        for path in checkpoint.parent.iterdir():
+            match = AVERAGE_NAME_RE.match(path.name)
+            if match and path.is_file() and path.name.startswith(checkpoint.stem + "_average"):
+                found.append((int(match.group(3)), path))
+    return max(found)[1] if found else None
+
+
+def final_weights(checkpoint: str | os.PathLike) -> Path:
+    """The weights that predict for a run whose newest checkpoint is ``checkpoint``: its tail
+    average when training wrote one (AVERAGE_LAST_EPOCHS), else the checkpoint itself."""
+    return average_of(checkpoint) or Path(checkpoint)
 
 
 def newest_checkpoint(model_dir: str | os.PathLike, name: str | None = None) -> Path | None:

@@ -214,6 +214,12 @@ class Config:
     #: on with w; every checkpoint holds the average (the model that predicts, and where a resumed
     #: run continues from), and so does the model after training. 0.9995 averages over ~2,000 steps.
     WEIGHTS_EMA = 0.0
+    #: Average the weights of the last N epoch checkpoints when a lesions.py training run ends
+    #: (stochastic weight averaging of the schedule's tail; BatchNorm moving statistics averaged too):
+    #: written next to them as mask_rcnn_<name>_<epoch>_average<N>.h5, which predict and evaluate
+    #: then load by default; --weights last still resumes from the last epoch's own weights.
+    #: 0 or 1 = off (Matterport).
+    AVERAGE_LAST_EPOCHS = 0
     #: The learning rate over a run of lesions.py: "stages" = Matterport's, each stage at a constant
     #: rate (heads: LEARNING_RATE, all layers: LEARNING_RATE / 10); "cosine" = one curve over all
     #: epochs: linear warm-up over LR_WARMUP_STEPS steps to LEARNING_RATE, then cosine down to 5 %
@@ -512,6 +518,9 @@ class Config:
                   f"ADAMW_WEIGHT_DECAY must be >= 0, got {self.ADAMW_WEIGHT_DECAY}")
         err.check(0.0 <= self.WEIGHTS_EMA < 1.0,
                   f"WEIGHTS_EMA must be in [0, 1) (0 = off), got {self.WEIGHTS_EMA}")
+        err.check(isinstance(self.AVERAGE_LAST_EPOCHS, int) and not isinstance(self.AVERAGE_LAST_EPOCHS, bool)
+                  and self.AVERAGE_LAST_EPOCHS >= 0,
+                  f"AVERAGE_LAST_EPOCHS must be an integer >= 0 (0 = off), got {self.AVERAGE_LAST_EPOCHS!r}")
         err.check(self.GRADIENT_CLIP_NORM is None or self.GRADIENT_CLIP_NORM > 0,
                   f"GRADIENT_CLIP_NORM must be > 0 or None, got {self.GRADIENT_CLIP_NORM}")
         err.check(self.GRADIENT_CLIP_MODE in ("per_variable", "global"),

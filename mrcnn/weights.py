@@ -13,12 +13,14 @@ import os
 import shutil
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import h5py
 import keras
 import numpy as np
 
+from mrcnn import checkpoints
 from mrcnn.errors import UserError
 from mrcnn.fileio import atomic_path
 
@@ -339,3 +341,13 @@ def average_weight_files(paths: list[str | os.PathLike], out_path: str | os.Path
             for key, (_, dtype) in reference.items():
                 f[key][...] = (total[key] / len(paths)).astype(dtype)
     return str(out_path)
+
+
+def write_tail_average(run_dir: str | os.PathLike, count: int) -> Path | None:
+    """Average the last ``count`` checkpoints of ``run_dir`` (fewer when fewer exist) into
+    :func:`mrcnn.checkpoints.average_path` of the newest; returns that path, or None when ``count``
+    < 2 or the folder holds fewer than two checkpoints."""
+    tail = checkpoints.checkpoints_in(run_dir)[-int(count):] if count >= 2 else []
+    if len(tail) < 2:
+        return None
+    return Path(average_weight_files(tail, checkpoints.average_path(tail[-1], len(tail))))

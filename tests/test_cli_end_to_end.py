@@ -1,8 +1,9 @@
 """lesions.py end to end through the real command line: train once, then predict and evaluate.
 
 The module-scoped ``trained`` fixture trains the tests-only config (tests/data/tiny.toml: 64 px,
-ResNet-50, 1 epoch heads + 1 epoch all layers, 2 steps each) on 6 synthetic demo images; the
-other tests reuse its logs folder. Everything runs in a temporary folder (the CLI's default
+ResNet-50, 1 epoch heads + 1 epoch all layers, 2 steps each) on 6 synthetic demo images, with
+AVERAGE_LAST_EPOCHS = 2 (so predict and evaluate load the average of both epochs); the other tests
+reuse its logs folder. Everything runs in a temporary folder (the CLI's default
 paths are relative to the folder it runs in).
 """
 
@@ -31,7 +32,8 @@ MASKS = "demo_data/ISIC2018_Task1_Training_GroundTruth"
 def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """(work folder, run folder, train process) after one tiny training run with --dataset demo."""
     work = tmp_path_factory.mktemp("cli")
-    proc = run_cli("--mode", "train", "--dataset", "demo", "--config", str(TINY), cwd=work, timeout=900)
+    proc = run_cli("--mode", "train", "--dataset", "demo", "--config", str(TINY), "--set", "AVERAGE_LAST_EPOCHS=2",
+                   cwd=work, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted((work / "logs").glob("lesion*"))
     assert len(runs) == 1
@@ -47,7 +49,8 @@ def read_png(path: Path) -> np.ndarray:
 def test_train_writes_checkpoints_logs_plot_and_split(trained):
     work, run, proc = trained
     assert [p.name for p in sorted(run.glob("mask_rcnn_lesion_*.h5"))] == [
-        "mask_rcnn_lesion_0001.h5", "mask_rcnn_lesion_0002.h5"]
+        "mask_rcnn_lesion_0001.h5", "mask_rcnn_lesion_0002.h5", "mask_rcnn_lesion_0002_average2.h5"]
+    assert "into mask_rcnn_lesion_0002_average2.h5: predict and evaluate use it" in proc.stdout
     assert "Stage 'heads': epochs 1..1" in proc.stdout and "Stage 'all': epochs 2..2" in proc.stdout
     assert "Configuration (LesionConfig + " in proc.stdout and "tiny.toml" in proc.stdout
     for word in ("checkpoints:", "logs:", "plots:", str(run.name)):
@@ -77,7 +80,7 @@ def test_predict_one_file_into_a_new_default_folder(trained):
     with Image.open(out / "ISIC_0000004_overlay.png") as im:
         assert im.size == (80, 64) and im.mode == "RGB"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["weights"].endswith("mask_rcnn_lesion_0002.h5")  # newest checkpoint by default
+    assert summary["weights"].endswith("mask_rcnn_lesion_0002_average2.h5")  # the run's average by default
     (record,) = summary["images"]
     assert record["id"] == "ISIC_0000004" and isinstance(record["instances"], list)
     for inst in record["instances"]:

@@ -200,3 +200,25 @@ def test_average_weight_files_refuses_other_architectures(tmp_path):
     with pytest.raises(WeightsError, match=r"a\.h5: weights differ from .*b\.h5 in names or shapes.*fc/"):
         average_weight_files([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "avg.h5")
     assert not (tmp_path / "avg.h5").exists()
+
+
+def test_tail_average_is_named_after_the_newest_checkpoint_and_predicts_but_never_resumes(tmp_path):
+    from mrcnn import checkpoints
+    from mrcnn.weights import save_hdf5_weights, write_tail_average
+
+    run = tmp_path / "lesion20261207T0300"
+    for epoch in (1, 2, 3):
+        save_hdf5_weights(_tiny_bn_model(epoch), str(run / f"mask_rcnn_lesion_{epoch:04d}.h5"))
+    newest = run / "mask_rcnn_lesion_0003.h5"
+    assert write_tail_average(run, 1) is None and checkpoints.final_weights(newest) == newest  # off
+    written = write_tail_average(run, 5)  # only three epochs exist: their mean
+    assert written == run / "mask_rcnn_lesion_0003_average3.h5"
+    assert checkpoints.average_of(newest) == written and checkpoints.final_weights(newest) == written
+    assert checkpoints.checkpoint_epoch(written) is None  # not a checkpoint ...
+    assert checkpoints.newest_checkpoint(tmp_path) == newest  # ... so --weights last resumes from epoch 3
+    assert checkpoints.average_of(run / "mask_rcnn_lesion_0002.h5") is None  # another epoch's: none
+    from mrcnn.weights import read_weight_file
+
+    (variance,) = [v for n, v in read_weight_file(str(written))["bn"] if "moving_variance" in n]
+    expected = np.mean([_tiny_bn_model(e).get_layer("bn").moving_variance.numpy() for e in (1, 2, 3)], axis=0)
+    np.testing.assert_allclose(variance, expected, rtol=1e-6)
