@@ -95,7 +95,7 @@ def test_validate_accepts_a_sane_config():
         ("CLASSIFIER_ROI_MIN_LEVEL", 6, "CLASSIFIER_ROI_MIN_LEVEL must be a pyramid level 2..5, got 6"),
         ("CLASS_HEAD_IMAGE_CONTEXT", True, "CLASS_HEAD_IMAGE_CONTEXT needs DIAGNOSIS_HEAD roi and two or more CLASSES"),
         ("WEIGHTS_EMA", 1.0, "WEIGHTS_EMA must be in [0, 1) (0 = off), got 1.0"),
-        ("AVERAGE_LAST_EPOCHS", 2.5, "AVERAGE_LAST_EPOCHS must be an integer >= 0 (0 = off), got 2.5"),
+        ("AVERAGE_LAST_EPOCHS", -1, "AVERAGE_LAST_EPOCHS must be an integer >= 0 (0 = off), got -1"),
         ("DIAGNOSIS_ROI_POOLING", "max", "DIAGNOSIS_ROI_POOLING must be mean or top, got 'max'"),
     ],
 )
