@@ -5,13 +5,16 @@
 
     python benchmarks/profile_ops.py --size 512 --runs 3          # bench.py's infer512 workload
     python benchmarks/profile_ops.py --size 1024 --runs 2 --top 25
+    python benchmarks/profile_ops.py --size 512 --train 2 --runs 3  # bench.py's train512_b2 step
 
 Builds the ``infer<size>`` workload of ``benchmarks/bench.py`` (ResNet-50-FPN, random init, 1000
 proposals, 100 detections, frozen BN, float32, 2 TF threads), warms the compiled detect graph up,
 traces ``--runs`` calls with ``tf.profiler`` and prints, per op type (``_MklNativeFusedConv2D``,
 ``Mul``, ``CropAndResize`` ...) and per top-level layer name, the summed op time per run and its
 share. Op times are summed over threads, so with 2 threads the shares, not the sums, are what to
-read. ``--inter-op 1`` (default) keeps op durations from overlapping.
+read. ``--inter-op 1`` (default) keeps op durations from overlapping. ``--train B`` traces
+bench.py's training step at batch B instead (forward, backward, SGD update; ops of the gradient
+are named ``gradient_tape/...``, counted under the layer they differentiate).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="TF intra-op threads")
     p.add_argument("--inter-op", type=int, default=1, help="TF inter-op threads")
     p.add_argument("--top", type=int, default=20, help="rows per table")
+    p.add_argument("--train", type=int, default=0, metavar="B", help="trace the training step at batch B"
+                   " (bench.py's train<size>_b<B>) instead of the detect graph")
     p.add_argument("--no-fold", action="store_true", help="build without frozen-BN folding (A/B)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     return p.parse_args(argv)
@@ -67,6 +72,7 @@ def op_times(logdir: str) -> list[tuple[str, str, float]]:
 def layer_of(op_name: str) -> str:
     """Top-level layer of an op name (``mask_rcnn_1/res2a_branch2a_1/convolution`` -> ``res2a_branch2a``)."""
     parts = [p for p in op_name.split("/") if p]
+    parts = parts[1:] if parts and parts[0] == "gradient_tape" else parts  # a gradient op: its layer's
     part = parts[1] if len(parts) > 1 and parts[0].startswith("mask_rcnn") else (parts[0] if parts else "?")
     base, _, suffix = part.rpartition("_")
     return base if suffix.isdigit() and base else part
@@ -91,6 +97,39 @@ def print_table(title: str, totals: dict[str, float], runs: int, top: int) -> No
         print(f"  {key:<48s} {secs / runs:8.4f}  {100 * secs / total:5.1f} %")
 
 
+def traced_detect(workloads, plan, size: int, overrides: dict):
+    """(one detect-graph call, name) of bench.py's infer<size> workload, warmed up."""
+    import numpy as np
+
+    config = workloads.make_config(plan, size, 1, **overrides)
+    model = workloads.inference_model(config)
+    image = workloads.synthetic_lesion(size, np.random.default_rng(0))[0]
+    molded, metas, _ = model.mold_inputs([image])
+    for _ in range(2):
+        detections = model._run(molded, metas)[0]  # noqa: SLF001 (warm-up: trace + first runs)
+    print(f"detections: {int((detections[0, :, 4] > 0).sum())} (the mask head's work scales with them)")
+    return (lambda: model._run(molded, metas)), f"infer{size}"  # noqa: SLF001
+
+
+def traced_train_step(workloads, plan, size: int, batch: int, overrides: dict):
+    """(one training step, name) of bench.py's train<size>_b<batch> workload, warmed up."""
+    import tensorflow as tf
+
+    from mrcnn.model import MaskRCNN
+
+    config = workloads.make_config(plan, size, batch, **overrides)
+    model = MaskRCNN("training", config, tempfile.mkdtemp(prefix="profile-logs-"))
+    step = workloads.compiled_train_step(model, config)
+    inputs = {k: tf.constant(v) for k, v in workloads.training_batch(config, batch).items()}
+
+    def one_step() -> None:
+        float(step(inputs)["loss"])  # wait for the step
+
+    for _ in range(3):
+        one_step()
+    return one_step, f"train{size}_b{batch}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -105,34 +144,30 @@ def main(argv: list[str] | None = None) -> None:
         key, _, value = item.partition("=")
         overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     plan = workloads.Plan(quick=False, threads=args.threads)
-    config = workloads.make_config(plan, args.size, 1, **overrides)
     from mrcnn import backbone
 
     backbone.FOLD_FROZEN_BN = not args.no_fold
-    model = workloads.inference_model(config)
-    image = workloads.synthetic_lesion(args.size, __import__("numpy").random.default_rng(0))[0]
-    molded, metas, _ = model.mold_inputs([image])
-    for _ in range(2):
-        detections = model._run(molded, metas)[0]  # noqa: SLF001 (warm-up: trace + first runs)
-    print(f"detections: {int((detections[0, :, 4] > 0).sum())} (the mask head's work scales with them)")
+    run_once, name = (traced_train_step(workloads, plan, args.size, args.train, overrides) if args.train
+                      else traced_detect(workloads, plan, args.size, overrides))
     logdir = tempfile.mkdtemp(prefix="profile-trace-")
     tf.profiler.experimental.start(logdir)
     for _ in range(args.runs):
-        model._run(molded, metas)  # noqa: SLF001
+        run_once()
     tf.profiler.experimental.stop()
     by_type: dict[str, float] = collections.defaultdict(float)
     by_layer: dict[str, float] = collections.defaultdict(float)
     by_part: dict[str, float] = collections.defaultdict(float)
     by_part_type: dict[str, float] = collections.defaultdict(float)
-    for name, op_type, secs in op_times(logdir):
+    for op_name, op_type, secs in op_times(logdir):
+        layer = layer_of(op_name)
         by_type[op_type] += secs
-        by_layer[layer_of(name)] += secs
-        by_part[part_of(layer_of(name))] += secs
-        by_part_type[f"{part_of(layer_of(name))}: {op_type}"] += secs
-    print_table(f"infer{args.size}: by op type", by_type, args.runs, args.top)
-    print_table(f"infer{args.size}: by part", by_part, args.runs, args.top)
-    print_table(f"infer{args.size}: by part and op type", by_part_type, args.runs, args.top)
-    print_table(f"infer{args.size}: by layer", by_layer, args.runs, args.top)
+        by_layer[layer] += secs
+        by_part[part_of(layer)] += secs
+        by_part_type[f"{part_of(layer)}: {op_type}"] += secs
+    print_table(f"{name}: by op type", by_type, args.runs, args.top)
+    print_table(f"{name}: by part", by_part, args.runs, args.top)
+    print_table(f"{name}: by part and op type", by_part_type, args.runs, args.top)
+    print_table(f"{name}: by layer", by_layer, args.runs, args.top)
 
 
 if __name__ == "__main__":
