@@ -304,16 +304,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trained.update(train_refiner_for_budget(args, config, train_set, run_dir, max(left, 1.0), cpu_left))
     by_id = {p.image_id: p for p in report.pairs}
     pairs = sample_pairs([by_id[i] for i in val_ids], args.max_val)
-    last_epoch = None
-    if not args.weights and config.AVERAGE_LAST_EPOCHS >= 2:
+    last_epoch, averaged = Path(trained["checkpoint"]), None
+    if not args.weights and config.AVERAGE_LAST_EPOCHS >= 2:  # the weights lesions.py would predict with
         from mrcnn.weights import write_tail_average
-  # the weights lesions.py would predict with
-        last_epoch = {"checkpoint": Path(trained["checkpoint"]).name}
-        trained["checkpoint"] = write_tail_average(run_dir, config.AVERAGE_LAST_EPOCHS) or trained["checkpoint"]
+
+        averaged = write_tail_average(run_dir, config.AVERAGE_LAST_EPOCHS)
+        trained["checkpoint"] = averaged or last_epoch
     scores = evaluate_checkpoint(args, trained["checkpoint"], pairs, run_dir / "evaluation")
-    if last_epoch is not None and trained["checkpoint"] != run_dir / last_epoch["checkpoint"]:
-        scores["last_epoch"] = score_without_tta(args, run_dir / last_epoch["checkpoint"], pairs,
-                                                 run_dir / "evaluation_last_epoch")
+    if averaged is not None:
+        scores["last_epoch"] = score_without_tta(args, last_epoch, pairs, run_dir / "evaluation_last_epoch")
     images_seen = trained["steps"] * config.BATCH_SIZE
     if "diagnosis" in scores:
         scores.update(baseline_classifier=dict(BASELINE_CLASSIFIER), bar=against_bar(scores))

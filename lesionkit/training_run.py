@@ -185,8 +185,9 @@ def report_training(log_dir: Path, seconds: float) -> None:
     checkpoints = checkpoints_in(log_dir)
     print(f"\nTraining done in {seconds / 60:.1f} min.")
     print(f"  checkpoints: {log_dir}/ ({len(checkpoints)} files, newest {checkpoints[-1].name if checkpoints else '-'})")
-    if checkpoints and average_of(checkpoints[-1]) is not None:
-        print(f"  averaged:    {average_of(checkpoints[-1]).name} (the weights predict and evaluate load)")
+    averaged = average_of(checkpoints[-1]) if checkpoints else None
+    if averaged is not None:
+        print(f"  averaged:    {averaged.name} (the weights predict and evaluate load)")
     from lesionkit.refine.checkpoints import newest_refiner
 
     refiner = newest_refiner(log_dir)

@@ -331,7 +331,8 @@ def _loss_layers(config, rpn_match, rpn_bbox_target, rpn_class_logits, rpn_bbox,
     """The 5 named scalar loss tensors (unweighted, as Matterport's Lambda layers).
 
     A diagnosing model with DIAGNOSIS_HEAD "roi" weighs the class loss by CLASS_LOSS_WEIGHTS and
-    FOCAL_LOSS_GAMMA, smooths its diagnosis labels by DIAGNOSIS_LABEL_SMOOTHING and trains one class-free box regressor and mask (class 1's) on every lesion.
+    FOCAL_LOSS_GAMMA, smooths its diagnosis labels by DIAGNOSIS_LABEL_SMOOTHING and trains one
+    class-free box regressor and mask (class 1's) on every lesion.
     """
     class_loss, box_mask_ids = L.mrcnn_class_loss, (lambda ids: ids)
     if uses_roi_head(config):
