@@ -35,14 +35,15 @@ def box_areas(boxes: np.ndarray) -> np.ndarray:
 
 
 def compute_iou(box: np.ndarray, boxes: np.ndarray, box_area: Any, boxes_area: np.ndarray) -> np.ndarray:
-    """IoU [N] of one box [4] with boxes [N, 4], given their precomputed areas."""
+    """IoU [N] of one box [4] with boxes [N, 4], given their precomputed areas (0 where both are empty)."""
     y1 = np.maximum(box[0], boxes[:, 0])
     y2 = np.minimum(box[2], boxes[:, 2])
     x1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[3], boxes[:, 3])
     intersection = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    union = box_area + boxes_area[:] - intersection[:]
-    return intersection / union
+    union = box_area + boxes_area - intersection
+    iou = np.zeros(np.shape(union), np.result_type(intersection, union, np.float32))
+    return np.divide(intersection, union, out=iou, where=union > 0)
 
 
 def compute_overlaps(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:

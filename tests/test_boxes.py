@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from factories import make_config
@@ -33,6 +35,15 @@ def test_compute_overlaps_hand():
     np.testing.assert_allclose(ov, [[25 / 175, 1, 0], [0, 25 / 100, 0]], rtol=1e-6)
     iou = B.compute_iou(a[0], b, 100.0, B.box_areas(b))
     np.testing.assert_allclose(iou, ov[0], rtol=1e-6)
+
+
+def test_compute_iou_of_empty_boxes_is_zero_without_a_warning():
+    boxes = np.array([[3, 3, 3, 3], [0, 0, 10, 10]], np.float32)   # a zero-area box, a 10x10 one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iou = B.compute_iou(boxes[0], boxes, 0.0, B.box_areas(boxes))
+    np.testing.assert_array_equal(iou, [0.0, 0.0])
+    assert iou.dtype == np.float32
 
 
 def test_compute_overlaps_masks_hand_and_empty():
