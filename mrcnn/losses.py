@@ -176,10 +176,14 @@ def mrcnn_mask_loss(target_masks: tf.Tensor, target_class_ids: tf.Tensor, pred_m
     return _mean_or_zero(binary_crossentropy(targets, predicted))
 
 
+#: Weights whose name contains one of these get no weight decay (BatchNorm gamma and beta).
+UNDECAYED_NAMES = ("gamma", "beta")
+
+
 def is_decayed(variable) -> bool:
-    """True for weights that get L2 decay: everything but BatchNorm gamma/beta."""
+    """True for weights that get L2 decay: everything but BatchNorm gamma/beta (UNDECAYED_NAMES)."""
     name = getattr(variable, "path", None) or variable.name
-    return "gamma" not in name and "beta" not in name
+    return not any(part in name for part in UNDECAYED_NAMES)
 
 
 def weight_decay_loss(variables: Iterable, weight_decay: float) -> tf.Tensor:

@@ -519,7 +519,9 @@ def make_optimizer(config, learning_rate: float, variables: list | None = None) 
     if config.OPTIMIZER == "adamw":
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.ADAMW_WEIGHT_DECAY,
                                            **_clipping(config), **_averaging(config))
-        optimizer.exclude_from_weight_decay(var_list=[v for v in variables or [] if not L.is_decayed(v)])
+        # by name too, so that variables the optimiser first sees later follow the same rule
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables or [] if not L.is_decayed(v)],
+                                            var_names=list(L.UNDECAYED_NAMES))
     else:
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
                                          **_clipping(config), **_averaging(config))

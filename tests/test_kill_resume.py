@@ -309,6 +309,11 @@ def test_adamw_optimizer_decays_decoupled_and_spares_norm_parameters():
     step = lr * grad / (np.abs(grad) + 1e-7)
     assert np.allclose(np.asarray(kernel), start * (1 - lr * 0.5) - step, atol=1e-5)
     assert np.allclose(np.asarray(gamma), start - step, atol=1e-5)
+    # built without the variable list: the same rule, by name
+    kernel, gamma = keras.Variable(start, name="kernel"), keras.Variable(start, name="gamma")
+    make_optimizer(config, lr).apply([grad, grad], [kernel, gamma])
+    assert np.allclose(np.asarray(kernel), start * (1 - lr * 0.5) - step, atol=1e-5)
+    assert np.allclose(np.asarray(gamma), start - step, atol=1e-5)
     owner = types.SimpleNamespace(mrcnn_config=config)
     assert TrainingModel._l2_weight_decay.fget(owner) == 0.0
     owner.mrcnn_config = make_config("matterport")
