@@ -5,7 +5,7 @@ images and scores the predicted lesion masks (Jaccard) on held-out ones. Run as 
 breaks one loss or target on purpose (``--mutation NAME``) to show that the learning test
 notices::
 
-    python tests/learning_check.py --mutation all      # every mutation in turn (~4 min each)
+    python tests/learning_check.py --mutation all      # every mutation in turn (~4-6 min each)
     python tests/learning_check.py --mutation none     # the unbroken pipeline
 
 It prints one JSON line per run.
@@ -31,13 +31,16 @@ from factories import make_config  # noqa: E402
 from mrcnn.config import LOSS_NAMES, Config  # noqa: E402
 
 #: ResNet-50 at 128 px, small heads, anchors for lesions filling much of the image (on Matterport's
-#: defaults otherwise). SEED fixes the initial weights, data order and augmentation.
+#: defaults otherwise). SEED fixes the initial weights, data order and augmentation. BatchNorm on
+#: batch statistics (TRAIN_BN True), as the from-scratch presets train: with Matterport's frozen
+#: BatchNorm a randomly initialised ResNet-50 is an unnormalised network, whose runs collapsed (no
+#: detection at all) in 2 of 4 tries once its conv biases trained as Matterport's do.
 LEARN = dict(NAME="learn", IMAGES_PER_GPU=1, BACKBONE="resnet50", IMAGE_MIN_DIM=128, IMAGE_MAX_DIM=128,
              RPN_ANCHOR_SCALES=[16, 32, 64, 96, 128], RPN_TRAIN_ANCHORS_PER_IMAGE=64, PRE_NMS_LIMIT=500,
              POST_NMS_ROIS_TRAINING=100, POST_NMS_ROIS_INFERENCE=50, TRAIN_ROIS_PER_IMAGE=16, MAX_GT_INSTANCES=2,
              TOP_DOWN_PYRAMID_SIZE=64, FPN_CLASSIF_FC_LAYERS_SIZE=128, MASK_POOL_SIZE=7, MASK_SHAPE=[14, 14],
-             MINI_MASK_SHAPE=[28, 28], STEPS_PER_EPOCH=60, VALIDATION_STEPS=0, LEARNING_RATE=0.01,
-             DETECTION_MIN_CONFIDENCE=0.0, DETECTION_MAX_INSTANCES=10, SEED=2)
+             MINI_MASK_SHAPE=[28, 28], STEPS_PER_EPOCH=80, VALIDATION_STEPS=0, LEARNING_RATE=0.01,
+             DETECTION_MIN_CONFIDENCE=0.0, DETECTION_MAX_INSTANCES=10, TRAIN_BN=True, SEED=2)
 
 
 def learn_config(**overrides) -> Config:
@@ -82,34 +85,51 @@ def predicted_lesion(result: dict, shape) -> np.ndarray:
 
 
 def deciles(curve: list[float]) -> list[float]:
-    """Means of consecutive tenths of a per-step curve."""
+    """Medians of consecutive tenths of a per-step curve (medians: at one image per step a single
+    hard image can multiply a step's loss; one such step must not decide a decile)."""
     tenth = max(len(curve) // 10, 1)
-    return [round(float(np.mean(curve[i:i + tenth])), 4) for i in range(0, len(curve), tenth)]
+    return [round(float(np.median(curve[i:i + tenth])), 4) for i in range(0, len(curve), tenth)]
+
+
+def tail(curve: list[float]) -> float:
+    """Median of the last fifth of a per-step curve: where the run ended."""
+    return float(np.median(curve[-max(len(curve) // 5, 1):]))
 
 
 #: Bounds checked by :func:`failures` (and so by the learning test): measured runs are listed in
 #: tests/test_training.py next to the test.
 MIN_JACCARD = 0.55
+#: Mean mask AP at IoU 0.5 (:func:`mrcnn.ap.compute_ap`) over the held-out images: the union mask can
+#: look right while the classifier ranks the wrong detections first; AP sees the ranking.
+MIN_MAP50 = 0.5
 MAX_LOSS_RATIO = 0.35
-#: Each of the five losses must end (last decile) below this fraction of its highest decile: a loss
-#: that is zero, constant or fed wrong targets does not fall like that. (The peak, not the first
-#: decile: the mask loss starts low while few proposals are positive, then rises.)
-MAX_EACH_LOSS_RATIO = 0.6
+#: Each of the five losses must end (:func:`tail`) below this fraction of its highest decile: a
+#: loss that is zero or constant does not fall like that (wrong targets are the Jaccard's to catch).
+#: (The peak, not the first decile: the mask loss starts low while few proposals are positive, then
+#: rises.) The box head's loss falls least: to 0.44-0.57 of its peak in the measured runs.
+MAX_EACH_LOSS_RATIO = 0.75
 
 
 def failures(result: dict) -> list[str]:
-    """What a run got wrong (empty list: it learned): finite losses, the total falling clearly
-    (last decile vs first), each loss falling from its peak decile, mean held-out Jaccard >= MIN_JACCARD."""
+    """What a run got wrong (empty list: it learned): finite losses, the total and each of the five
+    losses falling clearly from their peak decile (to :func:`tail`), mean held-out Jaccard >=
+    MIN_JACCARD and mask mAP50 >= MIN_MAP50. Deciles and tails are medians of steps (:func:`deciles`); the peak, not the first
+    decile, because with batch-statistics BatchNorm the RPN box loss first rises."""
     curves = result["curves"]
     table = {name: deciles(values) for name, values in curves.items()}
+    ends = {name: tail(values) for name, values in curves.items()}
     problems = []
     if not all(math.isfinite(v) for values in curves.values() for v in values):
         problems.append("non-finite loss")
-    if not table["loss"][-1] < MAX_LOSS_RATIO * table["loss"][0]:
-        problems.append(f"total loss did not fall below {MAX_LOSS_RATIO} of its start: {table['loss']}")
+    if not ends["loss"] < MAX_LOSS_RATIO * max(table["loss"]):
+        problems.append(f"total loss ended at {ends['loss']:.4f}, not below {MAX_LOSS_RATIO} of its peak: "
+                        f"{table['loss']}")
     for name in LOSS_NAMES:
-        if not table[name][-1] < MAX_EACH_LOSS_RATIO * max(table[name]):
-            problems.append(f"{name} did not fall below {MAX_EACH_LOSS_RATIO} of its peak: {table[name]}")
+        if not ends[name] < MAX_EACH_LOSS_RATIO * max(table[name]):
+            problems.append(f"{name} ended at {ends[name]:.4f}, not below {MAX_EACH_LOSS_RATIO} of its peak: "
+                            f"{table[name]}")
+    if not result["map50"] >= MIN_MAP50:
+        problems.append(f"mask mAP50 {result['map50']:.3f} < {MIN_MAP50}")
     if not result["jaccard"] >= MIN_JACCARD:
         problems.append(f"mean Jaccard {result['jaccard']:.3f} < {MIN_JACCARD} "
                         f"(per image {[round(v, 2) for v in result['scores']]})")
@@ -123,13 +143,15 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
     after), so with SEED fixed the run gives the same numbers every time on the same machine and
     TF build: a from-scratch run amplifies thread-order float differences into very different
     models otherwise. Returns ``{"curves": {name: per-step values}, "scores": per-image Jaccard, "jaccard": mean,
-    "detected": images with at least one detection}``; curves hold ``loss`` and the 5 losses.
+    "detected": images with at least one detection, "map50": mean mask AP at IoU 0.5}``; curves hold ``loss`` and the 5 losses.
     """
     import keras
     import tensorflow as tf
     from helpers import ArrayDataset
     from tensorflow.python.framework import config as tf_config
 
+    from mrcnn.ap import compute_ap
+    from mrcnn.boxes import extract_bboxes
     from mrcnn.input_pipeline import default_augmentation
     from mrcnn.model import MaskRCNN
 
@@ -161,14 +183,17 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
 
     inference = MaskRCNN("inference", config, str(model_dir))
     inference.load_weights(model.find_last(), by_name=True)
-    scores, detected = [], 0
+    scores, aps, detected = [], [], 0
     for image, mask in synthetic_lesions(20, seed=99):
         result = inference.detect([image])[0]
         detected += int(len(result["scores"]) > 0)
         pred = predicted_lesion(result, mask.shape[:2])
         truth = mask[:, :, 0]
         scores.append(float((truth & pred).sum() / max((truth | pred).sum(), 1)))
-    return {"curves": curves, "scores": scores, "jaccard": float(np.mean(scores)), "detected": detected}
+        aps.append(compute_ap(extract_bboxes(mask), np.ones(1, np.int32), mask, result["rois"],
+                              result["class_ids"], result["scores"], result["masks"])[0])
+    return {"curves": curves, "scores": scores, "jaccard": float(np.mean(scores)), "detected": detected,
+            "map50": float(np.mean(aps))}
 
 
 # -------------------------------------------------------------------------------------------
@@ -225,10 +250,12 @@ MUTATIONS = ("none", "rpn_class_loss_zero", "rpn_bbox_loss_zero", "mrcnn_class_l
 
 def summarise(result: dict) -> dict:
     """Deciles of every curve, mean Jaccard and detections, JSON-ready."""
-    return {"jaccard": round(result["jaccard"], 4), "detected": result["detected"], "failures": failures(result),
+    return {"jaccard": round(result["jaccard"], 4), "map50": round(result["map50"], 4), "detected": result["detected"],
+            "failures": failures(result),
             "min_jaccard": round(min(result["scores"]), 3),
             "deciles": {name: deciles(values) for name, values in result["curves"].items()},
-            "finite": all(math.isfinite(v) for values in result["curves"].values() for v in values)}
+            "finite": all(math.isfinite(v) for values in result["curves"].values() for v in values),
+            "curves": {name: [round(v, 4) for v in values] for name, values in result["curves"].items()}}
 
 
 def main() -> None:
