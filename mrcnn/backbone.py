@@ -72,11 +72,16 @@ class FoldingConv2D(KL.Conv2D):
 
     * ``training`` True: conv(x, kernel * scale) + bias * scale + offset (scale, offset from
       :meth:`BatchNorm.frozen_scale_offset`): a conv with bias (grappler fuses it with a following
-      ReLU) whose gradients reach kernel, bias, gamma and beta exactly as through the unfolded pair.
+      ReLU) whose gradients reach kernel, gamma and beta exactly as through the unfolded pair.
     * otherwise (inference): conv(x, kernel) then ``fused_batch_norm(is_training=False)`` with
       mean = moving_mean - bias, which grappler's remapper fuses with the conv (and a following
       ReLU) into one ``_FusedConv2D``: the kernel stays the variable as stored (no per-call rescaling
-      of the weights; oneDNN keeps its reordered copy). This form gives the bias no gradient.
+      of the weights; oneDNN keeps its reordered copy).
+
+    The conv's bias gets no gradient in either form: in front of a frozen BatchNorm it only adds
+    ``scale * bias`` to beta's per-channel offset, so it keeps its loaded value and the offset trains
+    through beta. (Matterport trains both, which doubles the offset's step; from random weights that
+    collapsed learning runs and lowered the demo preset's Jaccard: benchmarks/README.md, 2026-12-07.)
 
     Weight files load into the conv and BatchNorm layers by name as before. The layer's own output
     (``get_layer(conv).output``) is the normalised activation; the BatchNorm passes it through.
@@ -103,7 +108,7 @@ class FoldingConv2D(KL.Conv2D):
         if training:
             scale, offset = batch_norm.frozen_scale_offset()
             kernel = ops.cast(ops.cast(self.kernel, "float32") * scale, inputs.dtype)
-            bias = ops.cast(ops.cast(self.bias, "float32") * scale + offset, inputs.dtype)
+            bias = ops.cast(ops.stop_gradient(ops.cast(self.bias, "float32")) * scale + offset, inputs.dtype)
             return ops.add(self.convolution_op(inputs, kernel), ops.reshape(bias, (1, 1, 1, self.filters)))
         ones = tf.ones((self.filters,), tf.float32)
         gamma = ops.cast(batch_norm.gamma, "float32") if batch_norm.scale else ones

@@ -148,8 +148,8 @@ class Config:
     #: 4 pools them from the coarser, deeper levels; the mask head keeps Matterport's rule. (On the
     #: 128-px HAM10000 diagnosis preset 3 and 4 scored lower: benchmarks/README.md, session 8.)
     CLASSIFIER_ROI_MIN_LEVEL = 2
-    #: Dropout rate on the box head's shared features before ``mrcnn_class_logits`` (training only;
-    #: active when the train step runs in training mode, i.e. TRAIN_BN is not False). 0 = Matterport.
+    #: Dropout rate on the box head's shared features before ``mrcnn_class_logits`` (training only,
+    #: whatever TRAIN_BN says). 0 = Matterport.
     CLASS_HEAD_DROPOUT = 0.0
     MASK_POOL_SIZE = 14
     MASK_SHAPE = [28, 28]

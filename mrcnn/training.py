@@ -208,22 +208,16 @@ class TrainingModel(keras.Model):
         """WEIGHT_DECAY of the L2 loss term; 0 with OPTIMIZER "adamw" (its decay is decoupled)."""
         return 0.0 if self.mrcnn_config.OPTIMIZER == "adamw" else self.mrcnn_config.WEIGHT_DECAY
 
-    @property
-    def bn_training(self) -> bool:
-        """``training`` flag for the forward pass of a train step.
-
-        Keras 3 functional models pass the outer ``training`` value to every layer, overriding the
-        ``training=False`` that freezes BatchNorm when TRAIN_BN is False; so with frozen BN the
-        train step runs the graph in inference mode (nothing else in it depends on the flag).
-        """
-        return self.mrcnn_config.TRAIN_BN is not False
-
     def train_step(self, data):
         inputs = self._model_inputs(data)
         variables = self.trainable_variables
         own = {id(v) for v in head_variables(self)} if self.diagnosis_optimizer is not None else set()
         with tf.GradientTape() as tape:
-            outputs = self(inputs, training=self.bn_training)
+            # training=True whatever TRAIN_BN says: BatchNorm keeps its pinned mode (frozen = moving
+            # statistics, mrcnn.backbone.BatchNorm), dropout is active, and a conv with a folded
+            # frozen BatchNorm takes its training form (FoldingConv2D: one conv, no BatchNorm pass,
+            # its bias kept as loaded).
+            outputs = self(inputs, training=True)
             terms = self._loss_terms(outputs)
             decay = L.weight_decay_loss([v for v in variables if id(v) not in own], self._l2_weight_decay)
             total = tf.add_n(list(terms.values())) + decay

@@ -101,8 +101,17 @@ def _one_training_step(model: MaskRCNN, inputs: dict[str, np.ndarray]) -> dict[s
             if layer.weights and not isinstance(layer, keras.Model)}
 
 
+def _layer_weights(model, weights: list, layer: str) -> list:
+    """The arrays of ``layer`` in the flat ``weights`` list of ``model``'s Keras model."""
+    paths = [w.path for w in model.keras_model.weights]
+    return [np.array(weights[i]) for i, p in enumerate(paths) if p.startswith(layer + "/")]
+
+
 def test_training_step_with_frozen_bn_updates_as_unfolded(tmp_path):
-    config = make_config("tiny", TRAIN_BN=False, LEARNING_MOMENTUM=0.0)
+    """One SGD step (no momentum, no weight decay): kernels, gamma and beta move as in the unfolded
+    graph; the folded convs' biases keep their value (FoldingConv2D: the offset trains via beta),
+    where the unfolded reference, a plain conv, trains its bias."""
+    config = make_config("tiny", TRAIN_BN=False, LEARNING_MOMENTUM=0.0, WEIGHT_DECAY=0.0)
     unfolded = _build("training", config, False, tmp_path / "u")
     folded = _build("training", config, True, tmp_path / "f")
     assert len(_folded_pairs(folded.keras_model)) == 57
@@ -115,11 +124,32 @@ def test_training_step_with_frozen_bn_updates_as_unfolded(tmp_path):
     moved = np.abs(after_u["res3a_branch2b"][0] - kernel_before).max()
     assert moved > 1e-6  # the step did change the conv kernel
     for name in ("conv1", "res3a_branch2b", "res5c_branch2c", "mrcnn_mask_conv2"):
-        np.testing.assert_allclose(after_f[name][0], after_u[name][0], rtol=1e-4, atol=1e-3 * moved,
-                                   err_msg=name)
+        kernel_f, bias_f = after_f[name]
+        np.testing.assert_allclose(kernel_f, after_u[name][0], rtol=1e-4, atol=1e-3 * moved, err_msg=name)
+        bias_start = _layer_weights(unfolded, start, name)[1]
+        np.testing.assert_array_equal(bias_f, bias_start, err_msg=name)
+    bias_start = _layer_weights(unfolded, start, "res3a_branch2b")[1]
+    assert np.abs(after_u["res3a_branch2b"][1] - bias_start).max() > 1e-7   # the plain conv's bias trained
     for name in ("bn3a_branch2b", "mrcnn_mask_bn2"):   # gamma, beta trained the same; statistics untouched
         for got, want in zip(after_f[name], after_u[name], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_train_step_runs_dropout_with_frozen_bn(tmp_path):
+    """TRAIN_BN False pins BatchNorm, not the rest: the train step calls the graph in training
+    mode, so CLASS_HEAD_DROPOUT is active (it was not before 2026-12-07)."""
+    config = make_config("tiny", TRAIN_BN=False, CLASS_HEAD_DROPOUT=0.5)
+    model = _build("training", config, True, tmp_path)
+    dropout = model.keras_model.get_layer("mrcnn_class_dropout")
+    seen, call = [], dropout.call
+
+    def recording(inputs, training=None):
+        seen.append(training)
+        return call(inputs, training=training)
+
+    dropout.call = recording
+    _one_training_step(model, training_inputs(config, 1))
+    assert seen and all(flag is True for flag in seen), seen
 
 
 def test_nothing_folds_with_train_bn_true(tmp_path):

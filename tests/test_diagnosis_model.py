@@ -378,7 +378,7 @@ def test_adamw_updates_the_head_by_adamw_and_every_other_variable_as_sgd(adamw_m
 
     # the head's gradient (only its own loss reaches it), clipped per variable as Keras does
     with tf.GradientTape() as tape:
-        loss = km(list(batch.values()), training=km.bn_training)[-1]
+        loss = km(list(batch.values()), training=True)[-1]
     grads = [np.array(g) for g in tape.gradient(loss, diagnosis.head_variables(km))]
 
     shared = _one_step(km, config.replace(DIAGNOSIS_OPTIMIZER="shared"), batch, start, 0.02)
@@ -444,7 +444,7 @@ def test_backbone_gradient_scales_only_the_diagnosis_losss_pull_on_the_backbone(
     def diagnosis_grads(factor):
         scale.factor = factor
         with tf.GradientTape() as tape:
-            loss = km(list(batch.values()), training=km.bn_training)[-1]
+            loss = km(list(batch.values()), training=True)[-1]
         return [np.array(g) for g in tape.gradient(loss, targets)]
 
     try:
