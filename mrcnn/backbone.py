@@ -78,9 +78,9 @@ class FoldingConv2D(KL.Conv2D):
       ReLU) into one ``_FusedConv2D``: the kernel stays the variable as stored (no per-call rescaling
       of the weights; oneDNN keeps its reordered copy).
 
-    The conv's bias gets no gradient in either form: in front of a frozen BatchNorm it only adds
-    ``scale * bias`` to beta's per-channel offset, so it keeps its loaded value and the offset trains
-    through beta. (Matterport trains both, which doubles the offset's step; from random weights that
+    The conv's bias gets no loss gradient in either form (SGD's L2 term still pulls it towards 0, as
+    before 2026-12-07): in front of a frozen BatchNorm it only adds ``scale * bias`` to beta's
+    per-channel offset, and the offset trains through beta. (Matterport trains both, which doubles the offset's step; from random weights that
     collapsed learning runs and lowered the demo preset's Jaccard: benchmarks/README.md, 2026-12-07.)
 
     Weight files load into the conv and BatchNorm layers by name as before. The layer's own output

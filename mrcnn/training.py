@@ -216,7 +216,7 @@ class TrainingModel(keras.Model):
             # training=True whatever TRAIN_BN says: BatchNorm keeps its pinned mode (frozen = moving
             # statistics, mrcnn.backbone.BatchNorm), dropout is active, and a conv with a folded
             # frozen BatchNorm takes its training form (FoldingConv2D: one conv, no BatchNorm pass,
-            # its bias kept as loaded).
+            # no loss gradient for its bias).
             outputs = self(inputs, training=True)
             terms = self._loss_terms(outputs)
             decay = L.weight_decay_loss([v for v in variables if id(v) not in own], self._l2_weight_decay)
