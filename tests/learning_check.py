@@ -104,17 +104,18 @@ MIN_JACCARD = 0.55
 MIN_MAP50 = 0.5
 MAX_LOSS_RATIO = 0.35
 #: Each of the five losses must end (:func:`tail`) below this fraction of its highest decile: a
-#: loss that is zero or constant does not fall like that (wrong targets are the Jaccard's to catch).
-#: (The peak, not the first decile: the mask loss starts low while few proposals are positive, then
-#: rises.) The box head's loss falls least: to 0.44-0.57 of its peak in the measured runs.
+#: loss that is zero or constant does not fall like that (wrong targets are for the Jaccard and
+#: mAP50 to catch). (The peak, not the first decile: the mask loss starts low while few proposals
+#: are positive, then rises.) The box head's loss falls least: to 0.44-0.60 of its peak when measured.
 MAX_EACH_LOSS_RATIO = 0.75
 
 
 def failures(result: dict) -> list[str]:
     """What a run got wrong (empty list: it learned): finite losses, the total and each of the five
     losses falling clearly from their peak decile (to :func:`tail`), mean held-out Jaccard >=
-    MIN_JACCARD and mask mAP50 >= MIN_MAP50. Deciles and tails are medians of steps (:func:`deciles`); the peak, not the first
-    decile, because with batch-statistics BatchNorm the RPN box loss first rises."""
+    MIN_JACCARD and mask mAP50 >= MIN_MAP50. Deciles and tails are medians of steps
+    (:func:`deciles`); the peak, not the first decile, because with batch-statistics BatchNorm the
+    total first rises (the RPN box loss)."""
     curves = result["curves"]
     table = {name: deciles(values) for name, values in curves.items()}
     ends = {name: tail(values) for name, values in curves.items()}
@@ -143,7 +144,8 @@ def run_learning(model_dir: str | Path, config: Config | None = None, determinis
     after), so with SEED fixed the run gives the same numbers every time on the same machine and
     TF build: a from-scratch run amplifies thread-order float differences into very different
     models otherwise. Returns ``{"curves": {name: per-step values}, "scores": per-image Jaccard, "jaccard": mean,
-    "detected": images with at least one detection, "map50": mean mask AP at IoU 0.5}``; curves hold ``loss`` and the 5 losses.
+    "detected": images with at least one detection, "map50": mean mask AP at IoU 0.5}``; curves
+    hold ``loss`` and the 5 losses.
     """
     import keras
     import tensorflow as tf
