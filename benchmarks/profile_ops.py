@@ -72,6 +72,7 @@ def op_times(logdir: str) -> list[tuple[str, str, float]]:
 def layer_of(op_name: str) -> str:
     """Top-level layer of an op name (``mask_rcnn_1/res2a_branch2a_1/convolution`` -> ``res2a_branch2a``)."""
     parts = [p for p in op_name.split("/") if p]
+    parts = parts[1:] if parts and parts[0] == "StatefulPartitionedCall" else parts  # under Model.fit
     parts = parts[1:] if parts and parts[0] == "gradient_tape" else parts  # a gradient op: its layer's
     part = parts[1] if len(parts) > 1 and parts[0].startswith("mask_rcnn") else (parts[0] if parts else "?")
     base, _, suffix = part.rpartition("_")
