@@ -224,6 +224,7 @@ class TrainingModel(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
         grads = _sum_before_clipping(tape.gradient(scaled, variables), replicas, self.mrcnn_config)
+        grads, variables = _with_gradients(grads, variables)
         if own:
             head = [(g, v) for g, v in zip(grads, variables, strict=True) if id(v) in own]
             rest = [(g, v) for g, v in zip(grads, variables, strict=True) if id(v) not in own]
@@ -277,6 +278,14 @@ def _sum_before_clipping(grads: list, replicas: int, config) -> list:
     present = [g for g in grads if g is not None]
     summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
     return [None if g is None else next(summed) / replicas for g in grads]
+
+
+def _with_gradients(grads: list, variables: list) -> tuple[list, list]:
+    """The (gradient, variable) pairs whose gradient exists, as two lists. A conv bias in front of
+    a frozen BatchNorm (FoldingConv2D) has none when no L2 term reaches it (WEIGHT_DECAY 0, AdamW):
+    by design, so the optimiser is not handed it (Keras would skip it too, with a warning)."""
+    pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    return [g for g, _ in pairs], [v for _, v in pairs]
 
 
 def _first_replica(strategy, batch):
