@@ -4,8 +4,10 @@ A training run writes into ``<model_dir>/<name><YYYYmmddTHHMM>/`` (``name`` = th
 in lower case) one checkpoint per epoch, ``mask_rcnn_<name>_<epoch:04d>.h5`` (epoch 1-based, the
 number of epochs completed), and with AVERAGE_LAST_EPOCHS = N at its end
 ``mask_rcnn_<name>_<epoch:04d>_average<N>.h5``, the mean of the last N (not a checkpoint: training
-never resumes from it). These functions build, parse and find such names; nothing else in
-the package spells the pattern.
+never resumes from it). Next to each checkpoint, ``optimizer_<name>_<epoch:04d>.h5`` holds the
+optimiser's state of that epoch (:mod:`mrcnn.optimizer_state`; not weights: its name matches neither
+the checkpoint pattern nor ``mask_rcnn_*``, which Matterport's ``find_last`` sorts and takes the last
+of). These functions build, parse and find such names; nothing else in the package spells the pattern.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ RUN_FOLDER_RE = re.compile(r"^(.+?)(\d{8}T\d{4})$")
 CHECKPOINT_NAME_RE = re.compile(r"^mask_rcnn_(.+)_(\d{4,})\.h5$")
 #: ``mask_rcnn_<name>_<NNNN>_average<N>.h5`` -> (name, epoch, N).
 AVERAGE_NAME_RE = re.compile(r"^mask_rcnn_(.+)_(\d{4,})_average(\d+)\.h5$")
+#: Prefix of the optimiser state of checkpoint ``mask_rcnn_<name>_<NNNN>.h5``: ``optimizer_<name>_<NNNN>.h5``.
+OPTIMIZER_STATE_PREFIX = "optimizer_"
 
 
 def run_folder_name(name: str, when: datetime.datetime) -> str:
@@ -97,6 +101,15 @@ def average_of(checkpoint: str | os.PathLike) -> Path | None:
             if match and path.is_file() and path.name.startswith(checkpoint.stem + "_average"):
                 found.append((int(match.group(3)), path))
     return max(found)[1] if found else None
+
+
+def optimizer_state_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the optimiser state saved with ``checkpoint`` (``mask_rcnn_<name>_NNNN.h5``) goes:
+    ``optimizer_<name>_NNNN.h5`` in the same folder. ValueError for a name that is not a checkpoint's."""
+    checkpoint = Path(checkpoint)
+    if checkpoint_epoch(checkpoint) is None:
+        raise ValueError(f"{checkpoint.name} is not a checkpoint name (mask_rcnn_<name>_NNNN.h5)")
+    return checkpoint.with_name(OPTIMIZER_STATE_PREFIX + checkpoint.name[len("mask_rcnn_"):])
 
 
 def final_weights(checkpoint: str | os.PathLike) -> Path:

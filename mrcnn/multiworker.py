@@ -17,7 +17,9 @@ Every machine (a *worker*) runs the same training command with its own ``TF_CONF
   workers), worker w takes the w-th slice of BATCH_SIZE, so the union over workers is the batch
   one process with the same global batch would see.
 * :func:`check_same_start` makes every worker stop with one line unless all start from the same
-  epoch and weights (e.g. ``--weights last`` without a shared ``--logs`` folder).
+  epoch, weights and optimiser state (e.g. ``--weights last`` without a shared ``--logs`` folder).
+  Every worker restores the optimiser state the chief saved beside the checkpoint, by the same rule
+  (:func:`mrcnn.optimizer_state.resume`), from the shared folder.
 * :func:`lost_worker_error` turns the error a collective raises when a peer is gone into a
   :class:`WorkerLostError` whose one-line message names the worker, when TensorFlow says it.
 """
@@ -181,14 +183,19 @@ def shard_indices(start: int, batch_size: int, workers: int, rank: int):
     return index
 
 
-def check_same_start(strategy: Any, cluster: Cluster, epoch: int, weights: list) -> None:
+def check_same_start(strategy: Any, cluster: Cluster, epoch: int, weights: list,
+                     optimizer_state: list | None = None) -> None:
     """ClusterConfigError on every worker unless all start at the same ``epoch`` with the same
-    ``weights`` (numpy arrays; compared through their sum, exactly: all load the same file)."""
+    ``weights`` and ``optimizer_state`` (numpy arrays, e.g. :func:`mrcnn.optimizer_state.state_arrays`;
+    compared through their sums, exactly: all load the same files)."""
     import numpy as np
     import tensorflow as tf
 
-    table = np.zeros([cluster.size, 2])  # row r: worker r's epoch and weight sum (others fill theirs)
-    table[cluster.rank] = epoch, sum(np.sum(w, dtype=np.float64) for w in weights)
+    def total(arrays: list | None) -> float:
+        return float(sum(np.sum(a, dtype=np.float64) for a in arrays or []))
+
+    table = np.zeros([cluster.size, 3])  # row r: worker r's epoch, weight sum, state sum (others fill theirs)
+    table[cluster.rank] = epoch, total(weights), total(optimizer_state)
     local = tf.constant(table / (strategy.num_replicas_in_sync // cluster.size))  # summed over local replicas too
 
     @tf.function
@@ -197,14 +204,19 @@ def check_same_start(strategy: Any, cluster: Cluster, epoch: int, weights: list)
                                                                                    local))
 
     starts = strategy.experimental_local_results(exchange())[0].numpy()
-    (low_epoch, low_sum), (high_epoch, high_sum) = starts.min(axis=0), starts.max(axis=0)
-    if high_epoch != low_epoch or high_sum != low_sum:
-        what = (f"epochs {low_epoch:.0f} to {high_epoch:.0f}" if high_epoch != low_epoch
-                else f"the same epoch {epoch} but different weights")
-        raise ClusterConfigError(
-            f"the {cluster.size} workers start from different checkpoints ({what}; this is "
-            f"{cluster.describe(cluster.task_type, cluster.task_index)} at epoch {epoch}): give every worker the "
-            "same --weights file (--weights last needs one --logs folder that all workers share)")
+    low, high = starts.min(axis=0), starts.max(axis=0)
+    if np.array_equal(low, high):
+        return
+    if high[0] != low[0]:
+        what = f"epochs {low[0]:.0f} to {high[0]:.0f}"
+    elif high[1] != low[1]:
+        what = f"the same epoch {epoch} but different weights"
+    else:
+        what = f"the same epoch {epoch} and weights but different optimizer states (one has its optimizer_*.h5)"
+    raise ClusterConfigError(
+        f"the {cluster.size} workers start from different checkpoints ({what}; this is "
+        f"{cluster.describe(cluster.task_type, cluster.task_index)} at epoch {epoch}): give every worker the "
+        "same --weights file (--weights last needs one --logs folder that all workers share)")
 
 
 _TASK = re.compile(r"/job:(chief|worker)/replica:\d+/task:(\d+)")

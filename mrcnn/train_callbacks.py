@@ -4,7 +4,8 @@
 * :class:`EpochCheckpoint` writes ``mask_rcnn_<name>_NNNN.h5`` after every good epoch
   (atomically, through ``MaskRCNN.save_weights``; a Ctrl-C arriving meanwhile is held until the
   file is complete) and keeps ``MaskRCNN.epoch`` current; with WEIGHTS_EMA the file holds the
-  weights' moving average (:func:`averaged_weights`).
+  weights' moving average (:func:`averaged_weights`). Before it, with SAVE_OPTIMIZER_STATE, the
+  optimisers' state ``optimizer_<name>_NNNN.h5`` (:mod:`mrcnn.optimizer_state`).
 * :class:`SafeCSVLogger` keeps ``training.csv`` (one row per epoch: losses and val_ losses),
   rewritten atomically so an interrupted run never leaves a torn file; rows of a resumed run
   replace rows of the same epochs.
@@ -27,7 +28,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.checkpoints import optimizer_state_path
 from mrcnn.fileio import TEMP_PREFIX, write_text_atomic
+from mrcnn.optimizer_state import OptimizerStateError, averaged_weights, save_optimizer_state
 from mrcnn.schedules import learning_rate_at
 
 
@@ -68,13 +71,25 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch without divergence: save weights to ``mrcnn_model.checkpoint_path``."""
+    """After each epoch without divergence: save weights to ``mrcnn_model.checkpoint_path``.
 
-    def __init__(self, mrcnn_model, guard: NonFiniteGuard | None = None, write: bool = True) -> None:
+    With ``save_optimizer`` (SAVE_OPTIMIZER_STATE) the optimisers' state goes first into
+    ``optimizer_<name>_NNNN.h5`` (:mod:`mrcnn.optimizer_state`, recording the stage's ``layers``),
+    then the weights, both atomic, under one deferred Ctrl-C; once the checkpoint is complete the
+    previous epoch's state file is removed (only the newest checkpoint's is kept: each is about
+    twice the trainable weights with AdamW). A kill between the writes leaves the previous
+    checkpoint with its own state. A state that cannot be written is one printed line: the
+    checkpoint is still written.
+    """
+
+    def __init__(self, mrcnn_model, guard: NonFiniteGuard | None = None, write: bool = True,
+                 save_optimizer: bool = False, layers: str = "") -> None:
         super().__init__()
         self.mrcnn_model = mrcnn_model
         self.guard = guard
         self.write = write  # False: a non-chief worker of a multi-worker run only counts the epochs
+        self.save_optimizer = save_optimizer
+        self.layers = layers
 
     def on_train_begin(self, logs=None):
         if not self.write:
@@ -95,30 +110,24 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.mrcnn_model.epoch = epoch + 1
             return
         path = self.mrcnn_model.checkpoint_path.format(epoch=epoch + 1)
-        with sigint_deferred(), averaged_weights(getattr(self.model, "optimizer", None)):  # finish, then stop
-            self.mrcnn_model.save_weights(path)
+        with sigint_deferred():  # finish the files, then stop
+            saved = self.save_optimizer and self._save_optimizer_state(path, epoch + 1)  # first: see the class doc
+            with averaged_weights(getattr(self.model, "optimizer", None)):
+                self.mrcnn_model.save_weights(path)
             self.mrcnn_model.epoch = epoch + 1
+            if saved and epoch > 0:  # only the newest checkpoint's state is kept
+                with contextlib.suppress(OSError):
+                    os.remove(optimizer_state_path(self.mrcnn_model.checkpoint_path.format(epoch=epoch)))
 
-
-@contextlib.contextmanager
-def averaged_weights(optimizer: keras.optimizers.Optimizer | None):
-    """Inside the block the model's trainable variables hold ``optimizer``'s moving average of
-    them (Keras ``use_ema``, WEIGHTS_EMA); after it their own values again. Unchanged when the
-    optimiser keeps no average or has not stepped yet."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
-    averages = getattr(inner, "_model_variables_moving_average", None) if getattr(inner, "use_ema", False) else None
-    if not averages or not inner.built:
-        yield
-        return
-    variables = list(inner._trainable_variables)
-    own = [v.numpy() for v in variables]
-    for variable, average in zip(variables, averages, strict=True):
-        variable.assign(average)
-    try:
-        yield
-    finally:
-        for variable, value in zip(variables, own, strict=True):
-            variable.assign(value)
+    def _save_optimizer_state(self, checkpoint: str, epoch: int) -> bool:
+        """Write the state of ``epoch`` beside ``checkpoint``; False (and one printed line) when it cannot."""
+        try:
+            save_optimizer_state(self.model, optimizer_state_path(checkpoint), epoch, self.layers)
+        except (OptimizerStateError, OSError) as err:
+            print(f"\nnote: the optimizer state of epoch {epoch} was not saved ({err}); a resume from it"
+                  " starts the optimizer fresh", flush=True)
+            return False
+        return True
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import tensorflow as tf
 from keras import layers as KL
 
 from mrcnn import losses as L
-from mrcnn import multiworker, tf_boxes
+from mrcnn import multiworker, optimizer_state, tf_boxes
 from mrcnn.config import LOSS_NAMES, loss_scaled
 from mrcnn.diagnosis import (
     DIAGNOSIS_LOSS,
@@ -208,10 +208,19 @@ class TrainingModel(keras.Model):
         """WEIGHT_DECAY of the L2 loss term; 0 with OPTIMIZER "adamw" (its decay is decoupled)."""
         return 0.0 if self.mrcnn_config.OPTIMIZER == "adamw" else self.mrcnn_config.WEIGHT_DECAY
 
+    def _own_head_ids(self) -> set[int]:
+        """ids of the variables the image head's own optimiser updates (none without one)."""
+        return {id(v) for v in head_variables(self)} if self.diagnosis_optimizer is not None else set()
+
+    def main_optimizer_variables(self) -> list:
+        """The trainable variables ``optimizer`` updates: all but those of the image head's own optimiser."""
+        own = self._own_head_ids()
+        return [v for v in self.trainable_variables if id(v) not in own]
+
     def train_step(self, data):
         inputs = self._model_inputs(data)
         variables = self.trainable_variables
-        own = {id(v) for v in head_variables(self)} if self.diagnosis_optimizer is not None else set()
+        own = self._own_head_ids()
         with tf.GradientTape() as tape:
             # training=True whatever TRAIN_BN says: BatchNorm keeps its pinned mode (frozen = moving
             # statistics, mrcnn.backbone.BatchNorm), dropout is active, and a conv with a folded
@@ -536,7 +545,7 @@ def make_optimizer(config, learning_rate: float, variables: list | None = None) 
 def _averaging(config) -> dict[str, Any]:
     """Keras optimiser arguments for WEIGHTS_EMA: the average is kept by the optimiser and copied
     into the model only when training ends (checkpoints take it via
-    :func:`mrcnn.train_callbacks.averaged_weights`)."""
+    :func:`mrcnn.optimizer_state.averaged_weights`)."""
     if not config.WEIGHTS_EMA:
         return {}
     return {"use_ema": True, "ema_momentum": float(config.WEIGHTS_EMA), "ema_overwrite_frequency": None}
@@ -581,11 +590,14 @@ def make_diagnosis_optimizer(config, optimizer: keras.optimizers.Optimizer,
 
 def compile_training_model(keras_model: TrainingModel, learning_rate: float, config) -> None:
     """Attach fresh optimisers: the SGD and, with DIAGNOSIS_OPTIMIZER "adamw", the image head's
-    AdamW (resets train functions; call after set_trainable)."""
+    AdamW (resets train functions; call after set_trainable). Both are built here, for the
+    variables each updates (Keras would build them so at the first step), so that a saved state
+    can be restored before fit (:mod:`mrcnn.optimizer_state`)."""
     with keras_model.distribute_strategy.scope():
         optimizer = make_optimizer(config, learning_rate, keras_model.trainable_variables)
         keras_model.compile(optimizer=optimizer, jit_compile=False)
         keras_model.diagnosis_optimizer = make_diagnosis_optimizer(config, optimizer, head_variables(keras_model))
+        keras_model.optimizer.build(keras_model.main_optimizer_variables())
 
 
 # -------------------------------------------------------------------------------------------
@@ -620,14 +632,15 @@ def _datasets(model, train_dataset, val_dataset, augmentation, no_augmentation_s
     return train_ds, val_ds
 
 
-def _callbacks(model, custom_callbacks, guard: NonFiniteGuard) -> list:
-    """The guard, logs and checkpoints; a non-chief worker of a multi-worker run writes nothing."""
+def _callbacks(model, custom_callbacks, guard: NonFiniteGuard, layers: str) -> list:
+    """The guard, logs and checkpoints (and the optimiser state of a stage training ``layers``);
+    a non-chief worker of a multi-worker run writes nothing."""
     if not multiworker.is_chief():
         return [guard, EpochCheckpoint(model, guard, write=False), *(custom_callbacks or [])]
     return [guard,
             SafeCSVLogger(os.path.join(model.log_dir, "training.csv"), first_epoch=model.epoch, guard=guard),
             ScalarSummaries(model.log_dir),
-            EpochCheckpoint(model, guard),
+            EpochCheckpoint(model, guard, save_optimizer=model.config.SAVE_OPTIMIZER_STATE, layers=layers),
             *(custom_callbacks or [])]
 
 
@@ -650,7 +663,10 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     (:func:`set_trainable` with verbose 1). ``verbose``: Keras' progress output.
     ``augmentation``: an albumentations transform (see mrcnn.input_pipeline.default_augmentation) or None.
     Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
-    TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic).
+    TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic), with the
+    optimisers' state before it in ``optimizer_<name>_NNNN.h5`` (SAVE_OPTIMIZER_STATE). Starting at
+    a checkpoint's epoch (``model.epoch`` > 0) in the stage that wrote it, the optimisers go on with
+    that state; otherwise a line says why they start fresh (:func:`mrcnn.optimizer_state.resume`).
     Raises TrainingDivergedError (last good checkpoint kept) if a loss becomes NaN/Inf;
     re-raises KeyboardInterrupt after saying how to resume (:func:`interrupted_message`; a Ctrl-C
     during a checkpoint write first finishes that file). Returns the Keras History.
@@ -685,16 +701,19 @@ def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augme
     logger.info("Starting at epoch %d, lr=%s, %d trainable layers; checkpoints: %s",
                 model.epoch, learning_rate, len(names), model.checkpoint_path)
     compile_training_model(model.keras_model, learning_rate, config)
+    line = optimizer_state.resume(model, layers)  # restored from the checkpoint's epoch, or why not
+    if line:
+        print(line, flush=True)
     cluster = multiworker.active_cluster()
     if cluster is not None:
         multiworker.check_same_start(model.keras_model.distribute_strategy, cluster, model.epoch,
-                                     model.keras_model.get_weights())
+                                     model.keras_model.get_weights(), optimizer_state.state_arrays(model.keras_model))
     guard = NonFiniteGuard(config.STEPS_PER_EPOCH)
     with _peer_failures(model):
         history = model.keras_model.fit(
             train_ds, initial_epoch=model.epoch, epochs=epochs, steps_per_epoch=config.STEPS_PER_EPOCH,
             validation_data=val_ds, validation_steps=config.VALIDATION_STEPS if val_ds is not None else None,
-            callbacks=_callbacks(model, custom_callbacks, guard), verbose=verbose, shuffle=False)
+            callbacks=_callbacks(model, custom_callbacks, guard, layers), verbose=verbose, shuffle=False)
     return history, guard
 
 

@@ -52,6 +52,10 @@ def test_train_writes_checkpoints_logs_plot_and_split(trained):
         "mask_rcnn_lesion_0001.h5", "mask_rcnn_lesion_0002.h5", "mask_rcnn_lesion_0002_average2.h5"]
     assert "into mask_rcnn_lesion_0002_average2.h5: predict and evaluate use it" in proc.stdout
     assert "Stage 'heads': epochs 1..1" in proc.stdout and "Stage 'all': epochs 2..2" in proc.stdout
+    # the optimiser state of the newest epoch only; the stage 'all' starts its optimiser afresh, saying so
+    assert [p.name for p in run.glob("optimizer_*.h5")] == ["optimizer_lesion_0002.h5"]
+    assert ("Optimizer: starts fresh (optimizer_lesion_0001.h5 holds the state of a stage that trained other"
+            " weights (layers='heads', ") in proc.stdout
     assert "Configuration (LesionConfig + " in proc.stdout and "tiny.toml" in proc.stdout
     for word in ("checkpoints:", "logs:", "plots:", str(run.name)):
         assert word in proc.stdout

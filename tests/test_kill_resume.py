@@ -15,9 +15,11 @@ One tiny CLI training (tests/data/tiny.toml: 64 px, ResNet-50; here 2 'heads' ep
    line naming the step and the losses, exit 1, no checkpoint written or touched.
 
 After each fault every ``*.h5`` under the log folder opens with h5py and reads completely
-(:func:`mrcnn.weights.read_weight_file`), ``--weights last`` (lesions.find_last_checkpoint,
-resolve_train_weights) is the newest complete checkpoint, training.csv and config.json parse,
-and the next run says where it restarts. Random delays come from KILL_RESUME_SEED (printed).
+(:func:`mrcnn.weights.read_weight_file`; the optimiser states ``optimizer_lesion_NNNN.h5``:
+:func:`mrcnn.optimizer_state.read_optimizer_state`), ``--weights last`` (lesions.find_last_checkpoint,
+resolve_train_weights) is the newest complete checkpoint and has its optimiser state beside it
+(written first), training.csv and config.json parse, and the next run says where it restarts (and,
+in 'heads', that its optimiser continues). Random delays come from KILL_RESUME_SEED (printed).
 Each fault costs one TensorFlow start-up, which is most of this file's time.
 """
 
@@ -39,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from mrcnn.checkpoints import optimizer_state_path
+from mrcnn.optimizer_state import read_optimizer_state
 from mrcnn.weights import WeightsError, read_weight_file
 from tests.cli_helpers import LESIONS, TF_NOISE, TINY
 
@@ -121,10 +125,16 @@ class Training:
 
 
 def checkpoint_epochs(logs: Path) -> dict[int, Path]:
-    """{epoch: path} of every ``*.h5`` under ``logs``, each checked to open and read completely."""
+    """{epoch: path} of every checkpoint under ``logs``, each checked to open and read completely;
+    every other ``*.h5`` must be a complete optimiser state."""
     found = {}
     layer_sets = set()
     for path in sorted(logs.rglob("*.h5")):
+        state = re.fullmatch(r"optimizer_lesion_(\d{4})\.h5", path.name)
+        if state:
+            manifest, arrays = read_optimizer_state(path)  # raises on a torn or partial file
+            assert manifest["epoch"] == int(state.group(1)) and "optimizer/own/iteration" in arrays, path
+            continue
         layers = read_weight_file(str(path))  # raises on a torn or partial file
         assert layers and all(arrays for arrays in layers.values()), path
         layer_sets.add(tuple(sorted(layers)))
@@ -143,6 +153,7 @@ def check_after_fault(logs: Path, expected_epoch: int) -> Path:
     found = checkpoint_epochs(logs)
     assert sorted(found) == list(range(1, expected_epoch + 1)), (sorted(found), expected_epoch)
     newest = found[expected_epoch]
+    assert optimizer_state_path(newest).is_file(), "the newest checkpoint lacks its optimizer state"
     assert lesions.find_last_checkpoint(logs, "lesion") == newest
     assert lesions.resolve_train_weights("last", logs, "lesion") == lesions.StartWeights("last", newest)
     assert json.loads((run / "config.json").read_text())["ALL_EPOCHS"] == ALL_EPOCHS
@@ -168,6 +179,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def h5_files(logs: Path) -> dict[str, tuple[str, int]]:
+    """{name: (sha256, mtime)} of every ``*.h5`` under ``logs`` (checkpoints and optimizer states)."""
+    return {str(p.relative_to(logs)): (sha256(p), p.stat().st_mtime_ns) for p in sorted(logs.rglob("*.h5"))}
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("kill")
@@ -187,11 +203,14 @@ def test_killed_runs_resume_from_the_newest_complete_checkpoint(work, capsys):
     with pytest.raises((WeightsError, OSError)):  # what a plain write would have left under the final name
         read_weight_file(str(torn))
     torn_stamp = torn.stat().st_mtime_ns
+    assert (torn.parent / "optimizer_lesion_0002.h5").is_file()  # written (complete) before the killed write
     survived.append(f"SIGKILL inside the checkpoint write of epoch 2, temp file half written ({first.seconds:.0f} s run)")
 
     # 2. resume: after epoch 1, stage 'heads'; SIGKILL at a random moment during the steps of epoch 2
     second = Training(work, *TRAIN, "--weights", "last")
-    line = second.wait_for(rf"^1/{STEPS} ", expect_resumed_at(second, 1))
+    line = second.wait_for(rf"^Optimizer: continues from its state after epoch 1 \(step {STEPS}, "
+                           r"optimizer_lesion_0001\.h5\)$", expect_resumed_at(second, 1))
+    line = second.wait_for(rf"^1/{STEPS} ", line)
     delay = rng.uniform(0.0, 0.5)
     time.sleep(delay)
     assert second.stop() == -signal.SIGKILL
@@ -236,7 +255,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(work):
     found = checkpoint_epochs(logs)
     if 1 not in found:
         pytest.skip("needs the run left by the kill/resume test")
-    before = {epoch: (sha256(path), path.stat().st_mtime_ns) for epoch, path in found.items()}
+    before = h5_files(logs)
     proc = Training(work, *TRAIN, "--set", "LEARNING_RATE=1e30", "--weights", str(found[1]))
     code = proc.stop(sig=None)
     no_traceback(proc)
@@ -244,8 +263,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_good_checkpoint(work):
     assert code == 1 and len(lines) == 1, proc.out[-2000:] + proc.err[-3000:]
     assert re.match(r"lesions: error: training diverged at epoch 2, step \d+ \(global step \d+\): "
                     r"non-finite \S.*\(loss=.*rpn_class_loss=.*\); last good checkpoint kept in ", lines[0]), lines[0]
-    after = checkpoint_epochs(logs)
-    assert {epoch: (sha256(path), path.stat().st_mtime_ns) for epoch, path in after.items()} == before
+    checkpoint_epochs(logs)
+    assert h5_files(logs) == before
 
 
 def test_gradients_are_clipped_to_the_configured_norm():

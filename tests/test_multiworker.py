@@ -220,7 +220,7 @@ def run(tmp_path_factory) -> dict:
         workers[1].wait(30)
         files_after_kill = sorted(p.name for p in run_folder(work / "logs_mw").iterdir()
                                   if not p.name.startswith("events."))
-        newest_after_kill = sorted((work / "logs_mw").glob("*/*.h5"))
+        newest_after_kill = sorted((work / "logs_mw").glob("*/mask_rcnn_*.h5"))
         first_after_kill = weights_of(first)
         # --weights last, in one plain process with the same global batch, while the reference finishes
         resume = launch(work, "resume", [*TRAIN, "--set", "IMAGES_PER_GPU=2", "--logs", "logs_mw",
@@ -247,7 +247,8 @@ def test_two_workers_end_with_the_weights_of_one_process_with_the_same_global_ba
     one = weights_of(run_folder(work / "logs_one") / "mask_rcnn_lesion_0001.h5")
     assert mw.keys() == one.keys() and len(mw) > 50
     # the chief alone wrote files; the worker wrote nothing, anywhere
-    assert run["files_after_kill"] == ["config.json", "mask_rcnn_lesion_0001.h5", "split.json", "training.csv"]
+    assert run["files_after_kill"] == ["config.json", "mask_rcnn_lesion_0001.h5", "optimizer_lesion_0001.h5",
+                                       "split.json", "training.csv"]
     worst = max(float(np.abs(mw[k] - one[k]).max()) for k in mw)
     scale = max(float(np.abs(one[k]).max()) for k in one)
     print(f"\nmulti-worker vs one process, epoch 1: max |difference| {worst:.3g} (weights up to {scale:.3g})")
@@ -276,6 +277,8 @@ def test_the_run_resumes_from_the_chiefs_checkpoint_with_weights_last(run):
     assert run["resume_code"] == 0, out[-2000:] + err[-3000:]
     assert "Re-starting from epoch 1" in out and "Multi-worker" not in out
     assert "Stage 'heads': epochs 2..2" in out
+    # the chief's optimiser state of epoch 1 (SGD momentum, step 3) fits the one-process model too
+    assert "Optimizer: continues from its state after epoch 1 (step 3, optimizer_lesion_0001.h5)" in out
     before = run["first_after_kill"]
     unchanged = weights_of(run["first"])
     assert all(np.array_equal(unchanged[k], before[k]) for k in before)  # the resume kept epoch 1 as it was
