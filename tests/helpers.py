@@ -207,3 +207,29 @@ def run_on_two_logical_cpus(body: str, model_dir: Path, timeout: int = 300) -> d
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT"):])
+
+
+def write_plain_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: tuple[int, int] = (64, 80),
+                        labels: tuple[str, ...] = ("nv",), seed: int = 3,
+                        columns: tuple[str, ...] = ("image_id", "dx", "split")) -> None:
+    """Synthetic lesions in the plain layout: ``images/<id>.jpg``, ``masks/<id>_segmentation.png``
+    and ``metadata.csv`` with ``columns`` (dx cycles through ``labels``; split train, then val)."""
+    import csv
+
+    from lesionkit.synthetic import encode_pair, image_id, make_lesion_image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for index in range(n_train + n_val):
+        image, masks = make_lesion_image(np.random.default_rng([seed, index]), *size)
+        jpg, png = encode_pair(image, masks)
+        name = image_id(index)
+        (root / "images" / f"{name}.jpg").write_bytes(jpg)
+        (root / "masks" / f"{name}_segmentation.png").write_bytes(png)
+        rows.append({"image_id": name, "dx": labels[index % len(labels)],
+                     "split": "train" if index < n_train else "val"})
+    with open(root / "metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

@@ -6,16 +6,15 @@ rule and the one-line errors.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_plain_dataset
 
 from benchmarks import dx_classifier
 from lesionkit.diagnosis_labels import HAM10000_CLASSES
-from lesionkit.synthetic import encode_pair, image_id, make_lesion_image
 
 HEADLINE = ("balanced_accuracy", "accuracy", "macro_auc", "mel_sensitivity", "mel_specificity")
 RUN_KEYS = ("label", "steps", "epochs", "train_seconds", "train_cpu_seconds", "images_per_cpu_second",
@@ -23,24 +22,10 @@ RUN_KEYS = ("label", "steps", "epochs", "train_seconds", "train_cpu_seconds", "i
             "params", "baseline_classifier")
 
 
-def write_dx_dataset(root: Path, n_train: int = 24, n_val: int = 16, size: tuple[int, int] = (48, 64),
+def write_dx_dataset(root: Path, n_train: int = 24, n_val: int = 16,
                      columns: tuple[str, ...] = ("image_id", "dx", "split")) -> None:
     """Synthetic lesions in the plain layout; dx cycles through the seven HAM10000 classes."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows = []
-    for index in range(n_train + n_val):
-        image, masks = make_lesion_image(np.random.default_rng([5, index]), *size)
-        jpg, png = encode_pair(image, masks)
-        name = image_id(index)
-        (root / "images" / f"{name}.jpg").write_bytes(jpg)
-        (root / "masks" / f"{name}_segmentation.png").write_bytes(png)
-        rows.append({"image_id": name, "dx": HAM10000_CLASSES[index % 7],
-                     "split": "train" if index < n_train else "val"})
-    with open(root / "metadata.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_plain_dataset(root, n_train, n_val, (48, 64), labels=HAM10000_CLASSES, seed=5, columns=columns)
 
 
 def test_dx_classifier_prints_one_complete_json_line(tmp_path, capsys):

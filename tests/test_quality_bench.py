@@ -6,7 +6,6 @@ Also unit tests of the budget helpers (learning-rate schedule, /proc CPU meter).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -15,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import write_plain_dataset
 
 from benchmarks.budget import CpuMeter, budget_learning_rate
-from lesionkit.synthetic import encode_pair, image_id, make_lesion_image
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = REPO / "benchmarks" / "quality.py"
@@ -30,24 +28,6 @@ REFINER_SETS = ("--set", "REFINE_CROP_SIZE=32", "--set", "REFINE_DEPTH=2", "--se
 KEYS = ("budget_min", "train_seconds", "steps", "epochs", "threshold_jaccard", "jaccard", "dice", "sensitivity",
         "specificity", "accuracy", "seconds_per_image", "other_load_share", "own_cpu_share", "n_val", "n_train",
         "fallback_images", "empty_masks", "checkpoint")
-
-
-def write_plain_dataset(root: Path, n_train: int = 6, n_val: int = 2, size: tuple[int, int] = (64, 80)) -> None:
-    """Synthetic lesions as ``images/<id>.jpg``, ``masks/<id>_segmentation.png`` and a split column."""
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows = []
-    for index in range(n_train + n_val):
-        image, masks = make_lesion_image(np.random.default_rng([3, index]), *size)
-        jpg, png = encode_pair(image, masks)
-        name = image_id(index)
-        (root / "images" / f"{name}.jpg").write_bytes(jpg)
-        (root / "masks" / f"{name}_segmentation.png").write_bytes(png)
-        rows.append({"image_id": name, "dx": "nv", "split": "train" if index < n_train else "val"})
-    with open(root / "metadata.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image_id", "dx", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
