@@ -41,7 +41,7 @@ The JSON's ``diagnosis`` object has quality.py's fields (``balanced_accuracy``, 
 ``macro_auc``, ``mel_sensitivity``, ``mel_specificity``, ``recall``, ``n_diagnosed``) plus
 ``precision`` and ``auc`` per class and the confusion matrix; the run has quality.py's
 ``steps``, ``epochs``, ``train_seconds``, ``train_cpu_seconds``, ``other_load_share``, ... plus
-``images_per_cpu_second``, the machine (CPU model, avx512f / avx512_bf16) and the git commit.
+``images_per_cpu_second``, the machine (CPU model, avx512f, native bfloat16) and the git commit.
 """
 
 from __future__ import annotations
@@ -164,11 +164,12 @@ def load_split(root: Path, max_val: int) -> dict[str, Any]:
             "val_ids": [p.image_id for p in val]}
 
 
-def balanced_class_weights(labels: list[int], n_classes: int) -> list[float]:
-    """scikit-learn's "balanced" weights n / (K n_c) (K = classes present; absent classes 0)."""
-    counts = [labels.count(k) for k in range(n_classes)]
-    present = sum(1 for c in counts if c)
-    return [len(labels) / (present * c) if c else 0.0 for c in counts]
+def train_class_weights(data: dict[str, Any]) -> list[float]:
+    """scikit-learn's "balanced" weights n / (K n_c) of the train labels, by the model's own rule
+    (:func:`mrcnn.diagnosis.balanced_class_weights` without sampling), in ``data["classes"]`` order."""
+    from mrcnn.diagnosis import balanced_class_weights
+
+    return balanced_class_weights([data["classes"][k] for k in data["train_labels"]], data["classes"])
 
 
 def load_image(path, size: int, mean_pixel):
@@ -313,7 +314,7 @@ def train(args: argparse.Namespace, data: dict[str, Any], model) -> dict[str, An
     """Fit until the budget is spent; facts about the run."""
     from benchmarks.time_budget import TimeBudget
 
-    weights = balanced_class_weights(data["train_labels"], len(data["classes"]))
+    weights = train_class_weights(data)
     steps_per_epoch = max(len(data["train_paths"]) // args.batch_size, 1)
     dataset = train_dataset(data, args.size, args.batch_size, weights, args.seed)
     compile_model(model, args.lr, args.weight_decay, args.jit)
@@ -375,12 +376,14 @@ def score(model, data: dict[str, Any], size: int, variants: tuple[str, ...]) -> 
 
 
 def machine_facts() -> dict[str, Any]:
-    """CPU model and core count (benchmarks.workloads.cpu_model, as the speed records), AVX-512
-    and native bfloat16 flags of /proc/cpuinfo, TensorFlow / Keras versions."""
+    """CPU model and core count (benchmarks.workloads.cpu_model, as the speed records), the AVX-512
+    flag of /proc/cpuinfo, native bfloat16 by the rule MIXED_PRECISION "auto" uses
+    (:func:`mrcnn.config.cpu_has_bf16`), TensorFlow / Keras versions."""
     import keras
     import tensorflow as tf
 
     from benchmarks.workloads import cpu_model
+    from mrcnn.config import cpu_has_bf16
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -388,8 +391,8 @@ def machine_facts() -> dict[str, Any]:
         cpuinfo = ""
     lines = re.findall(r"^flags\s*:(.*)$", cpuinfo, re.M)
     flags = set(lines[0].split()) if lines else set()
-    return {"cpu": cpu_model(), "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "tensorflow": tf.__version__, "keras": keras.__version__}
+    return {"cpu": cpu_model(), "avx512f": "avx512f" in flags, "native_bfloat16": cpu_has_bf16(cpuinfo),
+            "tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 def git_commit() -> dict[str, Any]:
