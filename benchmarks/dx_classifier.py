@@ -47,7 +47,6 @@ The JSON's ``diagnosis`` object has quality.py's fields (``balanced_accuracy``, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
 import re
@@ -69,6 +68,7 @@ from benchmarks.quality import (  # noqa: E402
     _round,
     diagnosis_scores,
     emit_record,
+    run_reporting_errors,
     sample_pairs,
 )
 from mrcnn.errors import UserError  # noqa: E402
@@ -456,14 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            record = run(args)
-    except Exception as exc:  # noqa: BLE001 - user mistakes as one line, bugs with a traceback
-        if isinstance(exc, (UserError, OSError)):
-            print(f"dx_classifier: error: {lesions.one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    record = run_reporting_errors(run, args, "dx_classifier")
+    if record is None:
+        return 2
     emit_record(record, args.record)
     return 0
 

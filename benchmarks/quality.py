@@ -366,19 +366,27 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("--refine-share must be in [0, 1)")
     if args.train_refiner and not (args.weights and args.refine_share > 0):
         build_parser().error("--train-refiner needs --weights (the detector) and --refine-share > 0")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            record = run(args)
-    except Exception as exc:  # noqa: BLE001 - user mistakes as one line, bugs with a traceback
-        if isinstance(exc, (UserError, OSError)):
-            print(f"quality: error: {lesions.one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    record = run_reporting_errors(run, args, "quality")
+    if record is None:
+        return 2
     from benchmarks.quality_refine import side_by_side
 
     record["side_by_side"] = side_by_side(record)
     emit_record(record, args.record)
     return 0
+
+
+def run_reporting_errors(run_fn: Any, args: argparse.Namespace, prog: str) -> dict[str, Any] | None:
+    """``run_fn(args)`` with its progress on stderr; a user mistake (UserError, OSError) is one
+    ``<prog>: error: ...`` line on stderr and None, a bug keeps its traceback."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return run_fn(args)
+    except Exception as exc:  # noqa: BLE001 - user mistakes as one line, bugs with a traceback
+        if isinstance(exc, (UserError, OSError)):
+            print(f"{prog}: error: {lesions.one_line(exc)}", file=sys.stderr)
+            return None
+        raise
 
 
 def emit_record(record: dict[str, Any], record_path: str | None) -> None:
