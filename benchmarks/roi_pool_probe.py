@@ -73,7 +73,7 @@ def roi_outputs(model, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray
     import tensorflow as tf
 
     molded, metas, _ = model.mold_inputs(images)
-    anchors = model._batch_anchors(molded)
+    anchors = model.batch_anchors(molded)
     outputs = model.keras_model([tf.constant(molded), tf.constant(metas), tf.constant(anchors, tf.float32)],
                                 training=False)
     return outputs[1].numpy().astype(np.float64), outputs[4].numpy().astype(np.float64)

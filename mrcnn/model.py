@@ -156,15 +156,16 @@ class MaskRCNN:
         images of one molded size (2 if both the configured size and other sizes were seen)."""
         return sum(int(fn.experimental_get_tracing_count()) for fn in self._detect_fns.values())
 
-    def _batch_anchors(self, molded: np.ndarray) -> np.ndarray:
-        """Normalised anchors broadcast to the batch: [B, A, 4]."""
+    def batch_anchors(self, molded: np.ndarray) -> np.ndarray:
+        """Normalised anchors (y1, x1, y2, x2) broadcast to a molded batch [B, h, w, 3]: [B, A, 4]
+        (the third input of the inference graph; see :meth:`get_anchors`)."""
         anchors = self.get_anchors(molded.shape[1:3])
         return np.broadcast_to(anchors, (molded.shape[0],) + anchors.shape)
 
     def _run(self, molded: np.ndarray, metas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Molded batch -> (detections [B, D, 6], mrcnn_mask [B, D, mh, mw, C], class_probs [B, K]
         or None for a model that does not diagnose) as numpy."""
-        anchors = self._batch_anchors(molded)
+        anchors = self.batch_anchors(molded)
         outputs = self._detect_function(molded.shape)(
             tf.constant(molded, tf.float32), tf.constant(metas, tf.float32), tf.constant(anchors, tf.float32))
         class_probs = outputs[2].numpy() if len(outputs) > 2 else None
@@ -281,7 +282,7 @@ class MaskRCNN:
             molded, metas, _ = self.mold_inputs([self._model_image(im) for im in images])
         else:
             molded, metas = np.asarray(images, dtype=np.float32), np.asarray(image_metas)
-        anchors = self._batch_anchors(molded)
+        anchors = self.batch_anchors(molded)
         probe = keras.Model(self.keras_model.inputs, [t for _, t in outputs])
         values = probe([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
         values = values if isinstance(values, (list, tuple)) else [values]

@@ -83,7 +83,7 @@ def test_folded_inference_equals_unfolded(inference_pair):
     names = ["res3a_branch2b", "bn3a_branch2b"]
     probe_f = keras.Model(folded.keras_model.inputs, [folded.keras_model.get_layer(n).output for n in names])
     probe_u = keras.Model(unfolded.keras_model.inputs, [unfolded.keras_model.get_layer(n).output for n in names])
-    anchors = folded._batch_anchors(molded)  # noqa: SLF001
+    anchors = folded.batch_anchors(molded)
     conv_f, bn_f = (np.asarray(t) for t in probe_f([molded, metas, anchors]))
     _, bn_u = (np.asarray(t) for t in probe_u([molded, metas, anchors]))
     np.testing.assert_allclose(bn_f, bn_u, rtol=1e-4, atol=1e-4)

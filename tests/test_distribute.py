@@ -126,7 +126,7 @@ def test_bfloat16_trains_every_layer_unscaled_and_agrees_with_float32(tmp_path):
     for key, model in infer.items():
         model.load_weights(str(path), by_name=True)
         molded, metas, _ = model.mold_inputs([image])
-        anchors = model._batch_anchors(molded)  # noqa: SLF001
+        anchors = model.batch_anchors(molded)
         rpn[key] = np.array(model.keras_model([molded, metas, anchors])[5])  # rpn_class [1, A, 2]
     assert infer["bfloat16"].keras_model.get_layer("fpn_p2").compute_dtype == "bfloat16"
     diff = np.abs(rpn["bfloat16"] - rpn[False])

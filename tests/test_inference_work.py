@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 def test_mask_head_runs_on_real_detections_only(model):
     image = lesion_image(seed=2)[0]
     molded, metas, _ = model.mold_inputs([image])
-    anchors = model._batch_anchors(molded)  # noqa: SLF001
+    anchors = model.batch_anchors(molded)
     outputs = model.keras_model([molded, metas.astype(np.float32), anchors.astype(np.float32)], training=False)
     detections, masks = (keras.ops.convert_to_numpy(outputs[i]) for i in (0, 3))
     n = int((detections[0, :, 4] > 0).sum())
