@@ -35,7 +35,11 @@ What it does:
 5. predicts the val split (all, or the same seeded ``--max-val`` sample as ``quality.py``;
    ``--tta`` also averages the probabilities of identity, h-flip, v-flip and rot90, as
    ``lesionkit.tta`` does), scores it with :func:`lesionkit.diagnosis_metrics.diagnosis_metrics`
-   and prints ONE JSON line on stdout (progress goes to stderr), also appended to ``--record``.
+   and prints ONE JSON line on stdout (progress goes to stderr), also appended to ``--record``;
+6. unless ``--no-shift``, scores the same way the val images redrawn by quality.py's shift check
+   (:mod:`benchmarks.shift_check`, same ``--shift-seed``: other scales, crops, colours,
+   illumination, vignettes, rulers and hairs) as a ``shift`` object with the accuracy per kind,
+   so both models are compared on the proxy for unseen cameras too.
 
 The JSON's ``diagnosis`` object has quality.py's fields (``balanced_accuracy``, ``accuracy``,
 ``macro_auc``, ``mel_sensitivity``, ``mel_specificity``, ``recall``, ``n_diagnosed``) plus
@@ -116,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default 100)")
     p.add_argument("--tta", action="store_true", help="also score the mean of the identity, h-flip, v-flip and"
                    " rot90 probabilities (a \"tta\" object)")
+    p.add_argument("--no-shift", action="store_true", help="skip the shift check (scored by default)")
+    p.add_argument("--shift-seed", type=int, default=0, help="seed of the shift check (default 0, as quality.py)")
+    p.add_argument("--shift-dir", metavar="DIR", help="write the shifted images here (default: a temporary"
+                   " folder, removed at the end)")
     p.add_argument("--jit", action="store_true", help="compile the train step with XLA (default off, as the"
                    " Mask R-CNN training)")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps (default 50)")
@@ -161,7 +169,7 @@ def load_split(root: Path, max_val: int) -> dict[str, Any]:
             "train_paths": [str(p.image_path) for p in train],
             "train_labels": [classes.index(p.diagnosis) for p in train],
             "val_paths": [str(p.image_path) for p in val], "val_truth": [p.diagnosis for p in val],
-            "val_ids": [p.image_id for p in val]}
+            "val_ids": [p.image_id for p in val], "val_pairs": val}
 
 
 def train_class_weights(data: dict[str, Any]) -> list[float]:
@@ -354,21 +362,46 @@ def predict(model, data: dict[str, Any], size: int, variants: tuple[str, ...]) -
     return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(data["classes"])))
 
 
-def score(model, data: dict[str, Any], size: int, variants: tuple[str, ...]) -> dict[str, Any]:
-    """quality.py's diagnosis object (+ precision, AUC per class, confusion matrix) and timing."""
-    from lesionkit.diagnosis_metrics import diagnosis_metrics
+def score(model, data: dict[str, Any], size: int, variants: tuple[str, ...],
+          kinds: dict[str, str] | None = None) -> dict[str, Any]:
+    """quality.py's diagnosis object (+ precision, AUC per class, confusion matrix) and timing;
+    with ``kinds`` (image id -> shift kind) also the accuracy per kind, as quality.py's shift block."""
+    from benchmarks.shift_check import kind_accuracy
+    from lesionkit.diagnosis_metrics import diagnosis_metrics, predicted_names
 
     started = time.time()
     probs = predict(model, data, size, variants)
     seconds = time.time() - started
     metrics = diagnosis_metrics(data["val_truth"], probs, data["classes"])
+    by_kind = {}
+    if kinds is not None:
+        rows = [{"image_id": i, "true_dx": t, "pred_dx": p} for i, t, p in
+                zip(data["val_ids"], data["val_truth"], predicted_names(probs, data["classes"]), strict=True)]
+        by_kind = {"by_shift_diagnosis_accuracy": kind_accuracy(rows, kinds)}
     diagnosis = diagnosis_scores(metrics)
     diagnosis.update(precision={n: _round(r["precision"]) for n, r in metrics["per_class"].items()},
                      auc={n: _round(r["auc"]) for n, r in metrics["per_class"].items()},
                      support={n: r["support"] for n, r in metrics["per_class"].items()},
                      classes=metrics["classes"], confusion_matrix=metrics["confusion_matrix"])
     return {"diagnosis": diagnosis, "eval_seconds": round(seconds, 1),
-            "seconds_per_image": round(seconds / max(len(data["val_paths"]), 1), 4)}
+            "seconds_per_image": round(seconds / max(len(data["val_paths"]), 1), 4), **by_kind}
+
+
+def score_shift(args: argparse.Namespace, model, data: dict[str, Any]) -> dict[str, Any]:
+    """The ``shift`` object: :func:`score` (and its ``tta``) on the val images under quality.py's
+    shift check, written to ``--shift-dir`` or a temporary folder."""
+    import tempfile
+
+    from benchmarks.shift_check import write_shift_set
+
+    with tempfile.TemporaryDirectory(prefix="dx_shift_") as temporary:
+        folder = Path(args.shift_dir) if args.shift_dir else Path(temporary)
+        pairs, kinds = write_shift_set(data["val_pairs"], folder, seed=args.shift_seed)
+        shifted = {**data, "val_paths": [str(p.image_path) for p in pairs]}
+        block = score(model, shifted, args.size, ("identity",), kinds)
+        if args.tta:
+            block["tta"] = score(model, shifted, args.size, TTA_VARIANTS, kinds)
+    return block
 
 
 # -------------------------------------------------------------------------------------------
@@ -428,6 +461,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scores = score(model, data, args.size, ("identity",))
     if args.tta:
         scores["tta"] = score(model, data, args.size, TTA_VARIANTS)
+    if not args.no_shift:
+        scores["shift"] = score_shift(args, model, data)
     return {"label": args.label, "peer": "dx_classifier", "model": model.name, "params": int(model.count_params()),
             "size": args.size, "resize": "square: longer side to size, zero pad, minus MEAN_PIXEL",
             "budget_min": args.budget_min, "cpu_budget_s": args.cpu_budget_s, "max_steps": args.max_steps,
@@ -440,7 +475,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "step_cpu_seconds": trained["step_cpu_seconds"], "final_loss": trained["final_loss"],
             "final_lr": trained["final_lr"], "lr": args.lr, "weight_decay": args.weight_decay,
             "warmup_steps": args.warmup_steps, "schedule": "cosine", "augment": "flips", "jit": args.jit,
-            "seed": args.seed, "class_weights": trained["class_weights"], "machine": machine_facts(),
+            "seed": args.seed, "shift_seed": None if args.no_shift else args.shift_seed,
+            "class_weights": trained["class_weights"], "machine": machine_facts(),
             **git_commit(), "dataset": str(args.dataset), "setup_seconds": round(setup_seconds, 1),
             "total_seconds": round(time.time() - started, 1)}
 

@@ -50,10 +50,15 @@ def train_refiner_for_budget(args: Any, config: Any, train_set: Any, run_dir: Pa
             **{f"refiner_{k}": v for k, v in budget.steady_step_times().items()}}
 
 
+def read_scores(folder: Path) -> list[dict[str, str]]:
+    """The per-image rows of ``folder/scores.csv`` (as written by evaluate), as strings."""
+    with open(folder / "scores.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def below_threshold(folder: Path) -> tuple[int, dict[str, float]]:
     """(images under 0.65 Jaccard, id -> Jaccard) from ``folder/scores.csv``."""
-    with open(folder / "scores.csv", newline="") as handle:
-        rows = {r["image_id"]: float(r["jaccard"]) for r in csv.DictReader(handle)}
+    rows = {r["image_id"]: float(r["jaccard"]) for r in read_scores(folder)}
     return sum(1 for v in rows.values() if v < shift_check.FAIL_BELOW), rows
 
 
@@ -92,6 +97,8 @@ def extra_scores(args: Any, model: Any, config: Any, options: Any, pairs: list, 
             if kinds:
                 block["by_shift"] = shift_check.kind_means([{"image_id": k, "jaccard": v} for k, v in by_id.items()],
                                                            kinds)
+                if "diagnosis" in block:
+                    block["by_shift_diagnosis_accuracy"] = shift_check.kind_accuracy(read_scores(folder), kinds)
             blocks[name] = block
     return blocks
 

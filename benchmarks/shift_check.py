@@ -29,6 +29,7 @@ gives the mean of each metric per kind and the number of images under 0.65 Jacca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,10 @@ def shift_pair(image: np.ndarray, mask: np.ndarray, kind: str,
 
 
 def write_shift_set(pairs: list[Pair], folder: Path, seed: int = 0) -> tuple[list[Pair], dict[str, str]]:
-    """Write each pair under its shift into ``folder/images`` + ``folder/masks``; (new pairs, id -> kind)."""
+    """Write each pair under its shift into ``folder/images`` + ``folder/masks``; (new pairs, id -> kind).
+
+    The new pairs keep each image's ``diagnosis``, so a diagnosing model is scored under shift too.
+    """
     folder = Path(folder)
     pairs_out, kinds = [], {}
     for index, pair in enumerate(pairs):
@@ -126,7 +130,7 @@ def write_shift_set(pairs: list[Pair], folder: Path, seed: int = 0) -> tuple[lis
         mask_path = folder / "masks" / f"{pair.image_id}_segmentation.png"
         write_bytes_atomic(image_path, jpg.tobytes())
         write_bytes_atomic(mask_path, png.tobytes())
-        pairs_out.append(Pair(pair.image_id, image_path, mask_path))
+        pairs_out.append(dataclasses.replace(pair, image_path=image_path, mask_path=mask_path))
         kinds[pair.image_id] = kind
     return pairs_out, kinds
 
@@ -138,6 +142,17 @@ def kind_means(rows: list[dict[str, Any]], kinds: dict[str, str], key: str = "ja
         values = [float(r[key]) for r in rows if kinds.get(r["image_id"]) == kind]
         out[kind] = round(float(np.mean(values)), 4) if values else None
     out["below_065"] = sum(1 for r in rows if float(r["jaccard"]) < FAIL_BELOW)
+    return out
+
+
+def kind_accuracy(rows: list[dict[str, Any]], kinds: dict[str, str]) -> dict[str, Any]:
+    """Per shift kind: the share of labelled images whose predicted diagnosis (``pred_dx``) is the
+    true one (``true_dx``); None for a kind without labelled images (scores.csv rows)."""
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        hits = [r["pred_dx"] == r["true_dx"] for r in rows
+                if kinds.get(r["image_id"]) == kind and r.get("true_dx") not in (None, "")]
+        out[kind] = round(float(np.mean(hits)), 4) if hits else None
     return out
 
 

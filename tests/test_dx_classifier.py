@@ -57,6 +57,11 @@ def test_dx_classifier_prints_one_complete_json_line(tmp_path, capsys):
     assert sum(map(sum, diagnosis["confusion_matrix"])) == 16
     assert set(result["machine"]) >= {"cpu", "avx512f", "native_bfloat16"}
     assert result["baseline_classifier"]["balanced_accuracy"] == 0.612
+    shift = result["shift"]  # the val images under quality.py's shift check, scored the same way
+    assert shift["diagnosis"]["n_diagnosed"] == 16 and result["shift_seed"] == 0
+    by_kind = shift["by_shift_diagnosis_accuracy"]
+    assert set(by_kind) == {"larger", "smaller", "crop", "colour", "illumination", "vignette", "ruler_hairs"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in by_kind.values())
 
 
 @pytest.mark.parametrize("columns, message", [(("image_id", "split"), "has no dx column"),

@@ -82,6 +82,29 @@ def test_quality_benchmark_prints_one_complete_json_line(tmp_path):
     assert "last_epoch" not in result and not list(Path(result["run_dir"]).glob("*_average*.h5"))
 
 
+def test_a_diagnosing_model_is_scored_on_its_diagnoses_under_shift_too(tmp_path):
+    """The shift set keeps each val image's dx label: the shift block has the diagnosis metrics
+    and the accuracy per shift kind (issue 14's proxy for unseen cameras)."""
+    data = tmp_path / "data"
+    write_plain_dataset(data, n_train=4, n_val=7, labels=("mel", "nv"))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(QUALITY), "--dataset", str(data), "--config", str(TINY), "--budget-min", "0.05",
+         "--max-steps", "2", "--set", 'CLASSES=["mel", "nv"]', "--warmup-steps", "1", "--refine-share", "0",
+         "--logs", str(tmp_path / "logs"), "--real", ""],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["diagnosis"]["n_diagnosed"] == 7 and "bar" in result
+    shift = result["shift"]
+    assert shift["diagnosis"]["n_diagnosed"] == 7
+    assert 0.0 <= shift["diagnosis"]["balanced_accuracy"] <= 1.0
+    by_kind = shift["by_shift_diagnosis_accuracy"]  # one image of each kind: each accuracy is 0 or 1
+    assert set(by_kind) == {"larger", "smaller", "crop", "colour", "illumination", "vignette", "ruler_hairs"}
+    assert set(by_kind.values()) <= {0.0, 1.0}
+    assert sum(by_kind.values()) == round(shift["diagnosis"]["accuracy"] * 7)
+
+
 def test_learning_rate_schedules():
     assert budget_learning_rate(0.01, 0.5, 1000, "constant") == 0.01
     assert budget_learning_rate(0.01, 0.0, 1000, "cosine") == pytest.approx(0.01)

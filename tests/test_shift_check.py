@@ -19,7 +19,7 @@ def write_pairs(folder, n=7, size=(60, 80)):
         jpg, png = encode_pair(image, masks)
         (folder / f"x{i}.jpg").write_bytes(jpg)
         (folder / f"x{i}_segmentation.png").write_bytes(png)
-        pairs.append(Pair(f"x{i}", folder / f"x{i}.jpg", folder / f"x{i}_segmentation.png"))
+        pairs.append(Pair(f"x{i}", folder / f"x{i}.jpg", folder / f"x{i}_segmentation.png", diagnosis=f"dx{i}"))
     return pairs
 
 
@@ -31,6 +31,7 @@ def test_every_kind_once_deterministic_and_masks_stay_aligned(tmp_path):
     assert sorted(kinds.values()) == sorted(shift_check.KINDS)
     for pair, other, source in zip(written, again, pairs, strict=True):
         assert pair.image_path.read_bytes() == other.image_path.read_bytes()  # seeded: same bytes
+        assert (pair.image_id, pair.diagnosis) == (source.image_id, source.diagnosis)  # the label travels
         image, mask = read_image(pair.image_path), read_mask(pair.mask_path)
         assert image.shape[:2] == mask.shape and mask.any()
         original = read_mask(source.mask_path)
@@ -55,6 +56,16 @@ def test_kind_means_and_images_below_065():
     rows = [{"image_id": "a", "jaccard": 0.9}, {"image_id": "b", "jaccard": 0.5}, {"image_id": "c", "jaccard": 0.7}]
     out = shift_check.kind_means(rows, {"a": "larger", "b": "larger", "c": "crop"})
     assert out["larger"] == 0.7 and out["crop"] == 0.7 and out["colour"] is None and out["below_065"] == 1
+
+
+def test_kind_accuracy_counts_labelled_images_only():
+    rows = [{"image_id": "a", "true_dx": "mel", "pred_dx": "mel"}, {"image_id": "b", "true_dx": "nv", "pred_dx": "mel"},
+            {"image_id": "c", "true_dx": "nv", "pred_dx": "nv"}, {"image_id": "d", "true_dx": "", "pred_dx": "nv"},
+            {"image_id": "e", "true_dx": "bcc", "pred_dx": "nv"}]
+    kinds = {"a": "larger", "b": "larger", "c": "larger", "d": "crop", "e": "colour"}
+    out = shift_check.kind_accuracy(rows, kinds)
+    assert out["larger"] == round(2 / 3, 4) and out["crop"] is None and out["colour"] == 0.0
+    assert set(out) == set(shift_check.KINDS)
 
 
 def test_side_by_side_pairs_detector_and_refined_per_set():
