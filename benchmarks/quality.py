@@ -207,9 +207,9 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: Path, pairs: list,
     out.update(min_confidence=options.min_confidence, mask_threshold=config.DETECTION_MASK_THRESHOLD)
     if args.tta:
         out["tta"] = score_model(model, pairs, out_dir / "tta", dataclasses.replace(options, tta=True))
-    from benchmarks.quality_refine import below_threshold, extra_scores
+    from benchmarks.quality_refine import below_threshold, extra_scores, read_scores
 
-    out["below_065"] = below_threshold(out_dir)[0]
+    out["below_065"] = below_threshold(read_scores(out_dir))[0]
     out.update(extra_scores(args, model, config, options, pairs, out_dir, checkpoint, score_model))
     return out
 

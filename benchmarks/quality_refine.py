@@ -56,10 +56,10 @@ def read_scores(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def below_threshold(folder: Path) -> tuple[int, dict[str, float]]:
-    """(images under 0.65 Jaccard, id -> Jaccard) from ``folder/scores.csv``."""
-    rows = {r["image_id"]: float(r["jaccard"]) for r in read_scores(folder)}
-    return sum(1 for v in rows.values() if v < shift_check.FAIL_BELOW), rows
+def below_threshold(rows: list[dict[str, str]]) -> tuple[int, dict[str, float]]:
+    """(images under 0.65 Jaccard, id -> Jaccard) from the rows of a scores.csv (:func:`read_scores`)."""
+    jaccards = {r["image_id"]: float(r["jaccard"]) for r in rows}
+    return sum(1 for v in jaccards.values() if v < shift_check.FAIL_BELOW), jaccards
 
 
 def extra_scores(args: Any, model: Any, config: Any, options: Any, pairs: list, out_dir: Path,
@@ -93,12 +93,13 @@ def extra_scores(args: Any, model: Any, config: Any, options: Any, pairs: list, 
             block = score(each, set_pairs, folder, options)
             if args.tta:
                 block["tta"] = score(each, set_pairs, folder / "tta", dataclasses.replace(options, tta=True))
-            block["below_065"], by_id = below_threshold(folder)
+            rows = read_scores(folder)
+            block["below_065"], by_id = below_threshold(rows)
             if kinds:
                 block["by_shift"] = shift_check.kind_means([{"image_id": k, "jaccard": v} for k, v in by_id.items()],
                                                            kinds)
                 if "diagnosis" in block:
-                    block["by_shift_diagnosis_accuracy"] = shift_check.kind_accuracy(read_scores(folder), kinds)
+                    block["by_shift_diagnosis_accuracy"] = shift_check.kind_accuracy(rows, kinds)
             blocks[name] = block
     return blocks
 
