@@ -26,8 +26,9 @@ What it does:
    models see the same pixels; training adds random horizontal / vertical flips and a random
    multiple of 90 degrees (the 8 symmetries of the square); a tf.data pipeline decodes in
    parallel and prefetches, in this process, so ``--cpu-budget-s`` counts it;
-4. trains with batch 32, Keras AdamW (``--lr`` 1e-3, decoupled ``--weight-decay`` 0.01, not on
-   BatchNorm gamma / beta: the rule of ``mrcnn.training.make_optimizer``), balanced class weights
+4. trains with batch 32, AdamW (the Mask R-CNN's: Keras's with TF's fused kernel; ``--lr`` 1e-3,
+   decoupled ``--weight-decay`` 0.01, not on BatchNorm gamma / beta: the rule of
+   ``mrcnn.training.make_optimizer``), balanced class weights
    n / (K n_c) of the train split in the cross-entropy, the rate set before every step by
    :class:`benchmarks.time_budget.TimeBudget` (``--warmup-steps`` linear warm-up, then cosine over
    the budget's share spent: wall, CPU seconds or steps, whichever is furthest), until the budget
@@ -273,13 +274,15 @@ def _he_fan_out():
 
 
 def compile_model(model, lr: float, weight_decay: float, jit: bool) -> None:
-    """AdamW (decay off for BatchNorm gamma / beta, by name as mrcnn.training.make_optimizer),
-    sparse cross-entropy (the class weights come as sample weights)."""
+    """AdamW (the one-model's, with TF's fused update: :class:`mrcnn.optimizers.FusedAdamW`; decay
+    off for BatchNorm gamma / beta, by name as mrcnn.training.make_optimizer), sparse cross-entropy
+    (the class weights come as sample weights)."""
     import keras
 
     from mrcnn.losses import UNDECAYED_NAMES
+    from mrcnn.optimizers import FusedAdamW
 
-    optimizer = keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
+    optimizer = FusedAdamW(learning_rate=lr, weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=list(UNDECAYED_NAMES))
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(), jit_compile=jit)
 

@@ -54,6 +54,7 @@ import numpy as np
 from mrcnn import checkpoints
 from mrcnn.errors import UserError
 from mrcnn.fileio import atomic_path
+from mrcnn.optimizers import keras_class_name
 from mrcnn.weights import weighted_layers
 
 #: ``format`` and ``version`` of the manifest.
@@ -194,7 +195,7 @@ def _all_trainable(trainable: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def describe(keras_model: keras.Model, keys: dict[int, str]) -> dict[str, dict[str, Any]]:
     """{role: {class, loss_scaled, trainable: {weight key: shape}}}: what must match for a restore."""
     trainable = trainable_weights(keras_model, keys)
-    return {role: {"class": type(_base(opt)).__name__, "loss_scaled": _base(opt) is not opt,
+    return {role: {"class": keras_class_name(_base(opt)), "loss_scaled": _base(opt) is not opt,
                    "trainable": {key: [int(d) for d in v.shape] for key, v in trainable[role].items()}}
             for role, opt in optimizers(keras_model).items()}
 

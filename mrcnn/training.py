@@ -39,6 +39,7 @@ from mrcnn.diagnosis import (
 )
 from mrcnn.errors import TrainingDivergedError
 from mrcnn.input_pipeline import check_augmentation, get_training_anchors, input_names, make_dataset
+from mrcnn.optimizers import FusedAdamW, FusedSGD
 from mrcnn.targets import DetectionTargetLayer
 from mrcnn.train_callbacks import (
     EpochCheckpoint,
@@ -523,19 +524,20 @@ def _clipping(config) -> dict[str, float | None]:
 
 
 def make_optimizer(config, learning_rate: float, variables: list | None = None) -> keras.optimizers.Optimizer:
-    """The whole model's optimiser (OPTIMIZER): SGD with LEARNING_MOMENTUM, or AdamW with decoupled
+    """The whole model's optimiser (OPTIMIZER, Keras's with TF's fused update kernels,
+    :mod:`mrcnn.optimizers`): SGD with LEARNING_MOMENTUM, or AdamW with decoupled
     decay ADAMW_WEIGHT_DECAY (not on the ``variables`` that :func:`mrcnn.losses.is_decayed` leaves
     out: BN / LayerNorm gamma and beta); gradients clipped to GRADIENT_CLIP_NORM
     (:func:`_clipping`); a moving average of the weights with WEIGHTS_EMA > 0 (:func:`_averaging`);
     loss-scaled under float16 MIXED_PRECISION (:func:`mrcnn.config.loss_scaled`)."""
     if config.OPTIMIZER == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=config.ADAMW_WEIGHT_DECAY,
+        optimizer = FusedAdamW(learning_rate=learning_rate, weight_decay=config.ADAMW_WEIGHT_DECAY,
                                            **_clipping(config), **_averaging(config))
         # by name too, so that variables the optimiser first sees later follow the same rule
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables or [] if not L.is_decayed(v)],
                                             var_names=list(L.UNDECAYED_NAMES))
     else:
-        optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
+        optimizer = FusedSGD(learning_rate=learning_rate, momentum=config.LEARNING_MOMENTUM,
                                          **_clipping(config), **_averaging(config))
     if loss_scaled(config):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -580,7 +582,7 @@ def make_diagnosis_optimizer(config, optimizer: keras.optimizers.Optimizer,
     if config.DIAGNOSIS_OPTIMIZER != "adamw" or not uses_image_head(config) or not variables:
         return None
     rate = FollowingLearningRate(optimizer, config.DIAGNOSIS_LEARNING_RATE / config.LEARNING_RATE)
-    adamw = keras.optimizers.AdamW(learning_rate=rate, weight_decay=config.DIAGNOSIS_WEIGHT_DECAY,
+    adamw = FusedAdamW(learning_rate=rate, weight_decay=config.DIAGNOSIS_WEIGHT_DECAY,
                                    name="diagnosis_adamw", **_clipping(config))
     adamw.exclude_from_weight_decay(var_list=[v for v in variables if not L.is_decayed(v)])
     head = keras.optimizers.LossScaleOptimizer(adamw) if loss_scaled(config) else adamw
