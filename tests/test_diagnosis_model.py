@@ -521,7 +521,7 @@ MIRRORED_ADAMW = """
 def test_adamw_head_under_mirrored_strategy_matches_one_device(tmp_path):
     """Two logical CPUs, one image each, against one device with both: the same update."""
     result = run_on_two_logical_cpus(MIRRORED_ADAMW, tmp_path)
-    assert (result["replicas"], result["optimizer"], result["iterations"]) == (2, "AdamW", 1)
+    assert (result["replicas"], result["optimizer"], result["iterations"]) == (2, "FusedAdamW", 1)
     for part in ("head", "rest"):
         diff, norm = result[part]
         assert norm > 0 and diff < 1e-3, (part, result)
