@@ -88,3 +88,18 @@ def test_fused_adamw_under_a_mirrored_strategy_and_loss_scaling_matches_keras():
 def test_optimizer_state_files_name_the_keras_class_a_fused_optimizer_computes():
     assert keras_class_name(FusedAdamW()) == "AdamW" and keras_class_name(FusedSGD()) == "SGD"
     assert keras_class_name(keras.optimizers.Adam()) == "Adam"
+
+
+def test_optimizer_update_benchmark_prints_one_json_line_per_run(capsys):
+    import json
+
+    from benchmarks import optimizer_update
+
+    assert optimizer_update.main(["--config", "demo", "--updates", "1", "--rounds", "1"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    shapes = optimizer_update.trainable_shapes("demo", [])
+    assert (record["variables"], record["weights"]) == (len(shapes), sum(int(np.prod(s)) for s in shapes))
+    for name in ("adamw", "sgd"):
+        times = record[name]
+        assert times["keras_cpu_seconds"] > 0 and times["fused_cpu_seconds"] > 0
+        assert times["ratio"] == pytest.approx(times["fused_cpu_seconds"] / times["keras_cpu_seconds"], abs=2e-3)
