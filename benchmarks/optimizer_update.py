@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--updates", type=int, default=10, help="timed updates per round (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="TF intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="TF intra-op threads (default 1; 0 = TF's own"
+                   " choice, e.g. where TF already runs)")
     p.add_argument("--record", help="also append the JSON line to this file")
     args = p.parse_args(argv)
     import keras
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mrcnn.optimizers import FusedAdamW, FusedSGD
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     shapes = trainable_shapes(args.config, args.set)
     pairs = {"adamw": (lambda: keras.optimizers.AdamW(1e-3, weight_decay=0.01), lambda: FusedAdamW(1e-3, weight_decay=0.01)),
              "sgd": (lambda: keras.optimizers.SGD(1e-2, momentum=0.9), lambda: FusedSGD(1e-2, momentum=0.9))}

