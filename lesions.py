@@ -36,6 +36,7 @@ from lesionkit import dataset_scan, prediction_files  # noqa: E402  (light: no T
 from lesionkit.prediction_run import DEFAULT_BATCH_SIZE  # noqa: E402  (light too)
 from lesionkit.refine.settings import RefineSettings  # noqa: E402  (light)
 from lesionkit.training_run import StartWeights  # noqa: E402
+from mrcnn.augmentation import AUGMENTATIONS  # noqa: E402  (light: no TensorFlow)
 from mrcnn.checkpoints import final_weights, newest_checkpoint  # noqa: E402
 from mrcnn.config import DERIVED_KEYS, Config, ConfigError, diagnoses, diagnosis_classes  # noqa: E402
 from mrcnn.dataset import Dataset  # noqa: E402  (= mrcnn.utils.Dataset, without importing TensorFlow)
@@ -87,6 +88,10 @@ class LesionConfig(Config):
     VALIDATION_FRACTION = 0.2
     #: Seed of the split, shuffling and augmentation.
     SEED = 42
+    #: Training augmentation (mrcnn.input_pipeline.named_augmentation): "default" = flips,
+    #: 90-degree rotations, mild scale / shift and colour jitter; "flips" = the flips and
+    #: rotations alone; "none". benchmarks/quality.py trains with the same key.
+    AUGMENTATION = "default"
     #: ``--dataset demo``: how many synthetic images, and their (height, width).
     DEMO_IMAGES = 100
     DEMO_IMAGE_SIZE = [192, 256]
@@ -130,6 +135,8 @@ class LesionConfig(Config):
             raise ConfigError("ALL_EPOCHS must be >= 1 (nothing to train)")
         if not 0.0 <= self.VALIDATION_FRACTION < 1.0:
             raise ConfigError(f"VALIDATION_FRACTION must be in [0, 1), got {self.VALIDATION_FRACTION}")
+        if self.AUGMENTATION not in AUGMENTATIONS:
+            raise ConfigError(f"AUGMENTATION must be one of {', '.join(AUGMENTATIONS)}, got {self.AUGMENTATION!r}")
         if self.DEMO_IMAGES < 2:
             raise ConfigError(f"DEMO_IMAGES must be >= 2, got {self.DEMO_IMAGES}")
         if len(self.DEMO_IMAGE_SIZE) != 2 or min(self.DEMO_IMAGE_SIZE) < 32:
@@ -435,7 +442,7 @@ def run_train(args: argparse.Namespace) -> int:
     root = dataset_root(args.dataset, config)
     report, train_ids, val_ids = scan_and_split(root, config)
     cache_dir = preprocess_cache_dir(args.no_cache, args.cache_dir, root)
-    augmentation = default_augmentation(config)
+    augmentation = training_augmentation(config)
     if args.folds:
         from lesionkit.kfold import run_kfold
 
@@ -455,11 +462,11 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_augmentation(config: LesionConfig) -> Any:
-    """The library's default augmentation (flips, rotations, colour) seeded by SEED."""
-    from mrcnn.input_pipeline import default_augmentation as make
+def training_augmentation(config: LesionConfig) -> Any:
+    """The augmentation AUGMENTATION names, seeded by SEED (None for "none")."""
+    from mrcnn.augmentation import named_augmentation
 
-    return make(config.SEED)
+    return named_augmentation(config.AUGMENTATION, config.SEED)
 
 
 def inference_batch_size(args: argparse.Namespace) -> int:

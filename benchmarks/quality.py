@@ -62,12 +62,12 @@ import lesions  # noqa: E402  (light: TensorFlow is imported when the model is b
 from benchmarks.budget import SCHEDULES, CpuMeter  # noqa: E402
 from lesionkit.training_run import complete_steps  # noqa: E402
 from mrcnn import checkpoints  # noqa: E402
+from mrcnn.augmentation import AUGMENTATIONS  # noqa: E402
 from mrcnn.errors import UserError  # noqa: E402
 
 DEFAULT_DATASET = REPO_DIR.parent / "shared" / "data" / "ham10000_200"
 DEFAULT_REAL = REPO_DIR.parent / "shared" / "data" / "real_samples"
 DEFAULT_CONFIG = "ham10000_cpu"
-AUGMENTATIONS = ("flips", "default", "none")
 METRIC_KEYS = ("threshold_jaccard", "jaccard", "dice", "sensitivity", "specificity", "accuracy", "map50", "map")
 #: Issue 14's bar for a diagnosing model: a separate classifier's numbers on the HAM10000 val split
 #: (1,952 images), melanoma recall 0.636 at melanoma specificity 0.861.
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="learning rate over the budget, from LEARNING_RATE (default cosine)")
     p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up steps (default 100)")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default="flips",
-                   help="flips: h/v flips + 90-degree rotations (default); default: mrcnn.input_pipeline's"
-                        " (adds scale/shift and colour); none")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                   help="training augmentation (= --set AUGMENTATION=...; default: the preset's AUGMENTATION):"
+                        " flips = h/v flips + 90-degree rotations; default = those + scale/shift and colour; none")
     p.add_argument("--layers", default="all", help="layers to train (default all: random initialisation)")
     p.add_argument("--max-steps", type=int, default=None, help="also stop after this many steps (the"
                    " schedule then ends there too)")
@@ -132,17 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Training
 
 
-def augmentation(kind: str, seed: int | None) -> Any:
-    """The albumentations transform for ``--augment``."""
-    if kind == "none":
-        return None
-    if kind == "default":
-        from mrcnn.input_pipeline import default_augmentation
-
-        return default_augmentation(seed)
-    import albumentations as A
-
-    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)], seed=seed)
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then ``--augment`` as ``AUGMENTATION=...`` when given (it wins)."""
+    return [*args.set, *([f"AUGMENTATION={args.augment}"] if args.augment else [])]
 
 
 def new_run_dir(logs: Path) -> Path:
@@ -171,7 +163,7 @@ def train_for_budget(args: argparse.Namespace, config: lesions.LesionConfig, tra
     meter = CpuMeter().start()
     budget.start = time.time()
     model.train(train_set, None, learning_rate=config.LEARNING_RATE, epochs=100_000, layers=args.layers,
-                augmentation=augmentation(args.augment, config.SEED), custom_callbacks=[budget])
+                augmentation=lesions.training_augmentation(config), custom_callbacks=[budget])
     load = meter.stop()
     written = checkpoints.checkpoints_in(run_dir)
     if not written:
@@ -274,7 +266,7 @@ def _round(value: Any) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the JSON record."""
     started = time.time()
-    config = lesions.build_config(args.config, args.set)
+    config = lesions.build_config(args.config, config_overrides(args))
     report, train_ids, val_ids = lesions.scan_and_split(Path(args.dataset), config)
     if not val_ids:
         raise lesions.CliError(f"dataset {args.dataset} has no validation images")
@@ -324,8 +316,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_budget_s": args.cpu_budget_s, "train_cpu_seconds": trained.get("train_cpu_seconds"),
             "warmup_steps": args.warmup_steps, "step_seconds": trained.get("step_seconds"), "step_cpu_seconds": trained.get("step_cpu_seconds"),
             "final_loss": trained.get("final_loss"), "final_lr": trained.get("final_lr"), "top1": args.top1,
-            "setup_seconds": round(setup_seconds, 1), "config": args.config, "set": args.set,
-            "schedule": args.schedule, "augment": args.augment, "dataset": str(args.dataset),
+            "setup_seconds": round(setup_seconds, 1), "config": args.config, "set": config_overrides(args),
+            "schedule": args.schedule, "augment": config.AUGMENTATION, "dataset": str(args.dataset),
             "checkpoint": str(trained["checkpoint"]), "run_dir": str(run_dir), "refine_share": args.refine_share,
             **{k: v for k, v in trained.items() if k.startswith("refiner")},
             "total_seconds": round(time.time() - started, 1)}

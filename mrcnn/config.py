@@ -660,6 +660,8 @@ def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
     if value is None:
         if key in ("GRADIENT_CLIP_NORM", "TRAIN_BN", "SEED"):
             return None
+        if isinstance(current, str):  # --set AUGMENTATION=none, IMAGE_RESIZE_MODE=none: the word
+            return "none"
         raise bad(type(current).__name__)
     if isinstance(current, bool):
         if not isinstance(value, bool):

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow as tf
 
+from mrcnn.augmentation import default_augmentation, seed_transform  # noqa: F401  (default_augmentation: its home before)
 from mrcnn.boxes import compute_backbone_shapes, extract_bboxes, generate_pyramid_anchors
 from mrcnn.diagnosis import DIAGNOSIS_INPUT, diagnosis_index, sampling_probabilities, uses_image_head
 from mrcnn.imaging import compose_image_meta, minimize_mask, mold_image
@@ -55,25 +56,6 @@ MAX_DATA_ERRORS = 5
 
 # -------------------------------------------------------------------------------------------
 # Augmentation
-
-def default_augmentation(seed: int | None = None):
-    """Flips, 90-degree rotations, mild scale/shift and colour jitter (albumentations Compose).
-
-    Meant for square training images (IMAGE_RESIZE_MODE "square"); lesions have no canonical
-    orientation, so all eight flips/rotations are valid.
-    """
-    import albumentations as A
-    import cv2
-
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), border_mode=cv2.BORDER_CONSTANT, p=0.3),
-        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=5, p=0.3),
-    ], seed=seed)
-
 
 def is_imgaug(augmentation: Any) -> bool:
     """True for an imgaug augmenter (from imgaug itself or a fork installing the ``imgaug`` module)."""
@@ -164,8 +146,8 @@ def augment_albumentations(augmentation: Any, image: np.ndarray, masks: np.ndarr
     if masks.shape[-1]:
         kwargs["masks"] = [masks[:, :, i].astype(np.uint8) for i in range(masks.shape[-1])]
     with _AUGMENT_LOCK:
-        if seed is not None and hasattr(augmentation, "set_random_seed"):
-            augmentation.set_random_seed(int(seed))
+        if seed is not None and hasattr(augmentation, "set_random_state"):
+            seed_transform(augmentation, int(seed))
         out = augmentation(**kwargs)
     if masks.shape[-1]:
         return out["image"], np.stack([np.asarray(m) for m in out["masks"]], axis=-1).astype(bool)

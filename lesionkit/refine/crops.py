@@ -38,13 +38,15 @@ def colour_augmentation(seed: int | None) -> Any:
     """Flips, 90-degree rotations, mild brightness/contrast and hue/saturation (albumentations)."""
     import albumentations as A
 
-    return A.Compose([
+    from mrcnn.augmentation import seed_transform
+
+    return seed_transform(A.Compose([
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=1.0),
         A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
         A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.3),
-    ], seed=seed)
+    ]), seed)
 
 
 def coarse_mask(target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
