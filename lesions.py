@@ -88,7 +88,7 @@ class LesionConfig(Config):
     VALIDATION_FRACTION = 0.2
     #: Seed of the split, shuffling and augmentation.
     SEED = 42
-    #: Training augmentation (mrcnn.input_pipeline.named_augmentation): "default" = flips,
+    #: Training augmentation (mrcnn.augmentation.named_augmentation): "default" = flips,
     #: 90-degree rotations, mild scale / shift and colour jitter; "flips" = the flips and
     #: rotations alone; "none". benchmarks/quality.py trains with the same key.
     AUGMENTATION = "default"

@@ -48,8 +48,8 @@ def default_augmentation(seed: int | None = None) -> Any:
 
 
 def flips_augmentation(seed: int | None = None) -> Any:
-    """The eight flips / 90-degree rotations of the square, nothing else (albumentations Compose):
-    the augmentation the from-scratch CPU presets were measured with (benchmarks/quality.py)."""
+    """The eight flips / 90-degree rotations of the square, each equally likely, nothing else
+    (albumentations Compose): the from-scratch CPU presets' augmentation."""
     import albumentations as A
 
     return seed_transform(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]), seed)

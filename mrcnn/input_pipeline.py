@@ -80,7 +80,7 @@ def check_augmentation(augmentation: Any) -> None:
         return
     kind = f"{type(augmentation).__module__}.{type(augmentation).__qualname__}"
     raise TypeError(f"augmentation= takes an albumentations transform (e.g. albumentations.Compose([...]) or "
-                    f"mrcnn.input_pipeline.default_augmentation(seed)) or an imgaug augmenter, got {kind}")
+                    f"mrcnn.augmentation.default_augmentation(seed)) or an imgaug augmenter, got {kind}")
 
 
 #: Seeds of the probe run that checks an imgaug pipeline before training.

@@ -663,7 +663,7 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
     ``layers``: "heads", "3+", "4+", "5+", "all" or a regex full-matched on layer names; with
     ``list_layers`` the trainable layers are listed first, as Matterport's ``train`` does
     (:func:`set_trainable` with verbose 1). ``verbose``: Keras' progress output.
-    ``augmentation``: an albumentations transform (see mrcnn.input_pipeline.default_augmentation) or None.
+    ``augmentation``: an albumentations transform (see mrcnn.augmentation.default_augmentation) or None.
     Writes into ``model.log_dir``: config.json, training.csv (5 losses + val_ losses per epoch),
     TensorBoard scalars, and ``mask_rcnn_<name>_NNNN.h5`` after every epoch (atomic), with the
     optimisers' state before it in ``optimizer_<name>_NNNN.h5`` (SAVE_OPTIMIZER_STATE). Starting at
