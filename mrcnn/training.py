@@ -16,7 +16,9 @@ import contextlib
 import logging
 import os
 import re
-from typing import Any
+import signal
+import threading
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -677,8 +679,9 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
         raise ValueError("train needs a model created in 'training' mode")
     check_augmentation(augmentation)
     try:
-        history, guard = _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation,
-                              custom_callbacks, no_augmentation_sources, verbose, list_layers)
+        history, guard = run_interruptible(lambda: _fit(
+            model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation, custom_callbacks,
+            no_augmentation_sources, verbose, list_layers))
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(model, epochs)}", flush=True)
         raise
@@ -686,6 +689,45 @@ def train(model, train_dataset, val_dataset, learning_rate: float, epochs: int, 
         raise TrainingDivergedError(guard.message + f"; last good checkpoint kept in {model.log_dir}")
     model.epoch = max(model.epoch, epochs)
     return history
+
+
+@contextlib.contextmanager
+def _noting_sigint():
+    """Within: a Ctrl-C (SIGINT) acts as before (KeyboardInterrupt, or nothing where ignored) and is
+    noted in the yielded dict (``"seen"``). Main thread only; elsewhere nothing is noted."""
+    noted = {"seen": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        noted["seen"] = True
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_interruptible(call: Callable[[], Any]) -> Any:
+    """``call()``; a Ctrl-C during it ends as KeyboardInterrupt even where TensorFlow's C++ code
+    turned the interrupt into another error on its way out (seen: SystemError "bad argument to
+    internal function" from a Keras train step)."""
+    with _noting_sigint() as noted:
+        try:
+            return call()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            if noted["seen"]:
+                raise KeyboardInterrupt from exc
+            raise
 
 
 def _fit(model, train_dataset, val_dataset, learning_rate, epochs, layers, augmentation, custom_callbacks,

@@ -427,3 +427,29 @@ def test_resume_command_is_shell_quoted():
 
     assert lesions.resume_hint(["--mode", "train", "--dataset", "my lesions/ü", "--weights=coco"]) == (
         "python lesions.py --mode train --dataset 'my lesions/ü' --weights last")
+
+
+def test_an_interrupt_that_tensorflow_turns_into_another_error_still_ends_as_keyboardinterrupt():
+    import os
+    import signal
+
+    from mrcnn.training import run_interruptible
+
+    def step_hit_by_ctrl_c():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here (at once)
+        except KeyboardInterrupt:
+            raise SystemError("Objects/listobject.c:338: bad argument to internal function") from None
+        raise AssertionError("SIGINT did not interrupt")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptible(step_hit_by_ctrl_c)
+
+    def plain_error():
+        raise SystemError("not an interrupt")
+
+    with pytest.raises(SystemError, match="not an interrupt"):
+        run_interruptible(plain_error)
+    assert run_interruptible(lambda: 7) == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
