@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 #: The training augmentations by name (the AUGMENTATION key of lesions.LesionConfig).
-AUGMENTATIONS = ("default", "flips", "none")
+AUGMENTATIONS = ("default", "flips", "scale", "none")
 
 
 def seed_transform(transform: Any, seed: int | None) -> Any:
@@ -55,11 +55,32 @@ def flips_augmentation(seed: int | None = None) -> Any:
     return seed_transform(A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]), seed)
 
 
+def scale_augmentation(seed: int | None = None) -> Any:
+    """The eight flips / rotations, then (probability 0.7) a zoom by 0.5-2x and a shift by up to 10 %
+    of each side (albumentations Compose).
+
+    For images from other cameras: HAM10000's lesions fill a median 21 % of the photo (2 % of
+    images under 2 %), while ISIC 2017 / PH2 / clinic photos show lesions of 0.5-3 %; the zoom-outs
+    teach small lesions, the zoom-ins lesions cut by the frame. Zoom is log-uniform (zooming in and
+    out equally likely, ``balanced_scale``); uncovered borders are black, like a dermoscope's
+    vignette, and lesions pushed out of the frame drop out of the targets.
+    """
+    import albumentations as A
+    import cv2
+
+    return seed_transform(A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=1.0),
+        A.Affine(scale=(0.5, 2.0), balanced_scale=True, translate_percent=(-0.1, 0.1),
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7),
+    ]), seed)
+
+
 def named_augmentation(name: str, seed: int | None = None) -> Any:
     """``"default"`` -> :func:`default_augmentation`, ``"flips"`` -> :func:`flips_augmentation`,
-    ``"none"`` -> None; seeded by ``seed``."""
+    ``"scale"`` -> :func:`scale_augmentation`, ``"none"`` -> None; seeded by ``seed``."""
     if name not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {name!r}")
-    if name == "none":
-        return None
-    return default_augmentation(seed) if name == "default" else flips_augmentation(seed)
+    builders = {"default": default_augmentation, "flips": flips_augmentation, "scale": scale_augmentation}
+    return None if name == "none" else builders[name](seed)

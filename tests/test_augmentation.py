@@ -76,12 +76,34 @@ def test_default_also_changes_colour_and_scale_and_none_is_no_transform():
 
 
 def test_unknown_name_is_refused_by_the_builder_and_the_config_with_one_line():
-    with pytest.raises(ValueError, match="augmentation must be one of default, flips, none, got 'colour'"):
+    with pytest.raises(ValueError, match="augmentation must be one of default, flips, scale, none, got 'colour'"):
         named_augmentation("colour")
     with pytest.raises(ConfigError) as info:
         make_lesion_config(AUGMENTATION="colour")
-    assert str(info.value) == "AUGMENTATION must be one of default, flips, none, got 'colour'"
-    assert AUGMENTATIONS == ("default", "flips", "none")
+    assert str(info.value) == "AUGMENTATION must be one of default, flips, scale, none, got 'colour'"
+    assert AUGMENTATIONS == ("default", "flips", "scale", "none")
+
+
+def test_scale_zooms_in_and_out_with_the_mask_following_the_image():
+    size = 64
+    image = np.zeros((size, size, 3), np.uint8)
+    mask = np.zeros((size, size, 1), bool)
+    mask[24:40, 20:44] = True  # a 16 x 24 lesion: 9.4 % of the image
+    image[mask[..., 0]] = 200
+    transform = named_augmentation("scale", seed=0)
+    fractions = []
+    for seed in range(200):
+        out_image, out_mask = augment(transform, image, mask, seed=seed)
+        # linear image interpolation vs nearest mask: they may differ on the lesion's rim only
+        assert np.mean((out_image[..., 0] > 100) != out_mask[..., 0]) < 0.02, seed
+        fractions.append(out_mask.mean())
+    fractions = np.array(fractions)
+    untouched = np.isclose(fractions, mask.mean())  # the 8 symmetries keep the area (p = 0.3 no zoom)
+    assert 0.15 < untouched.mean() < 0.5
+    # zoom 0.5-2x in area terms 0.25-4x: both directions occur, about equally often
+    assert fractions.min() < 0.4 * mask.mean() and fractions.max() > 2.5 * mask.mean()
+    zoomed_out = np.mean(fractions[~untouched] < mask.mean())
+    assert 0.3 < zoomed_out < 0.7, zoomed_out
 
 
 def test_set_none_on_a_string_key_means_the_word_none():
