@@ -90,7 +90,9 @@ class LesionConfig(Config):
     SEED = 42
     #: Training augmentation (mrcnn.augmentation.named_augmentation): "default" = flips,
     #: 90-degree rotations, mild scale / shift and colour jitter; "flips" = the flips and
-    #: rotations alone; "none". benchmarks/quality.py trains with the same key.
+    #: rotations alone; "scale" = the flips and rotations plus a zoom by 0.5-2x and a shift (for
+    #: photos whose lesions are smaller or larger than HAM10000's); "none". benchmarks/quality.py
+    #: trains with the same key.
     AUGMENTATION = "default"
     #: ``--dataset demo``: how many synthetic images, and their (height, width).
     DEMO_IMAGES = 100
