@@ -112,11 +112,11 @@ def test_set_none_on_a_string_key_means_the_word_none():
     assert lesions.training_augmentation(config) is None
 
 
-def test_the_cpu_presets_train_with_the_flips_their_numbers_were_measured_with():
-    for preset in ("ham10000_cpu", "ham10000_dx"):
+def test_the_cpu_presets_train_with_the_augmentation_their_numbers_were_measured_with():
+    flips = ["HorizontalFlip", "VerticalFlip", "RandomRotate90"]
+    for preset, names in (("ham10000_cpu", flips), ("ham10000_dx", [*flips, "Affine"])):
         config = lesions.build_config(preset, [])
-        names = [type(t).__name__ for t in lesions.training_augmentation(config).transforms]
-        assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90"], preset
+        assert [type(t).__name__ for t in lesions.training_augmentation(config).transforms] == names, preset
     assert lesions.build_config("demo", []).AUGMENTATION == "default"
 
 
@@ -127,4 +127,4 @@ def test_quality_bench_augment_flag_overrides_the_preset_after_set():
     config = lesions.build_config("ham10000_dx", config_overrides(given))
     assert config.AUGMENTATION == "default" and config.SEED == 1
     unset = argparse.Namespace(set=["SEED=1"], augment=None)
-    assert lesions.build_config("ham10000_dx", config_overrides(unset)).AUGMENTATION == "flips"
+    assert lesions.build_config("ham10000_dx", config_overrides(unset)).AUGMENTATION == "scale"
