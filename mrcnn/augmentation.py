@@ -60,7 +60,7 @@ def scale_augmentation(seed: int | None = None) -> Any:
     of each side (albumentations Compose).
 
     For images from other cameras: HAM10000's lesions fill a median 21 % of the photo (2 % of
-    images under 2 %), while ISIC 2017 / PH2 / clinic photos show lesions of 0.5-3 %; the zoom-outs
+    images under 2 %), while other collections (e.g. ISIC 2017) hold many of 0.5-3 %; the zoom-outs
     teach small lesions, the zoom-ins lesions cut by the frame. Zoom is log-uniform (zooming in and
     out equally likely, ``balanced_scale``); uncovered borders are black, like a dermoscope's
     vignette, and lesions pushed out of the frame drop out of the targets.
