@@ -33,23 +33,24 @@ DEFAULT_METADATA = REPO_DIR.parent / "shared" / "data" / "ham10000_200" / "metad
 HEAD_AND_NECK = ("face", "scalp", "ear", "neck")
 TRUNK = ("back", "trunk", "abdomen", "chest")
 
-#: group name -> rule over the joined table (one row per image); rows with a missing field fall out.
-GROUPS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
-    "lesion_fraction < 0.05": lambda t: t.lesion_fraction < 0.05,
-    "lesion_fraction 0.05-0.15": lambda t: t.lesion_fraction.between(0.05, 0.15, inclusive="left"),
-    "lesion_fraction 0.15-0.5": lambda t: t.lesion_fraction.between(0.15, 0.5, inclusive="left"),
-    "lesion_fraction >= 0.5": lambda t: t.lesion_fraction >= 0.5,
-    "dx_type histo": lambda t: t.dx_type == "histo",
-    "dx_type follow_up": lambda t: t.dx_type == "follow_up",
-    "dx_type consensus": lambda t: t.dx_type == "consensus",
-    "site head and neck": lambda t: t.localization.isin(HEAD_AND_NECK),
-    "site trunk": lambda t: t.localization.isin(TRUNK),
-    "site extremities": lambda t: t.localization.str.contains("extremity", na=False),
-    "age < 40": lambda t: t.age < 40,
-    "age 40-59": lambda t: t.age.between(40, 60, inclusive="left"),
-    "age >= 60": lambda t: t.age >= 60,
-    "sex female": lambda t: t.sex == "female",
-    "sex male": lambda t: t.sex == "male",
+#: group name -> (the metadata column it reads, the rule over the joined table, one row per image);
+#: rows with that field missing fall out of the group.
+GROUPS: dict[str, tuple[str, Callable[[pd.DataFrame], pd.Series]]] = {
+    "lesion_fraction < 0.05": ("lesion_fraction", lambda t: t.lesion_fraction < 0.05),
+    "lesion_fraction 0.05-0.15": ("lesion_fraction", lambda t: t.lesion_fraction.between(0.05, 0.15, inclusive="left")),
+    "lesion_fraction 0.15-0.5": ("lesion_fraction", lambda t: t.lesion_fraction.between(0.15, 0.5, inclusive="left")),
+    "lesion_fraction >= 0.5": ("lesion_fraction", lambda t: t.lesion_fraction >= 0.5),
+    "dx_type histo": ("dx_type", lambda t: t.dx_type == "histo"),
+    "dx_type follow_up": ("dx_type", lambda t: t.dx_type == "follow_up"),
+    "dx_type consensus": ("dx_type", lambda t: t.dx_type == "consensus"),
+    "site head and neck": ("localization", lambda t: t.localization.isin(HEAD_AND_NECK)),
+    "site trunk": ("localization", lambda t: t.localization.isin(TRUNK)),
+    "site extremities": ("localization", lambda t: t.localization.str.contains("extremity", na=False)),
+    "age < 40": ("age", lambda t: t.age < 40),
+    "age 40-59": ("age", lambda t: t.age.between(40, 60, inclusive="left")),
+    "age >= 60": ("age", lambda t: t.age >= 60),
+    "sex female": ("sex", lambda t: t.sex == "female"),
+    "sex male": ("sex", lambda t: t.sex == "male"),
 }
 
 
@@ -66,7 +67,9 @@ def group_scores(scores: pd.DataFrame) -> dict:
     out = {"n": len(scores), "threshold_jaccard": round(float(scores.threshold_jaccard.mean()), 4),
            "jaccard": round(float(scores.jaccard.mean()), 4)}
     classes = [c[2:] for c in scores.columns if c.startswith("p_")]
-    labelled = scores[scores.get("true_dx", pd.Series(dtype=str)).notna()] if classes else scores.iloc[:0]
+    if not classes or "true_dx" not in scores.columns:
+        return out
+    labelled = scores[scores.true_dx.notna()]
     if len(labelled):
         dx = diagnosis_metrics(list(labelled.true_dx), labelled[[f"p_{c}" for c in classes]].to_numpy(), classes)
         out.update({k: None if dx[k] is None else round(dx[k], 4)
@@ -78,17 +81,12 @@ def split_by_metadata(scores: pd.DataFrame, metadata: pd.DataFrame) -> dict[str,
     """{group: metrics} over the scored images that metadata describes; empty groups left out."""
     table = scores.join(metadata.drop(columns=[c for c in metadata.columns if c in scores.columns]), how="inner")
     groups = {}
-    for name, rule in GROUPS.items():
-        member = table[rule(table).fillna(False).astype(bool)] if _has_fields(table, name) else table.iloc[:0]
-        if len(member):
-            groups[name] = group_scores(member)
+    for name, (column, rule) in GROUPS.items():
+        if column in table.columns:
+            member = table[rule(table).fillna(False).astype(bool)]
+            if len(member):
+                groups[name] = group_scores(member)
     return groups
-
-
-def _has_fields(table: pd.DataFrame, group: str) -> bool:
-    """Whether the joined table has the metadata column a group reads (its name's first word)."""
-    field = {"site": "localization"}.get(group.split()[0], group.split()[0])
-    return field in table.columns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.metadata.is_file():
         raise SystemExit(f"metadata_split: no metadata file at {args.metadata}")
-    metadata = pd.read_csv(args.metadata, dtype={"image_id": str}).set_index("image_id")
+    metadata = pd.read_csv(args.metadata, dtype={"image_id": str})
+    if "image_id" not in metadata.columns:
+        raise SystemExit(f"metadata_split: {args.metadata} has no image_id column (columns: {', '.join(metadata.columns)})")
+    metadata = metadata.set_index("image_id")
     for run in args.runs:
         for group, metrics in split_by_metadata(read_scores(run), metadata).items():
             print(json.dumps({"run": str(run), "group": group, **metrics}))

@@ -57,3 +57,6 @@ def test_cli_prints_one_json_line_per_group_and_names_a_missing_scores_file(tmp_
     assert all(line["run"] == str(run) for line in lines)
     with pytest.raises(SystemExit, match="no scores.csv at .*nowhere"):
         main([str(tmp_path / "nowhere"), "--metadata", str(tmp_path / "metadata.csv")])
+    metadata_table().reset_index().rename(columns={"image_id": "id"}).to_csv(tmp_path / "ids.csv", index=False)
+    with pytest.raises(SystemExit, match=r"ids.csv has no image_id column \(columns: id, dx, "):
+        main([str(run), "--metadata", str(tmp_path / "ids.csv")])
