@@ -28,6 +28,7 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 
 from lesionkit.diagnosis_metrics import diagnosis_metrics  # noqa: E402
+from lesionkit.diagnosis_scoring import probability_column  # noqa: E402
 
 DEFAULT_METADATA = REPO_DIR.parent / "shared" / "data" / "ham10000_200" / "metadata.csv"
 HEAD_AND_NECK = ("face", "scalp", "ear", "neck")
@@ -66,12 +67,13 @@ def group_scores(scores: pd.DataFrame) -> dict:
     """The metrics of one group of per-image score rows (module docstring)."""
     out = {"n": len(scores), "threshold_jaccard": round(float(scores.threshold_jaccard.mean()), 4),
            "jaccard": round(float(scores.jaccard.mean()), 4)}
-    classes = [c[2:] for c in scores.columns if c.startswith("p_")]
+    prefix = probability_column("")
+    classes = [c[len(prefix):] for c in scores.columns if c.startswith(prefix)]
     if not classes or "true_dx" not in scores.columns:
         return out
     labelled = scores[scores.true_dx.notna()]
     if len(labelled):
-        dx = diagnosis_metrics(list(labelled.true_dx), labelled[[f"p_{c}" for c in classes]].to_numpy(), classes)
+        dx = diagnosis_metrics(list(labelled.true_dx), labelled[[probability_column(c) for c in classes]].to_numpy(), classes)
         out.update({k: None if dx[k] is None else round(dx[k], 4)
                     for k in ("balanced_accuracy", "mel_sensitivity", "mel_specificity")})
     return out
