@@ -78,7 +78,9 @@ def train_refiner(settings: RefineSettings, train_set: Any, val_set: Any | None,
     """Train (or continue) the refiner in ``run_dir`` up to ``epochs`` (default REFINE_EPOCHS).
 
     ``train_set`` / ``val_set``: prepared ``mrcnn`` Datasets (``val_set`` may be None or empty:
-    no validation loss). Returns the newest refiner checkpoint (None when nothing was trained).
+    no validation loss). The initial weights and dropout follow ``settings.seed`` (SEED) plus the
+    first epoch, as the detector's do. Returns the newest refiner checkpoint (None when nothing was
+    trained).
     """
     run_dir = Path(run_dir)
     final = settings.epochs if epochs is None else int(epochs)
@@ -88,6 +90,7 @@ def train_refiner(settings: RefineSettings, train_set: Any, val_set: Any | None,
         print(f"Refiner: {start.name if start else '-'} is at epoch {start_epoch}, REFINE_EPOCHS is {final}:"
               " nothing to train.")
         return start
+    keras.utils.set_random_seed(settings.seed + start_epoch)  # SEED makes the initial weights reproducible
     net = compiled_unet(settings)
     if start is not None:
         print(f"Refiner: continuing from {start}", flush=True)
