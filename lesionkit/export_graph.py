@@ -3,7 +3,7 @@
 :class:`DeployableDetector` wraps the inference Keras model with the pre- and post-processing that
 ``MaskRCNN.detect`` does in numpy, as TensorFlow ops, so that SavedModel, TFLite and ONNX files
 carry them: resize (scikit-image's order-1 "constant" resampling, as ``mrcnn.imaging.resize``),
-truncation to uint8, square padding, mean subtraction, image_meta, the constant anchors of the
+truncation to uint8, square padding, COLOUR_CONSTANCY, mean subtraction, image_meta, the constant anchors of the
 square molded size, box unmolding and mask pasting (``mrcnn.postprocess``, thresholded at
 ``DETECTION_MASK_THRESHOLD``).
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from mrcnn.imaging import SHADES_OF_GRAY_MAX_GAIN, SHADES_OF_GRAY_POWER
 
 #: Output names of every exported format, in this order.
 OUTPUT_NAMES = ("boxes", "class_ids", "scores", "masks")
@@ -68,6 +70,17 @@ def square_scale(height: tf.Tensor, width: tf.Tensor, config: Any, dtype: tf.DTy
     return tf.where(too_big, max_dim / tf.maximum(h, w), scale)
 
 
+def shades_of_gray_graph(image: tf.Tensor) -> tf.Tensor:
+    """``mrcnn.imaging.shades_of_gray`` in the graph: RGB [H, W, 3] (0..255, float) -> the same
+    dtype, channels scaled by mean(e) / e_c with e_c the 6-norm of channel c, gains clipped to
+    [1/3, 3], values to 0..255."""
+    x = image / 255.0
+    illuminant = tf.reduce_mean(x ** SHADES_OF_GRAY_POWER, axis=[0, 1], keepdims=True) ** (1.0 / SHADES_OF_GRAY_POWER)
+    gains = tf.reduce_mean(illuminant, axis=-1, keepdims=True) / tf.maximum(illuminant, 1e-12)
+    gains = tf.clip_by_value(gains, 1.0 / SHADES_OF_GRAY_MAX_GAIN, SHADES_OF_GRAY_MAX_GAIN)
+    return tf.clip_by_value(image * gains, 0.0, 255.0)
+
+
 class DeployableDetector(tf.Module):
     """uint8 RGB image [H, W, 3] -> boxes, class_ids, scores, masks (see module docstring).
 
@@ -102,6 +115,8 @@ class DeployableDetector(tf.Module):
         resized = tf.cast(tf.cast(resized, tf.uint8), self.wide)  # numpy's astype(uint8) truncates
         top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
         padded = tf.pad(resized, [[top, self.size - new_h - top], [left, self.size - new_w - left], [0, 0]])
+        if self.config.COLOUR_CONSTANCY == "shades_of_gray":
+            padded = shades_of_gray_graph(padded)
         molded = tf.reshape(tf.cast(padded - tf.constant(self.mean_pixel), tf.float32), (1, self.size, self.size, 3))
         window = tf.stack([top, left, top + new_h, left + new_w])
         meta = tf.concat([[0.0, tf.cast(height, tf.float32), tf.cast(width, tf.float32), 3.0,

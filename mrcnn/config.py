@@ -23,6 +23,9 @@ import numpy as np
 from mrcnn.errors import UserError
 from mrcnn.fileio import json_safe, write_json_atomic
 
+#: The names of COLOUR_CONSTANCY (what :func:`mrcnn.imaging.mold_image` does to the colours first).
+COLOUR_CONSTANCIES = ("none", "shades_of_gray")
+
 
 class ConfigError(UserError):
     """A configuration value is unknown, of the wrong type or out of range (one-line message)."""
@@ -191,6 +194,11 @@ class Config:
     # it scored +5.7 to +10 thr. Jaccard points on HAM10000, configs/ham10000_cpu.toml); "batch"
     # always uses the batch statistics.
     INFERENCE_BN = "same"
+    # Colour constancy of every image the network sees, in training and inference alike
+    # (mrcnn.imaging.mold_image): "none" (Matterport) or "shades_of_gray" (each photo's colour cast
+    # estimated by the 6-norm of each channel and divided out, Barata et al. 2015), so a photo from
+    # a camera with another white balance reaches the network in the colours it trained on.
+    COLOUR_CONSTANCY = "none"
     #: How GRADIENT_CLIP_NORM applies: "per_variable" clips each variable's gradient on its own
     #: (tf.keras / Keras 3 ``clipnorm``, what TF2 ports of Matterport do); "global" clips the
     #: norm over all gradients together (Keras <= 2.3 ``clipnorm``, original Matterport). From
@@ -540,6 +548,8 @@ class Config:
                   f"RPN_CONV_CHANNELS must be a positive integer, got {self.RPN_CONV_CHANNELS!r}")
         err.check(self.INFERENCE_BN in ("same", "moving", "batch"),
                   f"INFERENCE_BN must be same, moving or batch, got {self.INFERENCE_BN!r}")
+        err.check(self.COLOUR_CONSTANCY in COLOUR_CONSTANCIES,
+                  f"COLOUR_CONSTANCY must be one of {', '.join(COLOUR_CONSTANCIES)}, got {self.COLOUR_CONSTANCY!r}")
         err.raise_first()
         return self
 

@@ -224,13 +224,42 @@ def unmold_mask(mask: np.ndarray, bbox: Sequence[int], image_shape: Sequence[int
 # Molding and image_meta
 
 
+#: Minkowski norm of the Shades of Gray illuminant estimate (6: Finlayson & Trezzi 2004; Barata et
+#: al. 2015 for dermoscopy).
+SHADES_OF_GRAY_POWER = 6
+#: The channel gains of Shades of Gray are clipped to [1 / 3, 3]: a photo that is nearly one colour
+#: (a close-up of a red lesion) is not pushed to extremes.
+SHADES_OF_GRAY_MAX_GAIN = 3.0
+
+
+def shades_of_gray_gains(images: np.ndarray, power: int = SHADES_OF_GRAY_POWER) -> np.ndarray:
+    """Per-image channel gains [..., 1, 1, 3] of Shades of Gray colour constancy for RGB images
+    [..., H, W, 3] (0..255): the illuminant e_c = (mean over pixels of (I_c / 255)^p)^(1/p), the gain
+    mean(e) / e_c, clipped to [1/3, 3]. Black pixels (zero padding) scale every e_c alike, so they
+    do not change the gains."""
+    x = np.asarray(images, np.float64) / 255.0
+    illuminant = np.mean(x ** power, axis=(-3, -2), keepdims=True) ** (1.0 / power)
+    gains = illuminant.mean(axis=-1, keepdims=True) / np.maximum(illuminant, 1e-12)
+    return np.clip(gains, 1.0 / SHADES_OF_GRAY_MAX_GAIN, SHADES_OF_GRAY_MAX_GAIN)
+
+
+def shades_of_gray(images: np.ndarray) -> np.ndarray:
+    """RGB images [..., H, W, 3] (0..255) -> float64, each image's colour cast removed (Shades of
+    Gray: channels scaled by :func:`shades_of_gray_gains`), clipped to 0..255."""
+    return np.clip(np.asarray(images, np.float64) * shades_of_gray_gains(images), 0.0, 255.0)
+
+
 def mold_image(images: np.ndarray, config: Any) -> np.ndarray:
-    """Subtract config.MEAN_PIXEL from RGB images [..., 3] (float64 result; no std division)."""
+    """RGB images [..., 3] -> the network's input (float64): the colour cast removed where
+    config.COLOUR_CONSTANCY is "shades_of_gray", then config.MEAN_PIXEL subtracted (no std division)."""
+    if getattr(config, "COLOUR_CONSTANCY", "none") == "shades_of_gray":
+        return shades_of_gray(images) - config.MEAN_PIXEL
     return images.astype(np.float32) - config.MEAN_PIXEL
 
 
 def unmold_image(normalized_images: np.ndarray, config: Any) -> np.ndarray:
-    """Inverse of mold_image -> uint8."""
+    """Inverse of mold_image -> uint8 (the colours as the network saw them: a COLOUR_CONSTANCY
+    correction is not undone)."""
     return (normalized_images + config.MEAN_PIXEL).astype(np.uint8)
 
 

@@ -134,6 +134,11 @@ def test_overrides_refuse_unknown_keys_and_wrong_types(override, words):
         make_config("matterport", **TINY).apply_overrides([override])
 
 
+def test_an_unknown_colour_constancy_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="COLOUR_CONSTANCY must be one of none, shades_of_gray, got 'grey_world'"):
+        make_config("matterport", **TINY, COLOUR_CONSTANCY="grey_world")
+
+
 def test_the_test_factory_refuses_like_a_user_override():
     with pytest.raises(ConfigError, match="unknown config key 'NOT_A_KEY'"):
         make_config(NOT_A_KEY=1)

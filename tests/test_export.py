@@ -274,6 +274,19 @@ def test_graph_resize_is_bit_identical_to_numpy():
         np.testing.assert_array_equal(got, expected)
 
 
+def test_graph_shades_of_gray_matches_numpy():
+    import tensorflow as tf
+
+    from lesionkit.export_graph import shades_of_gray_graph
+    from mrcnn.imaging import shades_of_gray
+
+    rng = np.random.default_rng(3)
+    image = np.pad(rng.integers(0, 256, (40, 64, 3)), ((12, 12), (0, 0), (0, 0))).astype(np.float64)
+    image[..., 2] //= 4  # a strong cast: the blue gain clips at 3
+    got = shades_of_gray_graph(tf.constant(image, tf.float64)).numpy()
+    np.testing.assert_allclose(got, shades_of_gray(image), rtol=1e-12, atol=1e-9)
+
+
 def test_portable_crop_and_resize_matches_tf():
     import tensorflow as tf
 

@@ -125,6 +125,41 @@ def test_unmold_mask_hand():
 
 # ---- molding and meta ------------------------------------------------------------------------
 
+def test_shades_of_gray_turns_a_flat_cast_grey():
+    # one colour everywhere: e_c = c / 255 (the 6-norm of a constant), gains mean(e) / e_c, so
+    # every channel becomes the mean of (200, 100, 50) = 116.67
+    image = np.broadcast_to(np.array([200, 100, 50], np.uint8), (4, 6, 3))
+    np.testing.assert_allclose(I.shades_of_gray(image), np.full((4, 6, 3), 350 / 3), rtol=1e-12)
+
+
+def test_shades_of_gray_removes_a_white_balance_change_and_ignores_padding():
+    rng = np.random.default_rng(1)
+    image = rng.integers(20, 180, (30, 40, 3)).astype(np.float64)
+    cast = image * np.array([1.3, 1.0, 0.7])  # another camera's white balance (stays < 255)
+    # the same colours, up to one brightness factor (the mean illuminant, (1.3 e_r + e_g + 0.7 e_b) / 3)
+    ratio = I.shades_of_gray(cast) / I.shades_of_gray(image)
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-9)
+    assert 0.9 < ratio.flat[0] < 1.1
+    padded = np.pad(image, ((5, 5), (0, 0), (0, 0)))  # the square molding's black bars
+    np.testing.assert_allclose(I.shades_of_gray(padded)[5:-5], I.shades_of_gray(image), rtol=1e-9)
+    assert (I.shades_of_gray(padded)[:5] == 0).all()
+
+
+def test_shades_of_gray_gains_are_clipped_and_black_stays_black():
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0], red[..., 1], red[..., 2] = 240, 10, 10  # nearly one colour: gains would be ~0.4 / 10 / 10
+    gains = I.shades_of_gray_gains(red).reshape(3)
+    np.testing.assert_allclose(gains, [(240 + 20) / 3 / 240, 3.0, 3.0])
+    assert (I.shades_of_gray(np.zeros((5, 5, 3), np.uint8)) == 0).all()
+
+
+def test_mold_image_applies_colour_constancy_only_when_asked():
+    image = np.broadcast_to(np.array([200, 100, 50], np.uint8), (4, 4, 3))
+    plain, sog = make_config("coco"), make_config("coco", COLOUR_CONSTANCY="shades_of_gray")
+    np.testing.assert_allclose(I.mold_image(image, plain)[0, 0], [200 - 123.7, 100 - 116.8, 50 - 103.9])
+    np.testing.assert_allclose(I.mold_image(image, sog)[0, 0], 350 / 3 - sog.MEAN_PIXEL)
+
+
 def test_mold_unmold_and_meta_roundtrip():
     cfg = make_config("coco")
     im = _img(4, 5)
