@@ -12,7 +12,9 @@ enough iterations were made during which other processes used at most 0.15 cores
 (``BENCH_MAX_OTHERS_CORES``); ``others_cores`` is the mean share of the kept iterations,
 ``discarded`` the iterations thrown away, ``clean: false`` if the time budget ran out first.
 Ratio lines (``"ratio": "lesions/<peer>"``) compare medians with peer lines of the same run
-(``--peers``) or of a stored JSONL file (``--compare``).
+(``--peers``) or of a stored JSONL file (``--compare``); target lines (``"check": "target"``) hold
+them against issue 17's targets (``TARGETS``: met or not, the speed-up still needed, the command
+that profiles the workload).
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ PEER_SCRIPTS = {"tf-model-garden": ("tfmg_bench.py", "venv-tf"), "torchvision": 
 COMPARABLE_PEERS = ("tf-model-garden", "torchvision", "torchvision-nopaste", "tf-model-garden-bf16", "torchvision-bf16")
 PEER_BF16 = Path(__file__).resolve().parent / "peer_bf16.py"
 WORKER_TIMEOUT_S = 900
+#: Issue 17's targets: (our line, the peers it is held against (the fastest counts), the largest
+#: time ratio). Inference with Matterport's architecture against Model Garden (graphs, no pasting),
+#: the training step against the faster peer.
+TARGETS = (("infer512_graph", ("tf-model-garden",), 0.85), ("infer1024_graph", ("tf-model-garden",), 0.85),
+           ("train512_b2", ("tf-model-garden", "torchvision"), 0.85))
+#: Where the time of each target's workload goes: the command that profiles it (op time by type
+#: and by model part; benchmarks/README.md, "Issue 17", has the profiles and the FLOP arithmetic).
+PROFILE_COMMANDS = {"infer512_graph": "python benchmarks/profile_ops.py --size 512 --runs 3",
+                    "infer1024_graph": "python benchmarks/profile_ops.py --size 1024 --runs 2",
+                    "train512_b2": "python benchmarks/profile_ops.py --size 512 --train 2 --runs 3"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,6 +226,25 @@ def ratio_records(ours: Iterable[dict[str, Any]], peers: Iterable[dict[str, Any]
     return out
 
 
+def target_checks(ratios: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per issue-17 target that this run measured: our median against the fastest of its
+    peers (float32 on both sides), the ratio, the target, ``met``, the speed-up still needed, and
+    the command that profiles the workload."""
+    ratios = [r for r in ratios if r.get("peer_precision") == "float32" and r.get("precision") == "float32"]
+    out = []
+    for name, peers, target in TARGETS:
+        against = [r for r in ratios if r["name"] == name and r["ratio"].split("/", 1)[1] in peers]
+        if not against:
+            continue
+        fastest = min(against, key=lambda r: r["peer_s"])
+        out.append({"check": "target", "name": name, "against": fastest["ratio"], "lesions_s": fastest["lesions_s"],
+                    "peer_s": fastest["peer_s"], "time_ratio": fastest["time_ratio"], "target": target,
+                    "met": fastest["time_ratio"] <= target,
+                    "speedup_needed": round(max(1.0, fastest["time_ratio"] / target), 3),
+                    "profile": PROFILE_COMMANDS[name], "peer_source": fastest["peer_source"]})
+    return out
+
+
 def load_jsonl(path: str) -> list[dict[str, Any]]:
     """Records of a JSONL file (non-JSON lines skipped)."""
     records = []
@@ -296,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         extra += ratio_records(ours, load_jsonl(args.compare), args.compare)
     check = pipeline_check(ours)
-    for rec in extra + ([check] if check else []):
+    for rec in extra + target_checks(extra) + ([check] if check else []):
         emit(rec, args.out)
     return 1 if any("error" in r for r in records) else 0
 

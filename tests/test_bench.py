@@ -68,6 +68,25 @@ def test_ratio_records_pair_matching_workloads():
     assert ratios[1]["rss_ratio"] == pytest.approx(4000 / 4710, abs=1e-3)
 
 
+def test_target_lines_hold_each_measurement_against_its_fastest_peer():
+    ours = [{"peer": "lesions", "name": "infer512_graph", "mode": "infer", "size": 512, "batch": 1, "median_s": 1.7},
+            {"peer": "lesions", "name": "train512_b2", "mode": "train", "size": 512, "batch": 2, "median_s": 6.0}]
+    peers = [{"peer": "tf-model-garden", "mode": "infer", "size": 512, "batch": 1, "median_s": 2.0},
+             {"peer": "torchvision", "mode": "infer", "size": 512, "batch": 1, "median_s": 1.0},
+             {"peer": "tf-model-garden", "mode": "train", "size": 512, "batch": 2, "median_s": 16.0},
+             {"peer": "torchvision", "mode": "train", "size": 512, "batch": 2, "median_s": 7.5}]
+    lines = {r["name"]: r for r in bench.target_checks(bench.ratio_records(ours, peers, "run"))}
+    assert set(lines) == {"infer512_graph", "train512_b2"}  # infer1024 not measured: no line
+    infer, train = lines["infer512_graph"], lines["train512_b2"]
+    # inference is held against Model Garden only (torchvision's faster line does not count): 1.7 / 2.0
+    assert infer["against"] == "lesions/tf-model-garden" and infer["time_ratio"] == 0.85 and infer["met"] is True
+    assert infer["speedup_needed"] == 1.0 and "--size 512" in infer["profile"]
+    # training against the faster peer: 6.0 / 7.5 = 0.8 (against Model Garden it would be 0.375)
+    assert train["against"] == "lesions/torchvision" and train["time_ratio"] == 0.8 and train["met"] is True
+    slow = bench.target_checks(bench.ratio_records([{**ours[1], "median_s": 7.46}], peers, "run"))[0]
+    assert slow["met"] is False and slow["speedup_needed"] == pytest.approx(0.995 / 0.85, abs=1e-3)
+
+
 def test_bfloat16_lines_meet_float32_and_bfloat16_peers_float32_lines_float32_peers_only():
     ours = [{"peer": "lesions", "name": "infer512_graph", "mode": "infer", "size": 512, "batch": 1, "median_s": 0.6},
             {"peer": "lesions", "name": "infer512_bf16_graph", "mode": "infer", "size": 512, "batch": 1,
