@@ -252,7 +252,7 @@ def shades_of_gray(images: np.ndarray) -> np.ndarray:
 def mold_image(images: np.ndarray, config: Any) -> np.ndarray:
     """RGB images [..., 3] -> the network's input (float64): the colour cast removed where
     config.COLOUR_CONSTANCY is "shades_of_gray", then config.MEAN_PIXEL subtracted (no std division)."""
-    if getattr(config, "COLOUR_CONSTANCY", "none") == "shades_of_gray":
+    if config.COLOUR_CONSTANCY == "shades_of_gray":
         return shades_of_gray(images) - config.MEAN_PIXEL
     return images.astype(np.float32) - config.MEAN_PIXEL
 
