@@ -3,9 +3,9 @@
 :class:`DeployableDetector` wraps the inference Keras model with the pre- and post-processing that
 ``MaskRCNN.detect`` does in numpy, as TensorFlow ops, so that SavedModel, TFLite and ONNX files
 carry them: resize (scikit-image's order-1 "constant" resampling, as ``mrcnn.imaging.resize``),
-truncation to uint8, square padding, COLOUR_CONSTANCY, mean subtraction, image_meta, the constant anchors of the
-square molded size, box unmolding and mask pasting (``mrcnn.postprocess``, thresholded at
-``DETECTION_MASK_THRESHOLD``).
+truncation to uint8, square padding, COLOUR_CONSTANCY, mean subtraction, image_meta, the constant
+anchors of the square molded size, box unmolding and mask pasting (``mrcnn.postprocess``,
+thresholded at ``DETECTION_MASK_THRESHOLD``).
 
 Outputs of :meth:`DeployableDetector.detect` (N kept detections, by score):
 boxes int32 [N, 4] (y1, x1, y2, x2, original pixels, y2/x2 exclusive), class_ids int32 [N],
