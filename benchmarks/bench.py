@@ -324,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     ours = [r for r in records if r.get("peer") == "lesions"]
     peers = [r for r in records if r.get("peer") not in (None, "lesions")]
     extra = ratio_records(ours, peers, "this run")
-    if args.compare:
-        extra += ratio_records(ours, load_jsonl(args.compare), args.compare)
+    targets = target_checks(extra)
+    if args.compare:  # stored peers get their own target lines: a target never mixes two runs' peers
+        stored = ratio_records(ours, load_jsonl(args.compare), args.compare)
+        extra, targets = extra + stored, targets + target_checks(stored)
     check = pipeline_check(ours)
-    for rec in extra + target_checks(extra) + ([check] if check else []):
+    for rec in extra + targets + ([check] if check else []):
         emit(rec, args.out)
     return 1 if any("error" in r for r in records) else 0
 

@@ -246,7 +246,8 @@ def shades_of_gray_gains(images: np.ndarray, power: int = SHADES_OF_GRAY_POWER) 
 def shades_of_gray(images: np.ndarray) -> np.ndarray:
     """RGB images [..., H, W, 3] (0..255) -> float64, each image's colour cast removed (Shades of
     Gray: channels scaled by :func:`shades_of_gray_gains`), clipped to 0..255."""
-    return np.clip(np.asarray(images, np.float64) * shades_of_gray_gains(images), 0.0, 255.0)
+    x = np.asarray(images, np.float64)
+    return np.clip(x * shades_of_gray_gains(x), 0.0, 255.0)  # gains read x as is: one conversion
 
 
 def mold_image(images: np.ndarray, config: Any) -> np.ndarray:
